@@ -1,0 +1,44 @@
+"""The ``rmtl`` command. Each subcommand lives in its own module under rmtl/commands/
+and exposes ``register(subparsers)``, which adds its parser and sets ``func``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from rmtl import __version__
+from rmtl.errors import RmtlError
+
+import rmtl.commands as _commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rmtl",
+        description="Multi-task recommendation with reinforcement-learned loss weights.",
+    )
+    parser.add_argument("--version", action="version", version=f"rmtl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(_commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"rmtl.commands.{info.name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except RmtlError as err:
+        print(f"rmtl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
