@@ -9,7 +9,11 @@ shared and which belong to task k, so gradient methods and DRGrad work on any ba
 modules in ``self.task_modules[k]`` (an nn.ModuleList of length K) and everything else
 counts as shared. Where the architecture has one tensor that every task head reads
 (the "shared representation"), ``forward_with_shared`` returns it so that gradient
-methods can work on the representation instead of the shared parameters.
+methods can work on the representation instead of the shared parameters. That tensor
+must be a CUT of the graph: every path from a shared parameter to the logits passes
+through it. Where task modules read more than one shared tensor (MMoE gates read the
+embeddings, towers read the experts), build the cut as ``torch.cat`` of those tensors
+(flattened) and let the task modules read slices of it.
 
 A user's own module need not subclass this: ``shared_parameters`` / ``task_parameters``
 / ``forward_with_shared`` below fall back to sensible defaults for any nn.Module.
