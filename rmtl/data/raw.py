@@ -33,3 +33,5 @@ class RawEvents:
     author_field: str | None = None
     # Sources without sessions (Census) keep every row as a one-event session.
     min_session_events: int = 2
+    # Counts of rows KEPT but worth reporting (e.g. a video with no side features).
+    notes: dict[str, int] = field(default_factory=dict)

@@ -1,0 +1,55 @@
+"""Replay buffer of transitions that stores ROW INDICES and gathers features per batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rmtl.data.sessionlog import SessionLog
+from rmtl.envs.transitions import Transitions
+
+
+class RowReplay:
+    """All transitions of one split; ``sample`` draws a minibatch and gathers its features.
+
+    Features stay in the SessionLog (as zero-copy tensors); a batch costs one index_select
+    per array for the states and one for the next states.
+    """
+
+    def __init__(self, log: SessionLog, transitions: Transitions, device: str | torch.device = "cpu"):
+        if len(transitions) == 0:
+            raise ValueError("no transitions to replay")
+        if not np.array_equal(transitions.state_row, np.arange(len(transitions))):
+            # next_action below reads the behaviour action of row next_row at index next_row
+            raise ValueError("RowReplay expects one transition per row, in row order (as build_transitions makes)")
+        self.log = log
+        self.device = torch.device(device)
+        self.sparse = torch.from_numpy(np.ascontiguousarray(log.sparse))
+        self.dense = torch.from_numpy(np.ascontiguousarray(log.dense))
+        self.labels = torch.from_numpy(np.ascontiguousarray(log.labels))
+        self.state_row = torch.from_numpy(transitions.state_row)
+        self.next_row = torch.from_numpy(transitions.next_row)
+        self.action = torch.from_numpy(transitions.action)
+        self.reward = torch.from_numpy(transitions.reward)
+        self.done = torch.from_numpy(transitions.done)
+
+    def __len__(self) -> int:
+        return int(self.state_row.shape[0])
+
+    def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.sparse.index_select(0, rows).to(self.device, non_blocking=True),
+                self.dense.index_select(0, rows).to(self.device, non_blocking=True))
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        idx = torch.randint(len(self), (batch_size,), generator=generator)
+        rows = self.state_row.index_select(0, idx)
+        nxt = self.next_row.index_select(0, idx)
+        sparse, dense = self.gather(rows)
+        next_sparse, next_dense = self.gather(nxt)
+        dev = self.device
+        return {
+            "rows": rows, "next_rows": nxt, "sparse": sparse, "dense": dense, "next_sparse": next_sparse, "next_dense": next_dense,
+            "action": self.action.index_select(0, idx).to(dev), "reward": self.reward.index_select(0, idx).to(dev),
+            "done": self.done.index_select(0, idx).to(dev), "labels": self.labels.index_select(0, rows).to(dev),
+            "next_action": self.action.index_select(0, nxt).to(dev),
+        }

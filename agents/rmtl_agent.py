@@ -1,0 +1,346 @@
+"""The RMTL agent: K twin critics Q_k(s, a_k) trained offline TD3-style; the backbone is the actor.
+
+Per critic update (vectorised over tasks and twins):
+    a'   = clip(sigmoid(actor_target(s')) + clip(N(0, policy_noise), +-noise_clip), 0, 1)
+    y_k  = r_k + gamma * (1 - done) * min_j Q^target_{j,k}(s', a'_k)
+    loss = sum_j mean_b w_{b,k} (Q_{j,k}(s, a_k) - y_k)^2, averaged over tasks
+with w = 1, or IPS weights that give the rare positives of each task as much total
+weight as the negatives. Every ``policy_delay`` updates the targets move by ``tau``
+and, when ``actor_update`` is on, the actor (the backbone) takes a TD3+BC step:
+    loss_actor = -mean_b sum_k Q_{0,k}(s, pi_k(s)) / mean|.| + bc_alpha * BCE(pi(s), target)
+Without an actor, a' is the behaviour policy's logged action at s' (a SARSA target).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from rmtl.agents.config import AgentConfig
+from rmtl.agents.critics import TwinTaskCritics
+from rmtl.agents.replay import RowReplay
+from rmtl.data.sessionlog import SessionLog
+from rmtl.data.spec import FeatureSpec
+from rmtl.envs.transitions import Transitions
+from rmtl.errors import ConfigError, DataError
+
+FORMAT_VERSION = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def backbone_embedding(actor: nn.Module | None):
+    """The backbone's FeatureEmbedding when it has the standard one, else None."""
+    features = getattr(actor, "features", None) if actor is not None else None
+    return features if features is not None and hasattr(features, "table") else None
+
+
+def ips_weights(labels: np.ndarray, clip: float) -> np.ndarray:
+    """float32 [2, K]: weight of a negative (row 0) and a positive (row 1) label per task.
+
+    Each class gets half of the total weight (weights 1 / (2 * class rate)), the ratio of a
+    positive's to a negative's weight is clipped to [1 / clip, clip], and the weights are
+    rescaled so the average weight over the data is 1.
+    """
+    rate = np.clip(labels.mean(axis=0).astype(np.float64), 1e-6, 1 - 1e-6)
+    ratio = np.clip((1 - rate) / rate, 1.0 / clip, clip)  # w_pos / w_neg
+    w_neg = 1.0 / ((1 - rate) + rate * ratio)  # so that w_neg * (1 - rate) + w_pos * rate = 1
+    return np.stack([w_neg, w_neg * ratio]).astype(np.float32)
+
+
+class RMTLAgent:
+    """Twin per-task critics (+ targets) and optionally the backbone as a TD3+BC actor."""
+
+    def __init__(self, spec: FeatureSpec, config: AgentConfig | None = None, actor: nn.Module | None = None,
+                 *, seed: int = 0):
+        self.config = replace(config or AgentConfig()).validate()  # a copy: embed_dim is resolved below
+        self.spec = spec
+        self.device = resolve_device(self.config.device)
+        self.seed = int(seed)
+        torch.manual_seed(self.seed)
+        features = backbone_embedding(actor)
+        embed_dim = self.config.embed_dim or (features.embed_dim if features is not None else 16)
+        self.config.embed_dim = int(embed_dim)  # saved resolved, so load() rebuilds the same shapes
+        self.critic = TwinTaskCritics(spec, embed_dim=embed_dim, hidden=self.config.critic_hidden).to(self.device)
+        self.initialised_from_backbone = False
+        if features is not None and self.config.init_from_backbone:
+            self.initialised_from_backbone = self._copy_embeddings(features)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=self.config.lr, foreach=True)
+        self.actor = None
+        self.set_actor(actor)
+        self.steps_done = 0
+
+    # -- set-up ---------------------------------------------------------------------------
+    def set_actor(self, actor: nn.Module | None) -> None:
+        """Use ``actor`` (a backbone returning logits [B, K]) for the next actions a'."""
+        self.actor = actor
+        self.actor_target = None
+        self.pretrained = None
+        self.actor_opt = None
+        if actor is None:
+            if self.config.actor_update:
+                raise ConfigError("actor_update needs a backbone as the actor", key="agent.actor_update")
+            return
+        actor.to(self.device)
+        if self.config.actor_update:
+            self.actor_target = copy.deepcopy(actor).requires_grad_(False).eval()
+            self.actor_opt = torch.optim.Adam([p for p in actor.parameters() if p.requires_grad], lr=self.config.actor_lr)
+            if self.config.bc_target == "pretrained":
+                self.pretrained = copy.deepcopy(actor).requires_grad_(False).eval()
+        else:
+            self.actor_target = actor  # frozen: a' always comes from the pretrained backbone
+
+    def _copy_embeddings(self, features: nn.Module) -> bool:
+        mine = self.critic.features
+        if features.table.weight.shape != mine.table.weight.shape:
+            return False
+        with torch.no_grad():
+            mine.table.weight.copy_(features.table.weight)
+            if getattr(features, "dense_dim", 0) and getattr(mine, "dense_dim", 0) == features.dense_dim:
+                mine.dense_proj.load_state_dict(features.dense_proj.state_dict())
+        return True
+
+    # -- values ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def q_values(self, sparse: torch.Tensor, dense: torch.Tensor, actions: torch.Tensor, *, twin: str = "min") -> torch.Tensor:
+        """Q [B, K] of the given actions (probabilities); ``twin`` = min (clipped double Q) | mean | first."""
+        self.critic.eval()
+        q = self.critic(sparse.to(self.device), dense.to(self.device), actions.to(self.device))
+        if twin == "min":
+            return q.min(dim=1).values
+        if twin == "mean":
+            return q.mean(dim=1)
+        return q[:, 0]
+
+    def loss_weights(self, sparse: torch.Tensor, dense: torch.Tensor, probs: torch.Tensor, lam: float | None = None) -> torch.Tensor:
+        """w = 1 - lam * Q(s, yhat), detached, finite and >= 1 (Q <= 0)."""
+        lam = self.config.lam if lam is None else float(lam)
+        q = self.q_values(sparse, dense, probs.detach())
+        w = 1.0 - lam * q
+        return torch.nan_to_num(w, nan=1.0, posinf=1.0).clamp_min(1.0)
+
+    def _actor_probs(self, actor: nn.Module, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(actor(sparse, dense))
+
+    @torch.no_grad()
+    def _predict_all(self, log: SessionLog, batch_size: int = 8192) -> np.ndarray:
+        out = []
+        for lo in range(0, log.num_rows, batch_size):
+            sparse = torch.from_numpy(log.sparse[lo:lo + batch_size]).to(self.device)
+            dense = torch.from_numpy(log.dense[lo:lo + batch_size]).to(self.device)
+            out.append(self._actor_probs(self.actor_target, sparse, dense).float().cpu())
+        return torch.cat(out).numpy() if out else np.zeros(log.labels.shape, np.float32)
+
+    # -- training -------------------------------------------------------------------------
+    def train(self, log: SessionLog, transitions: Transitions, *, steps: int | None = None, writer=None,
+              progress=None, actor_probs: np.ndarray | None = None) -> dict[str, list[float]]:
+        """Critic (and optional actor) updates on minibatches sampled from the row-index buffer.
+
+        Returns the history: ``td_loss`` (mean over tasks) and ``td_loss/<task>`` every
+        ``log_every`` steps (also written to TensorBoard when ``writer`` is given).
+        A frozen actor's probabilities are computed once for every row (or taken from
+        ``actor_probs`` [N, K], e.g. the predictions that made the behaviour actions), so a
+        critic update costs no backbone forward pass.
+        """
+        cfg = self.config
+        if cfg.num_threads is None:
+            return self._train(log, transitions, steps=steps, writer=writer, progress=progress, actor_probs=actor_probs)
+        before = torch.get_num_threads()
+        torch.set_num_threads(cfg.num_threads)  # small critics: fewer threads are often faster on busy CPUs
+        try:
+            return self._train(log, transitions, steps=steps, writer=writer, progress=progress, actor_probs=actor_probs)
+        finally:
+            torch.set_num_threads(before)
+
+    def _train(self, log: SessionLog, transitions: Transitions, *, steps: int | None, writer, progress,
+               actor_probs: np.ndarray | None) -> dict:
+        cfg = self.config
+        steps = cfg.steps if steps is None else int(steps)
+        if transitions.action.shape[1] != self.spec.num_tasks:
+            raise DataError(f"transitions have {transitions.action.shape[1]} tasks, the agent {self.spec.num_tasks}",
+                            column="action")
+        buffer = RowReplay(log, transitions, self.device)
+        ips = torch.from_numpy(ips_weights(log.labels, cfg.ips_clip)).to(self.device) if cfg.ips else None
+        gen = torch.Generator().manual_seed(self.seed + self.steps_done)
+        noise_gen = torch.Generator(device=self.device).manual_seed(self.seed + 1 + self.steps_done)
+        tasks = self.spec.tasks
+        history: dict[str, list[float]] = {"step": [], "td_loss": [], **{f"td_loss/{t}": [] for t in tasks}}
+        if self.actor is not None:
+            self.actor.eval()  # no dropout / batch-norm updates while it only proposes a'
+        self._frozen_probs = None
+        if self.actor is not None and not cfg.actor_update:
+            if actor_probs is None:
+                actor_probs = self._predict_all(log)
+            elif actor_probs.shape != log.labels.shape:
+                raise DataError(f"actor_probs have shape {actor_probs.shape}, expected {log.labels.shape}",
+                                column="actor_probs")
+            self._frozen_probs = torch.as_tensor(np.asarray(actor_probs, dtype=np.float32), device=self.device)
+        running = torch.zeros(len(tasks), device=self.device)
+        count = 0
+        for _ in range(steps):
+            b = buffer.sample(cfg.batch_size, gen)
+            td = self._critic_step(b, ips, noise_gen)
+            running += td
+            count += 1
+            self.steps_done += 1
+            actor_logs = None
+            if self.steps_done % cfg.policy_delay == 0:
+                if cfg.actor_update:
+                    actor_logs = self._actor_step(b)
+                self._soft_update()
+            if self.steps_done % cfg.log_every == 0 or _ == steps - 1:
+                mean = (running / max(count, 1)).cpu().numpy()
+                history["step"].append(self.steps_done)
+                history["td_loss"].append(float(mean.mean()))
+                for k, t in enumerate(tasks):
+                    history[f"td_loss/{t}"].append(float(mean[k]))
+                if writer is not None:
+                    self._log(writer, b, mean, actor_logs, final=_ == steps - 1)
+                running.zero_()
+                count = 0
+            if progress is not None:
+                progress(1)
+        return history
+
+    def _critic_step(self, b: dict, ips: torch.Tensor | None, noise_gen: torch.Generator) -> torch.Tensor:
+        cfg = self.config
+        self.critic.train()
+        with torch.no_grad():
+            if self.actor_target is not None:
+                if self._frozen_probs is not None:
+                    nxt = self._frozen_probs.index_select(0, b["next_rows"].to(self.device))
+                else:
+                    nxt = self._actor_probs(self.actor_target, b["next_sparse"], b["next_dense"])
+                noise = torch.randn(nxt.shape, generator=noise_gen, device=nxt.device) * cfg.policy_noise
+                nxt = (nxt + noise.clamp(-cfg.noise_clip, cfg.noise_clip)).clamp(0.0, 1.0)
+            else:
+                nxt = b["next_action"]
+            q_next = self.critic_target(b["next_sparse"], b["next_dense"], nxt).min(dim=1).values  # [B, K]
+            target = b["reward"] + cfg.gamma * (1.0 - b["done"]).unsqueeze(1) * q_next
+        q = self.critic(b["sparse"], b["dense"], b["action"])  # [B, 2, K]
+        err = (q - target.unsqueeze(1)).pow(2)
+        if ips is not None:
+            labels = b["labels"]
+            w = torch.where(labels > 0.5, ips[1], ips[0])  # [B, K]
+            err = err * w.unsqueeze(1)
+        per_task = err.mean(dim=0).sum(dim=0)  # [K]: sum over twins, mean over batch
+        self.critic_opt.zero_grad(set_to_none=True)
+        per_task.mean().backward()
+        self.critic_opt.step()
+        return per_task.detach() / 2  # mean over twins, for logging
+
+    def _actor_step(self, b: dict) -> dict[str, float]:
+        cfg = self.config
+        self.actor.train()
+        logits = self.actor(b["sparse"], b["dense"])
+        probs = torch.sigmoid(logits)
+        self.critic.requires_grad_(False)
+        q = self.critic(b["sparse"], b["dense"], probs)[:, 0].sum(dim=1)  # [B]
+        self.critic.requires_grad_(True)
+        q_term = -q.mean() / q.abs().mean().detach().clamp_min(1e-6)  # TD3+BC normalisation
+        if cfg.bc_target == "pretrained":
+            with torch.no_grad():
+                target = self._actor_probs(self.pretrained, b["sparse"], b["dense"])
+        else:
+            target = b["labels"]
+        bc = F.binary_cross_entropy_with_logits(logits, target)
+        loss = q_term + cfg.bc_alpha * bc
+        self.actor_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.actor_opt.step()
+        self.actor.eval()
+        return {"bc": float(bc.detach()), "q": float(q.mean().detach()), "loss": float(loss.detach())}
+
+    @torch.no_grad()
+    def _soft_update(self) -> None:
+        tau = self.config.tau
+        pairs = [(self.critic, self.critic_target)]
+        if self.config.actor_update and self.actor is not None:
+            pairs.append((self.actor, self.actor_target))
+        for online, target in pairs:
+            src = [p for p in online.parameters()]
+            dst = [p for p in target.parameters()]
+            torch._foreach_lerp_(dst, src, tau)
+
+    def _log(self, writer, b: dict, td: np.ndarray, actor_logs: dict | None, final: bool = False) -> None:
+        step = self.steps_done
+        writer.add_scalar("agent/td_loss", float(td.mean()), step)
+        hist = final or step % (10 * self.config.log_every) == 0
+        if hist:
+            q = self.q_values(b["sparse"], b["dense"], b["action"]).cpu()
+        for k, t in enumerate(self.spec.tasks):
+            writer.add_scalar(f"agent/td_loss/{t}", float(td[k]), step)
+            if hist:
+                writer.add_histogram(f"agent/q/{t}", q[:, k], step)
+                writer.add_scalar(f"agent/q_mean/{t}", float(q[:, k].mean()), step)
+        if actor_logs is not None:
+            writer.add_scalar("agent/actor_bc", actor_logs["bc"], step)
+            writer.add_scalar("agent/actor_q", actor_logs["q"], step)
+
+    # -- persistence ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {
+            "format": FORMAT_VERSION, "spec": self.spec.to_dict(), "config": asdict(self.config),
+            "seed": self.seed, "steps_done": self.steps_done,
+            "critic": self.critic.state_dict(), "critic_target": self.critic_target.state_dict(),
+        }
+        if self.config.actor_update and self.actor is not None:
+            state["actor"] = self.actor.state_dict()
+        return state
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the critics (and the updated actor's weights, if trained) atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(self.state_dict(), tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, actor: nn.Module | None = None, *, device: str | None = None) -> "RMTLAgent":
+        """An agent from ``save``; ``actor`` is optional (weights need only the critics)."""
+        path = Path(path)
+        if not path.is_file():
+            raise DataError("no such agent checkpoint", path=path)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise DataError(f"cannot read agent checkpoint: {err}", path=path) from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION or "critic" not in state:
+            raise DataError(f"not an RMTL agent checkpoint (format {FORMAT_VERSION} expected)", path=path)
+        config = AgentConfig(**state["config"])
+        if device is not None:
+            config.device = device
+        if actor is not None and "actor" in state:
+            actor.load_state_dict(state["actor"])
+        config_no_actor = copy.copy(config)
+        config_no_actor.actor_update = False
+        config_no_actor.init_from_backbone = False
+        agent = cls(FeatureSpec.from_dict(state["spec"]), config_no_actor, None, seed=state["seed"])
+        agent.critic.load_state_dict(state["critic"])
+        agent.critic_target.load_state_dict(state["critic_target"])
+        agent.config = config
+        agent.steps_done = int(state["steps_done"])
+        if actor is not None:
+            agent.set_actor(actor)
+        return agent

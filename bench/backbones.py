@@ -1,0 +1,195 @@
+"""Training throughput of our MMoE / PLE against torch-rechub's MMOE / PLE, same config,
+same run; plus a bf16-vs-fp32 quality check on a planted synthetic problem.
+
+    python bench/backbones.py                 # full table (a few minutes on 2 cores)
+    python bench/backbones.py --steps 5 --rounds 2 --quality-steps 40   # quicker
+
+Config (issue 3): 7 sparse fields + 1 dense, embedding 128, experts (512, 256), towers
+(128, 64), 8 experts (MMoE) / 4 shared + 4 specific = 2 per task (PLE, 1 level), batch 2048,
+dropout 0.2, two tasks. Samples/s = forward + loss + backward + Adam step on batches
+already in memory, after warm-up; the models are timed in interleaved rounds (the machine
+is shared, so the median over rounds is printed). torch-rechub needs
+``pip install torch-rechub==0.9.0 --no-deps`` (the ``bench`` extra); without it only our
+rows are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rmtl.backbones import build
+from rmtl.data.spec import FeatureSpec
+
+FIELDS, VOCAB, EMBED, BATCH, DROPOUT = 7, 10_000, 128, 2048, 0.2
+EXPERT_DIMS, TOWER_DIMS = (512, 256), (128, 64)
+TASKS = ["ctr", "ctcvr"]
+
+
+def make_spec() -> FeatureSpec:
+    return FeatureSpec("bench", [f"f{i}" for i in range(FIELDS)], [VOCAB] * FIELDS, ["d0"], TASKS)
+
+
+def ours(name: str, spec: FeatureSpec, levels: int) -> torch.nn.Module:
+    common = dict(embed_dim=EMBED, dense_dim=1, expert_dims=EXPERT_DIMS, tower_dims=TOWER_DIMS, dropout=DROPOUT)
+    if name == "mmoe":
+        return build("mmoe", spec, num_experts=8, **common)
+    return build("ple", spec, levels=levels, shared_experts=4, specific_experts=2, **common)
+
+
+class RechubAdapter(torch.nn.Module):
+    """torch-rechub model behind our (sparse, dense) -> logits call; it returns
+    probabilities, so the loss for it is BCE on probabilities (as its trainer does)."""
+
+    def __init__(self, name: str, levels: int):
+        super().__init__()
+        from torch_rechub.basic.features import DenseFeature, SparseFeature
+        from torch_rechub.models.multi_task import MMOE, PLE
+
+        self.names = [f"f{i}" for i in range(FIELDS)]
+        feats = [SparseFeature(n, VOCAB, embed_dim=EMBED) for n in self.names] + [DenseFeature("d0")]
+        expert = {"dims": list(EXPERT_DIMS), "dropout": DROPOUT, "activation": "relu"}
+        towers = [{"dims": list(TOWER_DIMS), "dropout": DROPOUT, "activation": "relu"} for _ in TASKS]
+        types = ["classification"] * len(TASKS)
+        if name == "mmoe":
+            self.model = MMOE(feats, types, n_expert=8, expert_params=expert, tower_params_list=towers)
+        else:
+            self.model = PLE(feats, types, n_level=levels, n_expert_specific=2, n_expert_shared=4,
+                             expert_params=expert, tower_params_list=towers)
+
+    def forward(self, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        x = {n: sparse[:, i] for i, n in enumerate(self.names)}
+        x["d0"] = dense[:, 0]
+        return self.model(x)
+
+
+def adam(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The same optimiser for every model: Adam, fused kernel where torch has one."""
+    try:
+        return torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def loss_of(model: torch.nn.Module, probs_out: bool, sparse, dense, labels) -> torch.Tensor:
+    out = model(sparse, dense)
+    if probs_out:
+        return F.binary_cross_entropy(out.float(), labels)
+    return F.binary_cross_entropy_with_logits(out.float(), labels)
+
+
+def planted(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random ids whose hidden per-id factors determine two correlated labels."""
+    g = np.random.default_rng(seed)
+    sparse = g.integers(1, VOCAB, size=(n, FIELDS))
+    factors = np.random.default_rng(1234).normal(size=(FIELDS, VOCAB, 2)) * 0.6
+    dense = g.normal(size=(n, 1)).astype(np.float32)
+    z = factors[np.arange(FIELDS), sparse].sum(1) + 0.5 * dense  # [n, 2]
+    click = g.random(n) < 1 / (1 + np.exp(-(z[:, 0] - 0.5)))
+    conv = click & (g.random(n) < 1 / (1 + np.exp(-(z[:, 1] - 1.0))))
+    labels = np.stack([click, conv], 1).astype(np.float32)
+    return torch.from_numpy(sparse), torch.from_numpy(dense), torch.from_numpy(labels)
+
+
+def throughput(models: dict, steps: int, rounds: int, bf16: bool) -> dict[str, float]:
+    spec_data = planted(BATCH * 4, seed=0)
+    batches = [tuple(t[i * BATCH:(i + 1) * BATCH] for t in spec_data) for i in range(4)]
+    optims = {k: adam(m) for k, (m, _) in models.items()}
+
+    def run(key: str, n: int) -> float:
+        model, probs = models[key]
+        model.train()
+        t0 = time.perf_counter()
+        for s in range(n):
+            sparse, dense, labels = batches[s % len(batches)]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_of(model, probs, sparse, dense, labels)
+            optims[key].zero_grad(set_to_none=True)
+            loss.backward()
+            optims[key].step()
+        return time.perf_counter() - t0
+
+    for key in models:  # warm-up
+        run(key, 2)
+    rates: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for key in models:
+            rates[key].append(steps * BATCH / run(key, steps))
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def quality(name: str, steps: int, levels: int, seed: int = 0) -> dict[str, float]:
+    from sklearn.metrics import roc_auc_score
+
+    train = planted(BATCH * steps, seed=1)
+    val = planted(20_000, seed=2)
+    out = {}
+    for bf16 in (False, True):
+        torch.manual_seed(seed)
+        model = ours(name, make_spec(), levels)
+        optim = adam(model)
+        model.train()
+        for s in range(steps):
+            sl = slice(s * BATCH, (s + 1) * BATCH)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_of(model, False, train[0][sl], train[1][sl], train[2][sl])
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+        model.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            probs = torch.sigmoid(model(val[0], val[1]).float()).numpy()
+        y = val[2].numpy()
+        out["bf16" if bf16 else "fp32"] = [roc_auc_score(y[:, k], probs[:, k]) for k in range(len(TASKS))]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per round and model")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--levels", type=int, default=1, help="PLE extraction levels (both libraries)")
+    ap.add_argument("--quality-steps", type=int, default=150, help="training steps of the bf16/fp32 check (0 = skip)")
+    ap.add_argument("--models", default="mmoe,ple")
+    ap.add_argument("--no-rechub", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; batch {BATCH}; timings are noisy "
+          "on a shared machine (median of rounds)")
+    try:
+        import torch_rechub  # noqa: F401
+
+        have_rechub = not args.no_rechub
+    except ImportError:
+        have_rechub = False
+        print("torch-rechub not installed: pip install torch-rechub==0.9.0 --no-deps")
+    spec = make_spec()
+    for name in args.models.split(","):
+        models = {f"rmtl {name}": (ours(name, spec, args.levels), False)}
+        if have_rechub:
+            models[f"torch-rechub {name}"] = (RechubAdapter(name, args.levels), True)
+        for bf16 in (False, True):
+            rates = throughput(models, args.steps, args.rounds, bf16)
+            tag = "bf16" if bf16 else "fp32"
+            row = "  ".join(f"{k}: {v:8.0f}/s" for k, v in rates.items())
+            ratio = ""
+            if have_rechub:
+                ratio = f"  ratio {rates[f'rmtl {name}'] / rates[f'torch-rechub {name}']:.2f}x"
+            print(f"{name:5s} {tag}  {row}{ratio}", flush=True)
+    if args.quality_steps > 0:
+        for name in args.models.split(","):
+            q = quality(name, args.quality_steps, args.levels)
+            diff = [b - f for f, b in zip(q["fp32"], q["bf16"])]
+            print(f"{name:5s} val AUC ({args.quality_steps} steps) fp32 "
+                  + " ".join(f"{t}={a:.4f}" for t, a in zip(TASKS, q["fp32"]))
+                  + "  bf16 " + " ".join(f"{t}={a:.4f}" for t, a in zip(TASKS, q["bf16"]))
+                  + "  diff " + " ".join(f"{d:+.4f}" for d in diff), flush=True)
+
+
+if __name__ == "__main__":
+    main()

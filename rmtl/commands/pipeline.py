@@ -1,0 +1,33 @@
+"""`rmtl pipeline`: pretrain with EW -> train the critics -> fine-tune with their weights -> compare."""
+
+from __future__ import annotations
+
+import argparse
+
+from rmtl.config import load_config
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pipeline", help="the RMTL method end to end: EW pretraining, critics, weighted fine-tuning, comparison",
+        description="prepare -> pretrain the backbone with EW -> build transitions from its train predictions -> "
+                    "train the per-task critics (and optionally the actor) -> fine-tune with weights "
+                    "w = 1 - lam * Q -> print one table of test metrics before and after.",
+    )
+    p.add_argument("-c", "--config", default="quickstart", metavar="CONFIG",
+                   help="YAML file or packaged config name (default: quickstart)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. model.name=ple agent.steps=3000 agent.ew_control=true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rmtl.pipeline import run_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_pipeline(cfg)
+    print()
+    print(result.table)
+    total = sum(result.seconds.values())
+    print(f"\nrun dir: {result.run_dir}   critics: {result.agent_path}   total {total:.0f}s")
+    return 0

@@ -1,0 +1,258 @@
+"""Run configuration: structured dataclasses validated with OmegaConf.
+
+``load_config("quickstart", ["train.lr=0.01"])`` reads a YAML file (a path, or a bare
+name of one of the packaged configs in ``rmtl/configs``), checks every key against
+the dataclasses below (a mistyped key is a ConfigError naming the full dotted key and
+its close matches; a wrong type names the key and the expected type), applies
+``key=value`` overrides and returns a plain ``RunConfig`` instance.
+Free-form option dicts (``model.options``, ``strategy.options``,
+``data.reader_options``, ``data.synthetic``) are checked by whoever consumes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import difflib
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from rmtl.agents.config import AgentConfig
+from rmtl.errors import ConfigError
+
+if not OmegaConf.has_resolver("now"):
+    # ${now:%Y%m%d-%H%M%S} as in Hydra, so run_dir defaults to a fresh folder per run.
+    def _now(fmt: str = "%Y%m%d-%H%M%S") -> str:
+        return _dt.datetime.now().strftime(fmt)
+
+    _register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+    _register("now", _now)
+
+
+@dataclass
+class DataConfig:
+    source: str = "retailrocket"  # retailrocket | kuairand | census
+    data_dir: Optional[str] = None  # None = the embedded synthetic default; relative = to cwd, else to the repo
+    cache_dir: Optional[str] = None  # None = the data core's default cache
+    session_gap: Optional[float] = 1800.0  # seconds of inactivity that start a new session; None = one per user
+    split_ratios: List[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
+    split_order: Optional[str] = None  # None = the source's default ("time"; census "random")
+    min_count: int = 1  # sparse values seen fewer times in train become "unknown"
+    seed: Optional[int] = None  # split / synthetic seed; None = the run's seed
+    use_cache: bool = True
+    reader_options: Dict[str, Any] = field(default_factory=dict)
+    # Options of the synthetic writer (users, items, task_correlation, ...). Used only
+    # when data_dir is None; empty = the data core's embedded default.
+    synthetic: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mmoe"
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "ew"
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = "adam"  # adam | adamw
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 1024
+    eval_batch_size: int = 8192
+    epochs: int = 5
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (None = epochs decide)
+    patience: Optional[int] = 3  # evaluations without a better mean val AUC before stopping; None = never
+    eval_every: Optional[int] = None  # steps between validations; None = once per epoch
+    checkpoint_every: Optional[int] = None  # steps between last.pt writes; None = at every validation
+    grad_clip: Optional[float] = None  # max global gradient norm; None = no clipping
+    bf16: bool = False  # bfloat16 autocast of the forward pass (CPU or CUDA)
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: Optional[int] = None  # torch intra-op threads; None = torch's default
+    log_every: int = 50  # steps between TensorBoard train scalars
+    progress: bool = True  # tqdm bar (also hidden when stderr is not a terminal)
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    seed: int = 0
+    run_dir: str = "runs/${now:%Y%m%d-%H%M%S}"
+    baseline_run: Optional[str] = None  # run dir of a SingleTask run: its test metrics give the MTL gain
+
+
+_CHOICES = {
+    "train.optimizer": ("adam", "adamw"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+# ----------------------------------------------------------------------------- key checks
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _check_keys(values: Any, schema: type, prefix: str = "") -> None:
+    """Every key of the nested mapping ``values`` must be a field of the dataclass ``schema``."""
+    if not isinstance(values, dict):
+        return
+    hints = typing.get_type_hints(schema)
+    known = [f.name for f in dataclasses.fields(schema)]
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+            raise ConfigError(f"unknown key{hint} (known keys here: {', '.join(prefix + k for k in known)})",
+                              key=full)
+        if _is_dataclass_type(hints.get(key)):
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"expected a mapping of {hints[key].__name__} options, got {value!r}", key=full)
+            _check_keys(value, hints[key], full + ".")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _expected_type(key: str) -> str:
+    node: Any = RunConfig
+    for part in key.split("."):
+        if not _is_dataclass_type(node):
+            return "a valid value"
+        node = typing.get_type_hints(node).get(part)
+    return _type_name(node) if node is not None else "a valid value"
+
+
+def _merge(base: DictConfig, other, what: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        detail = str(getattr(err, "msg", err)).splitlines()[0]
+        raise ConfigError(f"{what}: expected {_expected_type(key)} ({detail})", key=key) from None
+
+
+# ----------------------------------------------------------------------------- loading
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped in rmtl/configs (without .yaml)."""
+    root = resources.files("rmtl.configs")
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(path_or_name: str | os.PathLike) -> Path:
+    """A YAML path as given, or a packaged config by bare name (``quickstart``)."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    name = path.name[:-5] if path.name.endswith((".yaml", ".yml")) and len(path.parts) == 1 else str(path_or_name)
+    packaged = resources.files("rmtl.configs") / f"{name}.yaml"
+    if packaged.is_file():
+        return Path(str(packaged))
+    raise ConfigError(f"no config file '{path_or_name}' and no packaged config of that name; "
+                      f"packaged: {', '.join(packaged_configs())}")
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value (e.g. train.lr=0.01)")
+    key, value = item.split("=", 1)
+    return key.strip(), value
+
+
+def load_config(path_or_name: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The validated RunConfig of a YAML file (or packaged name; None = all defaults) plus overrides."""
+    cfg = OmegaConf.structured(RunConfig)
+    if path_or_name is not None:
+        path = resolve_config_path(path_or_name)
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:  # YAML syntax errors
+            raise ConfigError(f"cannot read config {path}: {err}") from None
+        raw = OmegaConf.to_container(loaded, resolve=False)
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
+        _check_keys(raw, RunConfig)
+        cfg = _merge(cfg, loaded, f"in {path}")
+    for item in overrides or []:
+        key, _ = _split_override(item)
+        dotted = OmegaConf.from_dotlist([item])
+        _check_keys(OmegaConf.to_container(dotted, resolve=False), RunConfig)
+        cfg = _merge(cfg, dotted, f"override '{item}'")
+    try:
+        run = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"cannot resolve: {err}", key=key) from None
+    validate(run)
+    return run
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks the values OmegaConf's types cannot express."""
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"expected one of {', '.join(choices)}, got '{value}'", key=key)
+    ratios = list(cfg.data.split_ratios)
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
+        raise ConfigError(f"expected three non-negative fractions (train, val, test) summing to 1, got {ratios}",
+                          key="data.split_ratios")
+    positive = {"train.batch_size": cfg.train.batch_size, "train.eval_batch_size": cfg.train.eval_batch_size,
+                "train.epochs": cfg.train.epochs, "train.log_every": cfg.train.log_every}
+    for key in ("max_steps", "eval_every", "checkpoint_every", "num_threads"):
+        if getattr(cfg.train, key) is not None:
+            positive[f"train.{key}"] = getattr(cfg.train, key)
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"expected a positive integer, got {value}", key=key)
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"expected a positive learning rate, got {cfg.train.lr}", key="train.lr")
+    if cfg.train.patience is not None and cfg.train.patience < 0:
+        raise ConfigError(f"expected a non-negative integer or null, got {cfg.train.patience}", key="train.patience")
+    if hasattr(cfg.agent, "validate"):  # the agent section checks itself (agents/config.py)
+        cfg.agent.validate()
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML (atomically: temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = to_yaml(cfg)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

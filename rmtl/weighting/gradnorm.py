@@ -1,0 +1,92 @@
+"""GradNorm (Chen et al., ICML 2018): learn loss weights that balance gradient norms.
+
+With W the last shared layer (or the shared representation, the cut, where the
+backbone gives one) and n_k = |dL_k/dW|:
+    G_k = w_k n_k,   Gbar = mean_k G_k,
+    r_k = (L_k / L_k(0)) / mean_j (L_j / L_j(0))      (relative inverse training rate)
+    L_grad = sum_k |G_k - Gbar * r_k^alpha|           (Gbar * r^alpha held constant)
+The weights w (an nn.Parameter of the strategy, stepped by the training loop's
+optimizer) get dL_grad/dw; the model gets the gradient of sum_k w_k L_k. At the start
+of each call w is renormalised to sum to K (the paper renormalises after each step),
+so the weights used and returned always sum to K. L_k(0) is the first call's loss.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from rmtl.errors import ConfigError
+from rmtl.weighting.common import LossWeighting, check_choice, check_positive, reduce_losses
+from rmtl.weighting.gradients import MODES, resolve_mode, split_parameters
+
+
+class GradNorm(LossWeighting):
+    name = "gradnorm"
+
+    def __init__(self, num_tasks: int, *, alpha: float = 1.5, on: str = "auto", layer: str | None = None,
+                 task_names: Sequence[str] | None = None):
+        super().__init__(num_tasks, task_names=task_names)
+        self.alpha = check_positive("alpha", alpha, allow_zero=True)
+        self.on = check_choice("on", on, MODES)
+        self.layer = layer
+        self.task_weights = nn.Parameter(torch.ones(self.num_tasks))
+        self.register_buffer("initial_losses", torch.zeros(self.num_tasks))
+        self.register_buffer("has_initial", torch.zeros((), dtype=torch.bool))
+
+    def _norm_target(self, model: nn.Module, shared: torch.Tensor | None) -> list[torch.Tensor]:
+        """What the gradient norms are taken on: the cut, a named layer, or the last shared weight."""
+        if self.layer is not None:
+            params = dict(model.named_parameters())
+            if self.layer not in params:
+                raise ConfigError(f"no parameter named '{self.layer}' in the model; known: {', '.join(params)}",
+                                  key="strategy.options.layer")
+            return [params[self.layer]]
+        if resolve_mode(self.on, model, shared) == "representation":
+            return [shared]
+        shared_params, _ = split_parameters(model)
+        if not shared_params:
+            raise ConfigError("the model has no trainable shared parameter to measure gradient norms on",
+                              key="strategy.options.layer")
+        matrices = [p for p in shared_params if p.dim() >= 2]
+        return [(matrices or shared_params)[-1]]
+
+    def backward(self, losses: torch.Tensor, model: nn.Module, *, shared: torch.Tensor | None = None,
+                 context: dict | None = None) -> torch.Tensor:
+        self.check_losses(losses)
+        self._logs = {}
+        task_losses = reduce_losses(losses)
+        with torch.no_grad():  # the paper's renormalisation, done before use
+            w = self.task_weights
+            w.clamp_(min=1e-6)
+            w.mul_(self.num_tasks / w.sum())
+            if not bool(self.has_initial):
+                self.initial_losses.copy_(task_losses.detach().clamp_min(1e-12))
+                self.has_initial.fill_(True)
+        target = self._norm_target(model, shared)
+        norms = torch.zeros(self.num_tasks, dtype=torch.float64)
+        for k in range(self.num_tasks):
+            got = torch.autograd.grad(task_losses[k], target, retain_graph=True, allow_unused=True)
+            squares = [g.detach().double().pow(2).sum().cpu() for g in got if g is not None]
+            norms[k] = torch.stack(squares).sum().sqrt() if squares else 0.0
+        w = self.task_weights.detach().double().cpu()
+        g_norms = w * norms
+        ratio = task_losses.detach().double().cpu() / self.initial_losses.double().cpu()
+        inverse_rate = ratio / ratio.mean()
+        goal = g_norms.mean() * inverse_rate.pow(self.alpha)
+        grad_w = torch.sign(g_norms - goal) * norms  # d/dw_k sum_j |w_j n_j - goal_j|
+        grad_w = grad_w.to(self.task_weights)
+        if self.task_weights.grad is None:
+            self.task_weights.grad = grad_w
+        else:
+            self.task_weights.grad.add_(grad_w)
+        weights = self.task_weights.detach().to(task_losses.dtype)
+        (weights * task_losses).sum().backward()
+        names = self.names_for(model)
+        self.log_weights(names, weights)
+        for name, value in zip(names, norms.tolist()):
+            self._logs[f"grad_norm/{name}"] = float(value)
+        self.finish_call()
+        return weights.clone()

@@ -1,0 +1,126 @@
+"""read_census on small hand-made files, its bad-input errors, and the real test file when present."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rmtl.data.build import build_session_log
+from rmtl.data.census import COLUMNS, DENSE, SPARSE, read_census
+from rmtl.errors import ConfigError, DataError
+
+REAL_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "census-income" / "census-income.test.gz"
+
+
+def record(age=38, marital="Married-civilian spouse present", income="- 50000.", **over) -> list[str]:
+    """One census row (42 fields) with plausible values; keyword overrides by column name."""
+    values = {name: "Not in universe" for name in COLUMNS}
+    values.update({
+        "age": str(age), "class_of_worker": "Private", "detailed_industry_recode": "6",
+        "detailed_occupation_recode": "36", "education": "High school graduate", "wage_per_hour": "0",
+        "marital_stat": marital, "race": "White", "sex": "Female", "capital_gains": "0",
+        "capital_losses": "0", "dividends_from_stocks": "0", "instance_weight": "1032.38",
+        "migration_code_change_in_msa": "?", "num_persons_worked_for_employer": "4",
+        "own_business_or_self_employed": "0", "veterans_benefits": "2", "weeks_worked_in_year": "52",
+        "year": "95", "income": income,
+    })
+    values.update({k: str(v) for k, v in over.items()})
+    return [values[name] for name in COLUMNS]
+
+
+def write(path: Path, rows: list[list[str]], *, gz: bool = False) -> Path:
+    text = "".join(", ".join(r) + "\n" for r in rows)
+    if gz:
+        with gzip.open(path, "wt") as fh:
+            fh.write(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def small_rows(n: int = 10) -> list[list[str]]:
+    rows = []
+    for i in range(n):
+        rows.append(record(age=20 + i, marital="Never married" if i % 3 == 0 else "Divorced",
+                           income="50000+." if i % 4 == 0 else "- 50000.", education=f"edu{i % 2}"))
+    return rows
+
+
+def test_reads_labels_and_drops_label_columns_from_features(tmp_path):
+    raw = read_census(write(tmp_path / "census-income.data", small_rows(10)))
+    assert raw.tasks == ["income", "marital"]
+    assert raw.frame["income"].tolist() == [1 if i % 4 == 0 else 0 for i in range(10)]
+    assert raw.frame["marital"].tolist() == [1 if i % 3 == 0 else 0 for i in range(10)]
+    features = set(raw.sparse) | set(raw.dense)
+    assert not features & {"income", "marital_stat", "marital", "instance_weight"}
+    assert set(raw.dense) == set(DENSE) and "education" in raw.sparse and "year" in raw.sparse
+    assert len(raw.sparse) + len(raw.dense) == 42 - 3
+    assert raw.frame["user"].tolist() == list(range(10)) and raw.frame["time"].tolist() == list(range(10))
+    assert raw.min_session_events == 1 and raw.events_read == 10
+    assert np.isnan(raw.frame["instance_weight"]).sum() == 0
+    assert raw.frame["migration_code_change_in_msa"].isna().all()  # '?' = missing
+
+
+def test_folder_with_gzipped_data_and_test_reads_both(tmp_path):
+    write(tmp_path / "census-income.data.gz", small_rows(6), gz=True)
+    write(tmp_path / "census-income.test", small_rows(4))
+    assert len(read_census(tmp_path).frame) == 10
+    assert len(read_census(tmp_path, parts=["test"]).frame) == 4
+    with pytest.raises(ConfigError, match="nope"):
+        read_census(tmp_path, nope=1)
+
+
+def test_builds_into_a_random_split_session_log(tmp_path):
+    raw = read_census(write(tmp_path / "c.data", small_rows(30)))
+    log, summary = build_session_log(raw)
+    assert log.num_rows == 30 and log.num_sessions == 30
+    assert log.spec.extra["split_order"] == "random"
+    assert summary["splits"]["train"]["rows"] == 18
+    assert log.labels.sum(axis=0).tolist() == [8.0, 10.0]
+
+
+@pytest.mark.parametrize("case, column", [
+    ("short", None), ("long", None), ("age", "age"), ("income", "income"), ("empty", None), ("marital", "marital_stat"),
+])
+def test_bad_input_names_file_and_column(tmp_path, case, column):
+    rows = small_rows(5)
+    if case == "short":
+        rows = [r[:40] for r in rows]
+    elif case == "long":
+        rows[2] = rows[2] + ["extra"]
+    elif case == "age":
+        rows[3][COLUMNS.index("age")] = "thirty"
+    elif case == "income":
+        rows[1][COLUMNS.index("income")] = "rich."
+    elif case == "empty":
+        rows = []
+    elif case == "marital":
+        rows[4][COLUMNS.index("marital_stat")] = "?"
+    path = write(tmp_path / "census-income.data", rows)
+    with pytest.raises(DataError) as err:
+        read_census(path)
+    assert str(path) in str(err.value)
+    if column:
+        assert f"'{column}'" in str(err.value)
+
+
+def test_missing_path_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="census-income.data"):
+        read_census(tmp_path)  # empty folder
+    with pytest.raises(DataError, match="no such file"):
+        read_census(tmp_path / "absent")
+
+
+def test_real_test_file():
+    if not REAL_TEST.is_file():
+        pytest.skip(f"real census file not present at {REAL_TEST}")
+    raw = read_census(REAL_TEST)
+    assert len(raw.frame) == 99_762
+    income, marital = raw.frame["income"].mean(), raw.frame["marital"].mean()
+    assert income == pytest.approx(0.0620, abs=0.001)  # measured: 6,186 / 99,762
+    assert marital == pytest.approx(0.4325, abs=0.002)  # measured: 43.25 % never married
+    assert "marital_stat" not in raw.sparse and "income" not in raw.sparse
+    assert sorted(raw.sparse + raw.dense) == sorted(SPARSE + DENSE)

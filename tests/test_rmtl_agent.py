@@ -1,0 +1,164 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rmtl.agents.config import AgentConfig
+from rmtl.agents.rmtl_agent import RMTLAgent, ips_weights
+from rmtl.data.batches import gather_batch
+from rmtl.data.sessionlog import SessionLog
+from rmtl.data.spec import FeatureSpec
+from rmtl.envs import build_transitions
+from rmtl.envs.synthetic_log import random_session_log
+from rmtl.errors import ConfigError, DataError
+from rmtl.weighting import build_strategy
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny networks: one intra-op thread is faster and steadier on a shared 2-core machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def chain_log(sessions: int = 60, length: int = 4) -> SessionLog:
+    """Fixed-length sessions; the only feature is the position in the session; every label is 1."""
+    n = sessions * length
+    pos = np.tile(np.arange(length), sessions)
+    spec = FeatureSpec(source="toy", sparse_fields=["pos"], cardinalities=[length + 1], dense_fields=["d"],
+                       tasks=["a", "b"])
+    return SessionLog(spec=spec, session_ptr=np.arange(0, n + 1, length, dtype=np.int64),
+                      user=np.repeat(np.arange(sessions), length), item=pos.astype(np.int64),
+                      time=np.arange(n, dtype=np.int64), sparse=(pos + 1)[:, None].astype(np.int64),
+                      dense=np.zeros((n, 1), np.float32), labels=np.ones((n, 2), np.float32),
+                      splits={"train": (0, sessions)})
+
+
+class ConstantActor(nn.Module):
+    def __init__(self, p: float, tasks: int = 2):
+        super().__init__()
+        self.logit = nn.Parameter(torch.full((tasks,), float(np.log(p / (1 - p)))))
+
+    def forward(self, sparse, dense):
+        return self.logit.expand(sparse.shape[0], -1)
+
+
+class TinyBackbone(nn.Module):
+    def __init__(self, spec):
+        super().__init__()
+        from rmtl.backbones.layers import MLP, FeatureEmbedding
+
+        self.features = FeatureEmbedding(spec, 8)
+        self.head = MLP(self.features.output_dim, [16], out_dim=spec.num_tasks)
+
+    def forward(self, sparse, dense):
+        return self.head(self.features(sparse, dense))
+
+
+def test_critic_learns_the_known_value_of_a_chain():
+    length, gamma, p = 4, 0.9, 0.5
+    log = chain_log(length=length)
+    # behaviour: p plus noise, so the critic sees actions around the one it is evaluated at
+    tr = build_transitions(log, np.full((log.num_rows, 2), p, np.float32), noise_std=0.2, seed=0)
+    cfg = AgentConfig(gamma=gamma, steps=1000, batch_size=128, lr=3e-3, tau=0.1, policy_delay=1, policy_noise=0.0,
+                      critic_hidden=[32, 32], embed_dim=8, device="cpu")
+    agent = RMTLAgent(log.spec, cfg, ConstantActor(p), seed=0)
+    rows = torch.arange(length)
+    sparse, dense = torch.from_numpy(log.sparse[:length]), torch.from_numpy(log.dense[:length])
+    actions = torch.full((length, 2), p)
+    # each step earns log(p); Q(s_t, p) = log(p) * (1 - gamma^(L - t)) / (1 - gamma)
+    truth = np.log(p) * (1 - gamma ** (length - rows.numpy())) / (1 - gamma)
+    err_before = np.abs(agent.q_values(sparse, dense, actions).numpy() - truth[:, None]).max()
+    history = agent.train(log, tr)
+    q = agent.q_values(sparse, dense, actions).numpy()
+    rel = np.abs(q - truth[:, None]) / np.abs(truth[:, None])
+    assert rel.max() < 0.12, (q, truth)
+    assert np.abs(q - truth[:, None]).max() < err_before / 3
+    assert (q <= 0).all()
+    assert history["td_loss"][-1] < history["td_loss"][0]
+
+
+@pytest.fixture(scope="module")
+def log():
+    return random_session_log(60, seed=3)
+
+
+def test_save_load_roundtrip_and_weights(tmp_path, log):
+    cfg = AgentConfig(steps=30, batch_size=64, device="cpu", critic_hidden=[16])
+    agent = RMTLAgent(log.spec, cfg, TinyBackbone(log.spec), seed=1)
+    assert agent.initialised_from_backbone
+    agent.train(log, build_transitions(log, seed=0))
+    path = agent.save(tmp_path / "agent.pt")
+    again = RMTLAgent.load(path)
+    b = gather_batch(log, np.arange(50))
+    probs = torch.rand(50, 2)
+    torch.testing.assert_close(agent.q_values(b.sparse, b.dense, probs), again.q_values(b.sparse, b.dense, probs))
+    w = again.loss_weights(b.sparse, b.dense, probs)
+    assert torch.isfinite(w).all() and (w >= 1).all() and w.shape == (50, 2)
+    assert not list(tmp_path.glob(".agent.pt.*"))  # no temporary left behind
+    with pytest.raises(DataError, match="missing.pt"):
+        RMTLAgent.load(tmp_path / "missing.pt")
+
+
+def test_training_is_deterministic_under_a_seed(log):
+    tr = build_transitions(log, seed=0)
+    cfg = AgentConfig(steps=20, batch_size=32, device="cpu", critic_hidden=[8])
+    a = RMTLAgent(log.spec, cfg, seed=4)
+    b = RMTLAgent(log.spec, cfg, seed=4)
+    assert a.train(log, tr)["td_loss"] == b.train(log, tr)["td_loss"]
+
+
+def test_actor_update_moves_the_backbone_and_logs_bc(log, tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    actor = TinyBackbone(log.spec)
+    before = [p.detach().clone() for p in actor.parameters()]
+    cfg = AgentConfig(steps=20, batch_size=64, device="cpu", critic_hidden=[8], actor_update=True,
+                      bc_target="pretrained", ips=True, log_every=10)
+    agent = RMTLAgent(log.spec, cfg, actor, seed=0)
+    with SummaryWriter(str(tmp_path)) as writer:
+        agent.train(log, build_transitions(log, seed=0), writer=writer)
+    assert any(not torch.equal(a, p) for a, p in zip(before, actor.parameters()))
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    with pytest.raises(ConfigError, match="actor_update"):
+        RMTLAgent(log.spec, cfg, None)
+
+
+def test_ips_weights_balance_classes():
+    labels = np.zeros((100, 2), np.float32)
+    labels[:10, 0] = 1
+    labels[:2, 1] = 1
+    w = ips_weights(labels, clip=10.0)
+    rate = labels.mean(0)
+    np.testing.assert_allclose(w[0] * (1 - rate) + w[1] * rate, 1.0, rtol=1e-5)  # mean weight 1
+    assert (w[1] > w[0]).all()
+    assert w[1, 1] / w[0, 1] <= 10.0 + 1e-4  # clipped
+
+
+def test_rmtl_strategy_weights_the_losses(log):
+    cfg = AgentConfig(steps=10, batch_size=32, device="cpu", critic_hidden=[8], lam=0.7)
+    agent = RMTLAgent(log.spec, cfg, seed=0)
+    agent.train(log, build_transitions(log, seed=0))
+    strategy = build_strategy("rmtl", 2, agent=agent, lam=0.7)
+    assert list(strategy.parameters()) == []  # frozen critics stay out of the optimizer
+    model = TinyBackbone(log.spec)
+    batch = gather_batch(log, np.arange(40))
+    logits = model(batch.sparse, batch.dense)
+    losses = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
+    w = strategy.backward(losses, model, context={"step": 0, "batch": batch, "logits": logits})
+    assert w.shape == (40, 2) and torch.isfinite(w).all() and (w >= 1).all()
+    q = agent.q_values(batch.sparse, batch.dense, torch.sigmoid(logits.detach()))
+    torch.testing.assert_close(w, 1 - 0.7 * q)
+    assert all(p.grad is not None for p in model.parameters())
+    # the gradient is that of mean_k mean_i w_ik * BCE_ik
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits = model(batch.sparse, batch.dense)
+    losses = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
+    (losses * w).mean().backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+    with pytest.raises(ConfigError, match="checkpoint"):
+        build_strategy("rmtl", 2)

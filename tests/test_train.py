@@ -1,0 +1,209 @@
+"""The training loop: learning, exact resume, atomic checkpoints, TensorBoard, `rmtl train` / `rmtl report`."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rmtl import checkpoint as ckpt
+from rmtl.cli import main
+from rmtl.config import load_config
+from rmtl.data.sessionlog import SessionLog
+from rmtl.data.spec import FeatureSpec
+from rmtl.report import read_scalars
+from rmtl.train import evaluate, fit, predict
+
+TASKS = ["ctr", "ctcvr"]
+
+
+def tiny_log(n_sessions: int = 300, seed: int = 0) -> SessionLog:
+    """Sessions of 3-7 rows; both labels depend on an item field and a dense feature."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, 8, n_sessions)
+    ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    n = int(ptr[-1])
+    user = np.repeat(rng.integers(0, 60, n_sessions), lengths).astype(np.int64)
+    item = rng.integers(1, 30, n).astype(np.int64)
+    sparse = np.stack([user % 50 + 1, item, rng.integers(1, 6, n)], 1).astype(np.int64)
+    dense = rng.standard_normal((n, 2)).astype(np.float32)
+    item_effect = rng.standard_normal(31)[item]
+    z1 = 1.5 * item_effect + dense[:, 0] - 1.0
+    ctr = rng.random(n) < 1 / (1 + np.exp(-z1))
+    z2 = z1 + dense[:, 1] - 0.5
+    ctcvr = ctr & (rng.random(n) < 1 / (1 + np.exp(-z2)))
+    spec = FeatureSpec(source="tiny", sparse_fields=["user_id", "item_id", "cat"], cardinalities=[51, 31, 6],
+                       dense_fields=["d0", "d1"], tasks=TASKS, user_field="user_id", item_field="item_id")
+    a, b = int(0.6 * n_sessions), int(0.8 * n_sessions)
+    return SessionLog(spec=spec, session_ptr=ptr, user=user, item=item, time=np.arange(n, dtype=np.int64),
+                      sparse=sparse, dense=dense, labels=np.stack([ctr, ctcvr], 1).astype(np.float32),
+                      splits={"train": (0, a), "val": (a, b), "test": (b, n_sessions)})
+
+
+@pytest.fixture(scope="module")
+def log():
+    return tiny_log()
+
+
+def small_cfg(tmp_path, *extra):
+    return load_config(None, [
+        "model.name=mmoe", "model.options.embed_dim=8", "model.options.num_experts=3",
+        "model.options.expert_dims=[32]", "model.options.tower_dims=[16]", "model.options.dropout=0.1",
+        "train.batch_size=64", "train.lr=0.01", "train.log_every=5", "train.progress=false",
+        "train.num_threads=1", f"run_dir={tmp_path}", *extra])
+
+
+class UserBackbone(nn.Module):
+    """A user's own module that does not subclass MultiTaskBackbone."""
+
+    def __init__(self, spec: FeatureSpec):
+        super().__init__()
+        self.emb = nn.Embedding(sum(spec.cardinalities), 8)
+        self.register_buffer("offsets", torch.tensor([0, *np.cumsum(spec.cardinalities)[:-1]]))
+        self.head = nn.Sequential(nn.Linear(8 * spec.num_sparse + spec.num_dense, 16), nn.ReLU(),
+                                  nn.Linear(16, spec.num_tasks))
+
+    def forward(self, sparse, dense):
+        return self.head(torch.cat([self.emb(sparse + self.offsets).flatten(1), dense], 1))
+
+
+def test_learns_better_than_constant(log, tmp_path):
+    cfg = small_cfg(tmp_path, "train.epochs=20", "train.max_steps=200", "train.eval_every=40", "train.patience=null")
+    result = fit(cfg, prepared=log)
+    assert result.steps == 200
+    for split in ("val", "test"):
+        for task in TASKS:
+            assert result.metrics[split][task]["auc"] > 0.7, (split, task, result.metrics[split][task])
+    # constant predictor at the train base rate: the model's logloss must be lower
+    base = log.split("train").labels.mean(0)
+    test = log.split("test")
+    for k, task in enumerate(TASKS):
+        y = test.labels[:, k]
+        const = -np.mean(y * np.log(base[k]) + (1 - y) * np.log(1 - base[k]))
+        assert result.metrics["test"][task]["logloss"] < const
+    # predict / evaluate agree with what fit reports, and the best checkpoint is loaded
+    probs = predict(result.model, test, batch_size=100)
+    assert probs.shape == (test.num_rows, 2) and ((probs > 0) & (probs < 1)).all()
+    assert evaluate(result.model, test)["ctr"]["auc"] == pytest.approx(result.metrics["test"]["ctr"]["auc"])
+    out = tmp_path / "train"
+    assert {"last.pt", "best.pt", "metrics.json"} <= {p.name for p in out.iterdir()}
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    best = ckpt.load(result.best_checkpoint)
+    assert best["step"] == result.best_step
+
+
+def test_tensorboard_has_weights_losses_and_val(log, tmp_path):
+    cfg = small_cfg(tmp_path, "train.max_steps=20", "train.eval_every=10", "strategy.name=uw")
+    fit(cfg, prepared=log)
+    scalars = read_scalars(tmp_path / "train", prefix="")
+    for task in TASKS:
+        assert len(scalars[f"weights/{task}"][0]) == 4  # every log_every=5 steps
+        assert f"train/loss/{task}" in scalars
+        assert f"val/{task}/auc" in scalars
+        assert f"final/test/{task}/gauc" in scalars
+        assert f"gates/{task}/expert_0" in scalars  # MMoE gate usage
+    assert "val/mean_auc" in scalars
+
+
+def test_user_module_and_early_stopping(log, tmp_path):
+    cfg = small_cfg(tmp_path, "train.epochs=50", "train.eval_every=5", "train.patience=0", "train.lr=0.05")
+    torch.manual_seed(0)
+    result = fit(cfg, prepared=log, model=UserBackbone(log.spec))
+    assert result.stopped_early and result.steps < 50 * 29
+    assert result.best_step >= 5
+
+
+def _weights(path):
+    return ckpt.load(path)["model"]
+
+
+def test_resume_after_kill_equals_uninterrupted(log, tmp_path):
+    extra = ("train.epochs=3", "train.eval_every=7", "train.checkpoint_every=4", "strategy.name=uw",
+             "train.patience=null")
+    full = fit(small_cfg(tmp_path / "full", *extra), prepared=log)
+
+    # a run killed at step 23 (mid-epoch; the last checkpoint is step 21)
+    cfg = small_cfg(tmp_path / "killed", *extra)
+    from rmtl.weighting import build_strategy
+
+    strategy = build_strategy("uw", 2)
+    inner = strategy.backward
+
+    def dies_at_23(losses, model, **kw):
+        if kw["context"]["step"] == 22:
+            raise KeyboardInterrupt
+        return inner(losses, model, **kw)
+
+    strategy.backward = dies_at_23
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, prepared=log, strategy=strategy)
+    assert ckpt.load(tmp_path / "killed" / "train" / "last.pt")["loop"]["step"] == 21
+
+    resumed = fit(cfg, prepared=log, resume=True)
+    assert resumed.steps == full.steps
+    a, b = _weights(tmp_path / "full/train/last.pt"), _weights(tmp_path / "killed/train/last.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ua = ckpt.load(tmp_path / "full/train/last.pt")["strategy"]["state_dict"]
+    ub = ckpt.load(tmp_path / "killed/train/last.pt")["strategy"]["state_dict"]
+    assert all(torch.equal(ua[k], ub[k]) for k in ua)
+    assert resumed.metrics == full.metrics
+
+
+def test_extending_a_finished_run(log, tmp_path):
+    """max_steps 10 then resumed to 20 equals 20 at once (the stop falls on an evaluation)."""
+    extra = ("train.eval_every=5", "train.patience=null")
+    fit(small_cfg(tmp_path / "a", "train.max_steps=20", *extra), prepared=log)
+    fit(small_cfg(tmp_path / "b", "train.max_steps=10", *extra), prepared=log)
+    fit(small_cfg(tmp_path / "b", "train.max_steps=20", *extra), prepared=log, resume=True)
+    a, b = _weights(tmp_path / "a/train/last.pt"), _weights(tmp_path / "b/train/last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ckpt.save_atomic({"step": 1}, path)
+
+    def broken_save(obj, f):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        ckpt.save_atomic({"step": 2}, path)
+    assert ckpt.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_cli_train_and_report(tmp_path, capsys):
+    runs = []
+    for name in ("ew", "rlw"):
+        run_dir = tmp_path / name
+        code = main(["train", "-c", "quickstart", "--run-dir", str(run_dir), "--no-progress",
+                     f"data.cache_dir={tmp_path / 'cache'}", "data.synthetic.users=150", "data.synthetic.items=60",
+                     f"strategy.name={name}", "train.batch_size=128", "train.max_steps=12", "train.eval_every=6",
+                     "train.log_every=3", "model.options.expert_dims=[16]", "train.num_threads=1"])
+        assert code == 0
+        assert load_config(run_dir / "config.yaml").strategy.name == name  # resolved config saved
+        runs.append(str(run_dir))
+    out = capsys.readouterr().out
+    assert "ctcvr" in out and "auc" in out and "12 steps" in out
+
+    png = tmp_path / "report.png"
+    assert main(["report", *runs, "--out", str(png)]) == 0
+    table = capsys.readouterr().out
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    header = table.splitlines()[0]
+    assert "ew" in header and "rlw" in header
+    assert "ctr session_logloss" in table and "ctcvr gauc" in table
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", "-c", "quickstart", "train.lrr=1", "--run-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "train.lrr" in err and "did you mean train.lr" in err and "Traceback" not in err
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
