@@ -40,13 +40,16 @@ class AgentConfig:
     # loss weights w = 1 - lam * Q during fine-tuning
     lam: float = 0.7
     twin: str = "min"  # which twin critic gives Q for the weights: min (clipped double Q) | mean | first
-    # fine-tuning with the critics' weights (rmtl pipeline); None = the run's train settings
-    finetune_epochs: Optional[int] = None
-    finetune_lr: Optional[float] = None
-    ew_control: bool = False  # also fine-tune with EW for as long, so the table separates "more training" from the weights
+    # fine-tuning with the critics' weights (rmtl pipeline): short and gentle, because the
+    # pretrained backbone already sits at its best validation epoch; null = the train section's value
+    finetune_epochs: Optional[int] = 1
+    finetune_lr: Optional[float] = 1e-4
+    ew_control: bool = True  # also fine-tune with EW for as long, so the table separates "more training" from the weights
     log_every: int = 50  # steps between TensorBoard scalars (histograms every 10x)
     device: str = "auto"  # auto | cpu | cuda
-    num_threads: Optional[int] = None  # torch intra-op threads while the agent trains (restored after); None = unchanged
+    # torch intra-op threads while the agent trains (restored after); null = unchanged. The
+    # critics are small: one thread is about as fast on a quiet machine and much faster on a busy one
+    num_threads: Optional[int] = 1
 
     def validate(self) -> "AgentConfig":
         checks = {

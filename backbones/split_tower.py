@@ -32,7 +32,7 @@ from torch import nn
 
 from rmtl.backbones import options as opt
 from rmtl.backbones.base import MultiTaskBackbone
-from rmtl.backbones.layers import MLP, Experts, FeatureEmbedding
+from rmtl.backbones.layers import MLP, Experts, FeatureEmbedding, cut_slices, mix_experts
 from rmtl.data.spec import FeatureSpec
 from rmtl.errors import ConfigError
 
@@ -132,31 +132,37 @@ class SplitMMoE(MultiTaskBackbone):
             return named if option else []
         raise ConfigError(f"expected true, false or 'auto', got {option!r}", key="personalized_gate")
 
-    def forward_with_shared(self, sparse: torch.Tensor, dense: torch.Tensor):
-        """(logits [B, K], cut): the cut is cat[x, shared expert outputs, v_s] (see base.py)."""
-        x = self.features(sparse, dense)  # [B, D]
-        shared_out = self.shared_experts(x)  # [B, Ns, H]
-        v_s = torch.einsum("be,beh->bh", torch.softmax(self.shared_gate(x), dim=-1), shared_out)
+    def _shared(self, sparse: torch.Tensor, dense: torch.Tensor):
+        """Everything every task reads: x [B, D], shared expert outputs [B, E, H], v_s [B, H]."""
+        x = self.features(sparse, dense)
+        shared_out = self.shared_experts(x)
+        v_s = mix_experts(shared_out, torch.softmax(self.shared_gate(x), dim=-1).unsqueeze(1)).squeeze(1)
         if self.personal_gate is not None:
             ids = self.features.table(sparse[:, self.id_field_index] + self.features.offsets[self.id_field_index])
             v_s = self.personal_gate(v_s, ids.flatten(1))
+        return x, shared_out, v_s
 
-        # Everything above is shared; the task modules below read only slices of `cut`.
-        B, Ns, H = shared_out.shape
-        D = x.shape[1]
+    def _heads(self, x: torch.Tensor, shared_out: torch.Tensor, v_s: torch.Tensor) -> torch.Tensor:
+        """The task modules: gates -> v_k, then both towers of every task, mixed by mu."""
+        gates = torch.stack([torch.softmax(g(x), dim=-1) for g in self.task_gates], dim=1)  # [B, K, E(+Ed)]
+        if self.dedicated_experts is None:
+            v = mix_experts(shared_out, gates)  # [B, K, H]: one bmm for all tasks
+            v_tasks = [v[:, k] for k in range(self.num_tasks)]
+        else:
+            v_tasks = [mix_experts(torch.cat([shared_out, self.dedicated_experts[k](x)], dim=1),
+                                   gates[:, k:k + 1]).squeeze(1) for k in range(self.num_tasks)]
+        dedicated = torch.cat([t(v_k) for t, v_k in zip(self.dedicated_towers, v_tasks)], dim=1)  # [B, K]
+        shared = torch.cat([t(v_s) for t in self.shared_towers], dim=1)
+        mu = self.mu.to(dedicated.dtype)
+        return dedicated * mu[:, 0] + shared * mu[:, 1]
+
+    def forward(self, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        return self._heads(*self._shared(sparse, dense))
+
+    def forward_with_shared(self, sparse: torch.Tensor, dense: torch.Tensor):
+        """(logits [B, K], cut): the cut is cat[x, shared expert outputs, v_s] (see base.py);
+        the task modules read only slices of it."""
+        x, shared_out, v_s = self._shared(sparse, dense)
         cut = torch.cat([x, shared_out.flatten(1), v_s], dim=1)
-        x_c = cut[:, :D]
-        shared_c = cut[:, D:D + Ns * H].view(B, Ns, H)
-        v_s_c = cut[:, D + Ns * H:]
-
-        dedicated_logits, shared_logits = [], []
-        for k in range(self.num_tasks):
-            experts = shared_c
-            if self.dedicated_experts is not None:
-                experts = torch.cat([shared_c, self.dedicated_experts[k](x_c)], dim=1)
-            v_k = torch.einsum("be,beh->bh", torch.softmax(self.task_gates[k](x_c), dim=-1), experts)
-            dedicated_logits.append(self.dedicated_towers[k](v_k))
-            shared_logits.append(self.shared_towers[k](v_s_c))
-        mu = self.mu.to(x.dtype)
-        logits = torch.cat(dedicated_logits, dim=1) * mu[:, 0] + torch.cat(shared_logits, dim=1) * mu[:, 1]
-        return logits, cut
+        parts = cut_slices(cut, x.shape[1:], shared_out.shape[1:], v_s.shape[1:])
+        return self._heads(*parts), cut

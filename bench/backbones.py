@@ -123,10 +123,10 @@ def throughput(models: dict, steps: int, rounds: int, bf16: bool) -> dict[str, f
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
-def quality(name: str, steps: int, levels: int, seed: int = 0) -> dict[str, float]:
+def quality(name: str, steps: int, levels: int, batch: int = BATCH, seed: int = 0) -> dict[str, float]:
     from sklearn.metrics import roc_auc_score
 
-    train = planted(BATCH * steps, seed=1)
+    train = planted(batch * steps, seed=1)
     val = planted(20_000, seed=2)
     out = {}
     for bf16 in (False, True):
@@ -135,7 +135,7 @@ def quality(name: str, steps: int, levels: int, seed: int = 0) -> dict[str, floa
         optim = adam(model)
         model.train()
         for s in range(steps):
-            sl = slice(s * BATCH, (s + 1) * BATCH)
+            sl = slice(s * batch, (s + 1) * batch)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = loss_of(model, False, train[0][sl], train[1][sl], train[2][sl])
             optim.zero_grad(set_to_none=True)
@@ -155,6 +155,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--levels", type=int, default=1, help="PLE extraction levels (both libraries)")
     ap.add_argument("--quality-steps", type=int, default=150, help="training steps of the bf16/fp32 check (0 = skip)")
+    ap.add_argument("--quality-batch", type=int, default=BATCH, help="batch size of the bf16/fp32 check")
     ap.add_argument("--models", default="mmoe,ple")
     ap.add_argument("--no-rechub", action="store_true")
     args = ap.parse_args()
@@ -183,9 +184,9 @@ def main() -> None:
             print(f"{name:5s} {tag}  {row}{ratio}", flush=True)
     if args.quality_steps > 0:
         for name in args.models.split(","):
-            q = quality(name, args.quality_steps, args.levels)
+            q = quality(name, args.quality_steps, args.levels, args.quality_batch)
             diff = [b - f for f, b in zip(q["fp32"], q["bf16"])]
-            print(f"{name:5s} val AUC ({args.quality_steps} steps) fp32 "
+            print(f"{name:5s} val AUC ({args.quality_steps} steps x {args.quality_batch}) fp32 "
                   + " ".join(f"{t}={a:.4f}" for t, a in zip(TASKS, q["fp32"]))
                   + "  bf16 " + " ".join(f"{t}={a:.4f}" for t, a in zip(TASKS, q["bf16"]))
                   + "  diff " + " ".join(f"{d:+.4f}" for d in diff), flush=True)

@@ -15,7 +15,8 @@
     conflicting. DRGrad (both pairings) vs Split-MMoE vs MMoE.
 (c) The personalised gate on the embedded synthetic KuaiRand log (the package's own
     generator, read by the real reader; it has user, video and author ids): Split-MMoE
-    and DRGrad with the gate off and on, MMoE for reference.
+    and DRGrad with the gate off and on.
+(d) Step overhead of the router: split_mmoe under EW vs under DRGrad, same batch.
 
 Every run goes through rmtl.train.fit (Adam, early stopping on mean validation AUC, best
 weights restored) with identical training settings; only the backbone / strategy differ.
@@ -25,6 +26,7 @@ Timings depend on the machine's load: this host is shared, so treat them as roug
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -73,7 +75,6 @@ CENSUS_VARIANTS = {
 }
 SYNTH_VARIANTS = ["MMoE", "Split-MMoE", "DRGrad g2", "DRGrad paper-pairing"]
 GATE_VARIANTS = {  # (c) the personalised gate, on the embedded synthetic KuaiRand log
-    "MMoE": ("mmoe", "ew", {}, None),
     "Split-MMoE, no gate": ("split_mmoe", "ew", {}, None, {"personalized_gate": False}),
     "Split-MMoE + gate": ("split_mmoe", "ew", {}, None, {"personalized_gate": True}),
     "DRGrad g2, no gate": ("split_mmoe", "drgrad", {"pairing": "g2"}, None, {"personalized_gate": False}),
@@ -111,8 +112,12 @@ def fmt(values: list[float]) -> str:
     return f"{arr.mean():.4f} +- {arr.std(ddof=1) if len(arr) > 1 else 0.0:.4f}"
 
 
+ALL_RESULTS: dict[str, dict] = {}  # title -> results, for --json
+
+
 def report(title: str, results: dict[str, list[dict]], tasks: list[str], paper: dict | None = None,
            variants: dict | None = None) -> None:
+    ALL_RESULTS[title] = results
     print(f"\n== {title}")
     head = f"{'variant':<26}" + "".join(f"{t + ' AUC':>22}" for t in tasks) + f"{'s/run':>8}"
     if paper:
@@ -124,6 +129,17 @@ def report(title: str, results: dict[str, list[dict]], tasks: list[str], paper: 
         if paper and variants and variants[name][3] in paper:
             row += "   " + " / ".join(f"{v:.4f}" for v in paper[variants[name][3]])
         print(row)
+    # Seeds move every variant together (split and init), so paired differences are sharper.
+    for ref in ("MMoE", "Split-MMoE"):
+        if ref not in results:
+            continue
+        print(f"  paired difference to {ref} (same seed), mean +- std:")
+        for name, runs in results.items():
+            if name == ref:
+                continue
+            diffs = {t: [r["auc"][t] - b["auc"][t] for r, b in zip(runs, results[ref])] for t in tasks}
+            print(f"    {name:<24}" + "".join(f"{t} {np.mean(d):+.4f} +- {np.std(d, ddof=1) if len(d) > 1 else 0.0:.4f}   "
+                                              for t, d in diffs.items()))
     for name, runs in results.items():
         if "mu" in runs[0]:
             mu = np.mean([np.asarray(r["mu"])[:, 0] for r in runs], axis=0)
@@ -163,11 +179,13 @@ def census(args) -> None:
 def synthetic_log(cos_theta: float, *, rows: int, dim: int, seed: int, sines: int = 10,
                   noise: float = 0.3) -> SessionLog:
     """Two binary tasks whose weight vectors have cosine cos_theta (MMoE-style generator)."""
+    # The label functions' shape (alpha, beta) is fixed across seeds: drawing it per seed
+    # made some seeds' labels nearly unlearnable (AUC 0.56 vs 0.82) and swamped every gap.
+    alpha, beta = np.random.default_rng(0).standard_normal((2, sines))
     rng = np.random.default_rng(seed)
     u1, u2 = np.linalg.qr(rng.standard_normal((dim, 2)))[0].T  # orthonormal pair
     w1 = u1
     w2 = cos_theta * u1 + math.sqrt(max(0.0, 1 - cos_theta ** 2)) * u2
-    alpha, beta = rng.standard_normal(sines), rng.standard_normal(sines)
     x = rng.standard_normal((rows, dim)).astype(np.float32)
     labels = []
     for w in (w1, w2):
@@ -203,6 +221,41 @@ def synthetic(args) -> None:
                f"{args.synthetic_rows} rows, seeds {args.seeds}", results, ["t1", "t2"])
 
 
+# ---------------------------------------------------------------------- step overhead
+def overhead(args) -> None:
+    """Median time of one training step (forward, strategy backward, Adam step): MMoE and
+    split_mmoe under EW, split_mmoe under DRGrad; interleaved so that load changes hit all."""
+    g = torch.Generator().manual_seed(0)
+    spec = FeatureSpec("census-like", [f"f{i}" for i in range(32)], [50] * 32, [f"d{i}" for i in range(7)],
+                       ["income", "marital"])
+    B = args.batch_size
+    sparse = torch.randint(0, 50, (B, 32), generator=g)
+    dense = torch.randn(B, 7, generator=g)
+    labels = (torch.rand(B, 2, generator=g) < 0.3).float()
+    torch.set_num_threads(args.threads)
+    setups = {}
+    for name, backbone, strategy_name in (("mmoe + EW", "mmoe", "ew"), ("split_mmoe + EW", "split_mmoe", "ew"),
+                                          ("split_mmoe + DRGrad", "split_mmoe", "drgrad")):
+        torch.manual_seed(0)
+        model = build_backbone(backbone, spec, **model_options(8)[backbone])
+        setups[name] = (model, build_strategy(strategy_name, 2), torch.optim.Adam(model.parameters(), 1e-3))
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    for i in range(60):
+        for name, (model, strategy, opt) in setups.items():
+            t0 = time.perf_counter()
+            losses = torch.nn.functional.binary_cross_entropy_with_logits(model(sparse, dense), labels, reduction="none")
+            opt.zero_grad()
+            strategy.backward(losses, model)
+            opt.step()
+            if i >= 10:
+                times[name].append(time.perf_counter() - t0)
+    print(f"\n== step time, batch {B}, {args.threads} thread(s), median of 50 interleaved steps (shared machine)")
+    for name, t in times.items():
+        print(f"  {name:<22} {1000 * np.median(t):7.2f} ms")
+    ratio = np.median(times["split_mmoe + DRGrad"]) / np.median(times["split_mmoe + EW"])
+    print(f"  DRGrad / EW            {ratio:7.2f}x")
+
+
 # ------------------------------------------------------------------ personalised gate
 def gate(args) -> None:
     from rmtl.data.prepare import prepare
@@ -223,7 +276,7 @@ def gate(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["census", "synthetic", "gate", "all"], default="all")
+    p.add_argument("--part", choices=["census", "synthetic", "gate", "overhead", "all"], default="all")
     p.add_argument("--census", default=str(CENSUS), help="path of census-income.test.gz")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=6)
@@ -235,9 +288,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--synthetic-rows", type=int, default=8000)
     p.add_argument("--synthetic-batch-size", type=int, default=256)
     p.add_argument("--synthetic-dim", type=int, default=64)
-    p.add_argument("--synthetic-noise", type=float, default=3.0)
+    p.add_argument("--synthetic-noise", type=float, default=1.0)
     p.add_argument("--variants", nargs="*", help="run only these variants (names as printed)")
     p.add_argument("--extra", action="store_true", help="also run the updater ablations on Census")
+    p.add_argument("--json", help="also write every run's figures to this JSON file")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     if args.part in ("census", "all"):
@@ -246,7 +300,11 @@ def main(argv: list[str] | None = None) -> None:
         synthetic(args)
     if args.part in ("gate", "all"):
         gate(args)
+    if args.part in ("overhead", "all"):
+        overhead(args)
     print(f"\ntotal {time.perf_counter() - t0:.0f}s (shared machine: timings are rough)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(ALL_RESULTS, indent=1))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ def overrides_for(args, source: str, model: str, seed: int) -> list[str]:
     out = [f"data.source={source}", f"model.name={model}", f"seed={seed}", "data.seed=0",
            f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", "train.progress=false",
            f"agent.steps={args.agent_steps}", f"agent.finetune_epochs={args.finetune_epochs}",
+           f"agent.finetune_lr={args.finetune_lr}", "train.num_threads=1",
            "agent.ew_control=true", f"agent.lam={args.lam}"]
     if args.reduced:
         out += [f"data.synthetic={{users: {args.users}, items: {args.items}}}"]
@@ -63,7 +63,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["mmoe", "ple", "esmm"])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=3, help="EW pretraining epochs")
-    ap.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs (EW control and RMTL)")
+    ap.add_argument("--finetune-epochs", type=int, default=1, help="fine-tuning epochs (EW control and RMTL)")
+    ap.add_argument("--finetune-lr", type=float, default=1e-4, help="fine-tuning learning rate (both arms)")
     ap.add_argument("--agent-steps", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--lam", type=float, default=0.7)
@@ -75,7 +76,7 @@ def main() -> None:
 
     setting = "REDUCED" if args.reduced else "full"
     print(f"setting: {setting}; seeds {args.seeds}; pretrain {args.epochs} ep, fine-tune {args.finetune_epochs} ep, "
-          f"agent {args.agent_steps} updates, lam {args.lam}; shared 2-core machine (times are noisy)")
+          f"lr {args.finetune_lr}, agent {args.agent_steps} updates, lam {args.lam}; shared 2-core machine (times are noisy)")
     results = []
     with tempfile.TemporaryDirectory(prefix="rmtl-gain-") as tmp:
         for source in args.sources:

@@ -14,7 +14,7 @@ use 1 - u, so they fall on other items.
 
 Reward = feedback summed over the slate, dotted with ``reward_weights``.
 Leave model (KuaiSim-like): patience starts at ``patience`` and each request costs
-``base_cost`` plus ``poor_cost * max(0, 1 - reward / satisfying_reward)``; the session
+``base_cost`` plus ``poor_cost * clip(1 - reward / satisfying_reward, 0, 2)``; the session
 ends (terminated) when patience reaches 0, or is truncated after ``max_depth`` requests.
 So the session's depth depends on how satisfying the shown items were.
 
@@ -38,6 +38,7 @@ from rmtl.errors import ConfigError, DataError
 from rmtl.fusion import fuse_and_rank, get_fusion
 
 OBS_LIMIT = 10.0
+MAX_SHORTFALL = 2.0  # a slate with negative reward (hate) costs at most twice a merely unrewarding one
 
 DEFAULT_REWARD_WEIGHTS = {"ctr": 0.25, "click": 0.25, "long_view": 1.0, "like": 2.0, "follow": 4.0,
                           "comment": 2.0, "forward": 2.0, "hate": -8.0}
@@ -124,7 +125,9 @@ def user_profiles(log: SessionLog, rows: np.ndarray, prior: float = 5.0) -> np.n
 class FusionSimulator:
     """B fusion sessions stepped together (see the module docstring).
 
-    ``log`` is the whole SessionLog; ``sessions`` the (global) session indices episodes
+    ``ranker`` supplies the fused predictions o and ``responder`` the user's answers; any object
+    with ``.predict(users, items) -> [..., K]`` and ``.num_tasks`` fits (a UserResponseModel,
+    a BackboneRanker). ``log`` is the whole SessionLog; ``sessions`` the (global) session indices episodes
     are drawn from; ``profile_rows`` the rows user profiles and item popularity come from
     (the train split: no future leaks into the state).
     """
@@ -230,7 +233,7 @@ class FusionSimulator:
             feedback = np.where(logged[:, :, None], self.log.labels[np.maximum(rows, 0)], feedback)
         reward = feedback.sum(1) @ self.reward_w
         reward = np.where(self.active, reward, 0.0).astype(np.float32)
-        shortfall = np.maximum(0.0, 1.0 - reward / self.satisfying)
+        shortfall = np.clip(1.0 - reward / self.satisfying, 0.0, MAX_SHORTFALL)
         self.patience = np.where(self.active, self.patience - cfg.base_cost - cfg.poor_cost * shortfall,
                                  self.patience)
         self.history = np.where(self.active[:, None],

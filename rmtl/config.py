@@ -153,10 +153,15 @@ def _merge(base: DictConfig, other, what: str) -> DictConfig:
 
 # ----------------------------------------------------------------------------- loading
 
+# Packaged configs of other commands (not RunConfigs): `rmtl fusion` reads fusion.yaml.
+OTHER_COMMAND_CONFIGS = {"fusion"}
+
+
 def packaged_configs() -> list[str]:
-    """Names of the configs shipped in rmtl/configs (without .yaml)."""
+    """Names of the run configs shipped in rmtl/configs (without .yaml)."""
     root = resources.files("rmtl.configs")
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in root.iterdir()
+                  if p.name.endswith(".yaml") and p.name[:-5] not in OTHER_COMMAND_CONFIGS)
 
 
 def resolve_config_path(path_or_name: str | os.PathLike) -> Path:

@@ -98,9 +98,8 @@ def train_agent(cfg: RunConfig, log: SessionLog, backbone: nn.Module, *, run_dir
 
 
 def _finetune_cfg(cfg: RunConfig, strategy: StrategyConfig) -> RunConfig:
-    train = cfg.train
-    if cfg.agent.finetune_epochs is not None or cfg.agent.finetune_lr is not None:
-        train = replace(train, epochs=cfg.agent.finetune_epochs or train.epochs, lr=cfg.agent.finetune_lr or train.lr)
+    train = replace(cfg.train, epochs=cfg.agent.finetune_epochs or cfg.train.epochs,
+                    lr=cfg.agent.finetune_lr or cfg.train.lr)
     return replace(cfg, strategy=strategy, train=train)
 
 

@@ -7,6 +7,7 @@ training read back from the runs' TensorBoard event files.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -91,7 +92,13 @@ def read_scalars(event_dir: str | os.PathLike, prefix: str = WEIGHT_PREFIX) -> d
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(event_dir), size_guidance={"scalars": 0})  # 0 = keep every point
-    acc.Reload()
+    tb_log = logging.getLogger("tensorboard")
+    level = tb_log.level
+    tb_log.setLevel(logging.ERROR)  # it warns about the purges a resumed run asks for
+    try:
+        acc.Reload()
+    finally:
+        tb_log.setLevel(level)
     out = {}
     for tag in acc.Tags().get("scalars", []):
         if tag.startswith(prefix):

@@ -101,6 +101,15 @@ def load_data(data: DataConfig, seed: int = 0):
     return prepare(data.source, data_dir, **kwargs)
 
 
+def _resolved(text: str) -> str:
+    """A RunConfig built in Python (not by load_config) may still hold ${now:...}."""
+    if "${" not in text:
+        return text
+    from omegaconf import OmegaConf
+
+    return str(OmegaConf.create({"v": text}).v)
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -127,6 +136,19 @@ def build_strategy(strategy_cfg: StrategyConfig, num_tasks: int) -> nn.Module:
     return weighting.build_strategy(strategy_cfg.name, num_tasks, **dict(strategy_cfg.options))
 
 
+def check_names(cfg: RunConfig, *, need_model: bool = True, need_strategy: bool = True) -> None:
+    """ConfigError (naming model.name / strategy.name and the known names) for unknown names."""
+    from rmtl import backbones, weighting
+    from rmtl.errors import unknown_name
+
+    if need_model and cfg.model.name not in backbones.available():
+        err = unknown_name("backbone", cfg.model.name, backbones.available())
+        raise ConfigError(str(err), key="model.name")
+    if need_strategy and cfg.strategy.name not in weighting.available_strategies():
+        err = unknown_name("strategy", cfg.strategy.name, weighting.available_strategies())
+        raise ConfigError(str(err), key="strategy.name")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -143,7 +165,10 @@ def make_optimizer(tc: TrainConfig, model: nn.Module, strategy: nn.Module) -> to
             seen.add(id(p))
             params.append(p)
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[tc.optimizer]
-    return cls(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    try:  # the fused kernel is several times faster than the per-tensor default on CPU
+        return cls(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # old torch, or a device / dtype it does not cover
+        return cls(params, lr=tc.lr, weight_decay=tc.weight_decay)
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -200,6 +225,7 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     device = resolve_device(tc.device)
+    check_names(cfg, need_model=model is None, need_strategy=strategy is None)  # before a slow data load
 
     log = _as_log(prepared if prepared is not None else load_data(cfg.data, cfg.seed))
     for name in ("train", "val", "test"):
@@ -217,15 +243,17 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
     strategy.to(device)
     optimizer = make_optimizer(tc, model, strategy)
 
-    root = Path(run_dir if run_dir is not None else cfg.run_dir)
+    root = Path(run_dir if run_dir is not None else _resolved(cfg.run_dir))
     out_dir = _mkdir(root / tag)
     last_path, best_path = _checkpoint_paths(out_dir)
 
     state = LoopState(epoch_loss_sum=[0.0] * num_tasks)
+    if not resume and best_path.exists():
+        best_path.unlink()  # a fresh run into a used folder must never end with an older run's weights
     if resume:
         if not last_path.exists():
             raise ConfigError(f"cannot resume: {last_path} does not exist")
-        saved = ckpt.load(last_path, map_location=device)
+        saved = ckpt.load(last_path, map_location="cpu")  # RNG states must stay CPU tensors
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         ckpt.load_module_state(strategy, saved["strategy"])
@@ -238,14 +266,16 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
     if tc.max_steps is not None:
         planned = min(planned, tc.max_steps)
 
-    logger = TrainLogger(out_dir, tasks, purge_step=state.step if resume else None)
+    # purge_step: TensorBoard hides older events at or after this step (a fresh run hides all of a
+    # previous run in the same folder; a resumed run hides what came after its checkpoint)
+    logger = TrainLogger(out_dir, tasks, purge_step=state.step + 1 if resume else 0)
     show_bar = tc.progress and sys.stderr.isatty()
     bar = tqdm(total=planned, initial=state.step, disable=not show_bar, desc=tag, dynamic_ncols=True)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=tc.bf16)
     clip_params = [p for g in optimizer.param_groups for p in g["params"]]
 
     window_loss = torch.zeros(num_tasks, dtype=torch.float64, device=device)
-    window_steps, window_rows, window_t0 = 0, 0, time.perf_counter()
+    window_rows, window_t0 = 0, time.perf_counter()
 
     def save_last() -> None:
         ckpt.save_atomic({
@@ -266,9 +296,9 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
             state.best_step = state.step
             state.bad_evals = 0
             ckpt.save_atomic({"model": model.state_dict(), "step": state.step, "val": metrics}, best_path)
-        else:
-            state.bad_evals += 1
-        return tc.patience is not None and state.bad_evals >= tc.patience
+            return False
+        state.bad_evals += 1
+        return tc.patience is not None and state.bad_evals >= max(tc.patience, 1)
 
     stop = state.stopped_early or state.step >= planned
     try:
@@ -292,7 +322,6 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
 
                 batch_loss = losses.detach().sum(0).double()
                 window_loss += batch_loss
-                window_steps += 1
                 window_rows += len(batch)
                 state.epoch_loss_sum = [a + b for a, b in zip(state.epoch_loss_sum, batch_loss.tolist())]
                 state.epoch_rows += len(batch)
@@ -309,7 +338,7 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
                                         getattr(model, "last_gate_usage", None), rate)
                     bar.set_postfix(loss=f"{float(mean_losses.mean()):.4f}", sps=f"{rate or 0:.0f}")
                     window_loss.zero_()
-                    window_steps, window_rows, window_t0 = 0, 0, time.perf_counter()
+                    window_rows, window_t0 = 0, time.perf_counter()
 
                 epoch_done = state.batch_in_epoch >= batches_per_epoch
                 if epoch_done:

@@ -87,9 +87,9 @@ def test_cli_pipeline_then_agent_alone(tmp_path, capsys):
         "model:\n  name: mmoe\n"
         f"run_dir: {tmp_path / 'run'}\n"
     )
-    assert main(["pipeline", "-c", str(cfg), *FAST]) == 0
+    assert main(["pipeline", "-c", str(cfg), *FAST, "agent.ew_control=false"]) == 0
     out = capsys.readouterr().out
-    assert "RMTL fine-tuned" in out and "session_logloss" in out
+    assert "RMTL fine-tuned" in out and "session_logloss" in out and "EW fine-tuned" not in out
     best = tmp_path / "run" / "pretrain" / "best.pt"
     assert best.is_file()
     critics = tmp_path / "critics.pt"

@@ -259,8 +259,9 @@ def test_unknown_option_and_bad_gap(tmp_path):
     d = write_dir(tmp_path, GOOD)
     with pytest.raises(ConfigError, match="properies"):
         read_retailrocket(d, properies=["790"])
-    with pytest.raises(ConfigError, match="session_gap"):
-        read_retailrocket(d, session_gap=0)
+    for gap in (0, -5.0, "30min"):
+        with pytest.raises(ConfigError, match="session_gap"):
+            read_retailrocket(d, session_gap=gap)
 
 
 # ----------------------------------------------------------------------------- synthetic logs
@@ -336,3 +337,29 @@ def test_synthetic_rejects_bad_options(tmp_path):
         write_retailrocket(tmp_path, sesions_per_user=2)
     with pytest.raises(ConfigError, match="cart_rate"):
         write_retailrocket(tmp_path, cart_rate=0.0)
+
+
+# ----------------------------------------------------------------------------- through prepare()
+
+def test_prepare_builds_from_synthetic_files_and_leaves_no_cache_on_bad_input(tmp_path):
+    from rmtl.data.prepare import prepare
+
+    raw_dir = tmp_path / "raw"
+    write_retailrocket(raw_dir, seed=3, **SMALL)
+    p = prepare("retailrocket", raw_dir, cache_dir=tmp_path / "cache")
+    spec = p.log.spec
+    assert spec.tasks == ["ctr", "ctcvr"] and spec.user_field == "visitorid" and spec.item_field == "itemid"
+    assert {"categoryid", "parent_categoryid", "available", "hour", "weekday"} <= set(spec.sparse_fields)
+    assert p.summary["dropped"]["reader"][rr.DROP_REPEAT_VIEW] > 0
+    # one session per visitor gives fewer, longer sessions
+    q = prepare("retailrocket", raw_dir, cache_dir=tmp_path / "cache", session_gap=None)
+    assert q.log.num_sessions < p.log.num_sessions
+
+    bad = tmp_path / "bad"
+    write_retailrocket(bad, seed=3, users=50, items=20)
+    with open(bad / "events.csv", "a") as fh:
+        fh.write("1430622000000,1,purchase,3,\n")
+    before = set((tmp_path / "cache").rglob("*"))
+    with pytest.raises(DataError, match="unknown event type"):
+        prepare("retailrocket", bad, cache_dir=tmp_path / "cache")
+    assert set((tmp_path / "cache").rglob("*")) == before

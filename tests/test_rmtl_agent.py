@@ -162,3 +162,31 @@ def test_rmtl_strategy_weights_the_losses(log):
         torch.testing.assert_close(g, p.grad)
     with pytest.raises(ConfigError, match="checkpoint"):
         build_strategy("rmtl", 2)
+    # critics trained on another feature layout are refused with one clear error
+    from rmtl import backbones
+
+    other = random_session_log(10, cardinalities=(7, 7, 7), seed=0)
+    foreign = backbones.build("shared_bottom", other.spec)
+    b2 = gather_batch(other, np.arange(8))
+    logits = foreign(b2.sparse, b2.dense)
+    losses = nn.functional.binary_cross_entropy_with_logits(logits, b2.labels, reduction="none")
+    with pytest.raises(ConfigError, match="feature layout"):
+        build_strategy("rmtl", 2, agent=agent).backward(losses, foreign, context={"batch": b2, "logits": logits})
+
+
+def test_rmtl_strategy_with_every_builtin_backbone(log):
+    from rmtl import backbones
+
+    cfg = AgentConfig(steps=5, batch_size=32, device="cpu", critic_hidden=[8])
+    agent = RMTLAgent(log.spec, cfg, seed=0)
+    agent.train(log, build_transitions(log, seed=0))
+    strategy = build_strategy("rmtl", 2, agent=agent)
+    batch = gather_batch(log, np.arange(32))
+    for name in backbones.available():
+        torch.manual_seed(0)
+        model = backbones.build(name, log.spec)
+        logits = model(batch.sparse, batch.dense)
+        losses = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
+        w = strategy.backward(losses, model, context={"step": 0, "batch": batch, "logits": logits})
+        assert torch.isfinite(w).all() and (w >= 1).all(), name
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters()), name

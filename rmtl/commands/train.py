@@ -36,20 +36,22 @@ def format_metrics(metrics: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from rmtl.config import load_config, save_config
-    from rmtl.train import fit
+    from rmtl.train import check_names, fit
 
     config = args.config
     if config is None:
         if args.resume and args.run_dir and (Path(args.run_dir) / "config.yaml").exists():
             config = str(Path(args.run_dir) / "config.yaml")
         else:
-            raise ConfigError("give a config with -c (a YAML file or one of the packaged names)")
+            raise ConfigError("give a config with -c (a YAML file or one of the packaged names), or "
+                              "--resume --run-dir DIR for a run dir holding config.yaml")
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
     if args.no_progress:
         overrides.append("train.progress=false")
     cfg = load_config(config, overrides)
+    check_names(cfg, need_model=True, need_strategy=True)  # fail before anything is written
     run_dir = Path(cfg.run_dir)
     save_config(cfg, run_dir / "config.yaml")
     print(f"run dir: {run_dir}")

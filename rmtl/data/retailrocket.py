@@ -78,7 +78,7 @@ def read_retailrocket(
     purchase_implies_cart = bool(options.get("purchase_implies_cart", True))
     log_numeric = bool(options.get("log_numeric", True))
     use_threads = bool(options.get("use_threads", True))
-    if session_gap is not None and not (float(session_gap) > 0):
+    if session_gap is not None and not (isinstance(session_gap, (int, float, np.number)) and session_gap > 0):
         raise ConfigError(f"expected a positive number of seconds or None, got {session_gap!r}", key="session_gap")
     if isinstance(properties, str):
         properties = [properties]
@@ -90,6 +90,7 @@ def read_retailrocket(
     events_path = _resolve(root, EVENTS_FILE, "events")
     property_paths = [_resolve(root, name, "item properties") for name in PROPERTY_FILES]
     category_path = _resolve(root, CATEGORY_FILE, "category tree")
+    tree = _read_category_tree(category_path, use_threads)  # small: read first to fail fast
 
     # The property files (the bulk of the bytes) are parsed on a second thread while the
     # events are read and labelled here: both halves release the GIL in arrow / numpy.
@@ -120,9 +121,9 @@ def read_retailrocket(
     dense: list[str] = []
 
     category = _as_of(props.get("categoryid"), imp["itemid"], imp["time"])
-    cat_ids = _category_ids(props.get("categoryid"), category, property_paths)
+    cat_ids = _category_ids(props.get("categoryid"), category)
     frame["categoryid"] = cat_ids
-    frame["parent_categoryid"] = _parents(_read_category_tree(category_path, use_threads), cat_ids)
+    frame["parent_categoryid"] = _parents(tree, cat_ids)
     sparse += ["categoryid", "parent_categoryid"]
     for name in extra:
         rows = props.get(name)
@@ -189,7 +190,7 @@ def _read_csv(path: Path, columns: dict[str, pa.DataType], *, required: Iterable
                         path=path, column=missing[0])
     convert = pacsv.ConvertOptions(column_types=columns, include_columns=list(columns), strings_can_be_null=False)
     try:
-        table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(use_threads=use_threads, block_size=1 << 24),
+        table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(use_threads=use_threads, block_size=1 << 22),
                                convert_options=convert)
     except pa.ArrowInvalid as err:
         message = str(err)
@@ -308,16 +309,22 @@ def _impressions(ev: dict, session_gap: float | None, purchase_implies_cart: boo
         pair = s * (int(codes.max()) + 1) + codes
 
     views = np.flatnonzero(kind == VIEW)
-    repeat = pd.Series(pair[views]).duplicated(keep="first").to_numpy()
-    first_view = views[~repeat]  # positions in (visitor, time) order, so still time-ordered
-    dropped = {DROP_REPEAT_VIEW: int(repeat.sum())}
-
-    if len(first_view) == 0:
+    if len(views) == 0:
         raise DataError("no 'view' events; expected views (impressions are the viewed items)", path=ev["path"], column="event")
-    # pair key -> impression, for looking up the first view of each cart / purchase
-    imp_pair = pair[first_view]
-    by_pair = np.argsort(imp_pair, kind="stable")
-    sorted_pair = imp_pair[by_pair]
+    # One stable sort of the views by (session, item) finds the first view of each pair
+    # (views are in time order, so the first of a run is the earliest) and leaves the
+    # impressions sorted by pair for the cart / purchase look-ups below.
+    view_pair = pair[views]
+    by_view_pair = np.argsort(view_pair, kind="stable")
+    run_start = np.r_[True, view_pair[by_view_pair[1:]] != view_pair[by_view_pair[:-1]]]
+    first_in_pair_order = by_view_pair[run_start]  # index into `views`, ordered by pair
+    is_first = np.zeros(len(views), dtype=bool)
+    is_first[first_in_pair_order] = True
+    first_view = views[is_first]  # positions in (visitor, time) order, so still time-ordered
+    dropped = {DROP_REPEAT_VIEW: int(len(views) - len(first_view))}
+    # impression index (time order) of each pair, in pair order
+    by_pair = (np.cumsum(is_first) - 1)[first_in_pair_order]
+    sorted_pair = view_pair[first_in_pair_order]
     labels = np.zeros((len(first_view), len(TASKS)), dtype=np.int8)
     for k, (code, reason) in enumerate(((CART, DROP_CART_NO_VIEW), (BUY, DROP_BUY_NO_VIEW))):
         rows = np.flatnonzero(kind == code)
@@ -375,7 +382,7 @@ def _as_of_pandas(p_item, p_time, item, time) -> np.ndarray:
     return out
 
 
-def _category_ids(rows: dict | None, index: np.ndarray, paths: list[Path]) -> np.ndarray:
+def _category_ids(rows: dict | None, index: np.ndarray) -> np.ndarray:
     """Category id in force per impression (float, NaN = unknown)."""
     out = np.full(len(index), np.nan)
     if rows is None:

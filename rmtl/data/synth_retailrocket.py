@@ -6,14 +6,16 @@ values, weekly property snapshots that change over time, a three-level category 
 so ``read_retailrocket`` reads them exactly as it reads the real files.
 
 Planted structure (see docs/retailrocket.md for the figures):
-* Visitors have 1 + geometric sessions (mean ``sessions_per_user``), 1 hour + exponential
-  (mean ``gap_days``) apart; a session views a geometric number of distinct items (mean
+* Visitors have geometric(>= 1) sessions (mean ``sessions_per_user``), each starting
+  1 hour + exponential (mean ``gap_days``) after the previous one ends; a session views a geometric number of distinct items (mean
   ``views_per_session``, drawn by Zipf-like popularity) seconds-to-minutes apart.
 * Add-to-cart after a view: logit = a_c + ``signal`` * z1 - 2.5 [item unavailable at view
-  time], where z1 = <u1, v1>/sqrt(d) is a user x item affinity (item factors lean on their
-  category's). a_c is calibrated so that P(cart | impression) = ``cart_rate``.
+  time], where z1 = (b_user + b_item + <u1, v1>/sqrt(d)) / sqrt(3): user and item biases
+  plus a user x item affinity (item biases and factors lean on their category's), unit
+  variance. a_c is calibrated so that P(cart | impression) = ``cart_rate``.
 * Purchase after a cart: logit = a_b + ``signal`` * z2 - 0.3 * (standardised log price),
-  z2 = rho z1 + sqrt(1 - rho^2) <u2, v2>/sqrt(d), rho = ``task_correlation``; a_b is
+  z2 = rho z1 + sqrt(1 - rho^2) z', z' an independent factor built like z1,
+  rho = ``task_correlation``; a_b is
   calibrated so that P(buy | cart) = ``buy_rate``. So CTR ~ cart_rate and
   CTCVR ~ cart_rate * buy_rate per impression.
 * Noise the reader must skip: repeat views (``repeat_rate`` of impressions) and
@@ -213,6 +215,8 @@ def _item_timelines(rng: np.random.Generator, items: int, n_snap: int, cfg: dict
 
 def _calibrate(x: np.ndarray, rate: float) -> float:
     """Intercept a with mean(sigmoid(a + x)) = rate (bisection on at most 200 k values)."""
+    if len(x) == 0:  # nothing to calibrate on (a tiny log without carts)
+        return 0.0
     if len(x) > 200_000:
         x = x[:: len(x) // 200_000 + 1]
     lo, hi = -30.0, 30.0
@@ -234,8 +238,13 @@ def _decide(rng, users, items, item_leaf, sess, views, timeline, snap0, cfg, rho
     v2 = 0.6 * leaf_vec[item_leaf][:, ::-1] + 0.8 * rng.normal(size=(items, d))
     vu = sess["user"][views["session"]]
     vi = views["item"]
-    z1 = np.einsum("nd,nd->n", u1[vu], v1[vi]) / np.sqrt(d)
-    z_other = np.einsum("nd,nd->n", u2[vu], v2[vi]) / np.sqrt(d)
+    # each factor = (user bias + item bias + user x item affinity) / sqrt(3), unit variance;
+    # item biases lean on their category's, so categories carry signal for rare items
+    n_leaf = len(leaf_vec)
+    b_user = rng.normal(size=(2, users))
+    b_item = 0.6 * rng.normal(size=(2, n_leaf))[:, item_leaf] + 0.8 * rng.normal(size=(2, items))
+    z1 = (b_user[0, vu] + b_item[0, vi] + np.einsum("nd,nd->n", u1[vu], v1[vi]) / np.sqrt(d)) / np.sqrt(3.0)
+    z_other = (b_user[1, vu] + b_item[1, vi] + np.einsum("nd,nd->n", u2[vu], v2[vi]) / np.sqrt(d)) / np.sqrt(3.0)
     z2 = rho * z1 + np.sqrt(max(0.0, 1.0 - rho * rho)) * z_other
 
     snap = np.clip((views["time"] - snap0) // WEEK, 0, timeline["available"].shape[1] - 1)

@@ -32,10 +32,21 @@ class GradientStrategy(WeightingStrategy):
         """Effective task weights [K] (float64) from G G^T [K, K] (float64)."""
         raise NotImplementedError
 
+    def check_finite(self, gram_matrix: torch.Tensor, names: list[str] | None = None) -> None:
+        """Non-finite task gradients would send the small solvers astray: stop with a clear message."""
+        bad = ~torch.isfinite(gram_matrix.diagonal())
+        if bool(bad.any()):
+            names = names or [f"task{k}" for k in range(self.num_tasks)]
+            which = ", ".join(n for n, b in zip(names, bad.tolist()) if b)
+            raise FloatingPointError(f"strategy '{self.name}': the gradient of task(s) {which} is not finite "
+                                     "(NaN or inf loss, or a diverged model); lower the learning rate or clip")
+
     def combine(self, grads: torch.Tensor, task_losses: torch.Tensor | None = None,
                 context: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(combined gradient [D], weights [K]) for per-task gradients [K, D]."""
-        weights = self.weights_from_gram(gram(grads), task_losses, context)
+        gram_matrix = gram(grads)
+        self.check_finite(gram_matrix)
+        weights = self.weights_from_gram(gram_matrix, task_losses, context)
         return weights.to(grads.dtype) @ grads, weights
 
     def backward(self, losses: torch.Tensor, model: nn.Module, *, shared: torch.Tensor | None = None,
@@ -49,6 +60,7 @@ class GradientStrategy(WeightingStrategy):
         tg = task_gradients(task_losses, model, shared, self.on)
         self.last_mode = tg.mode
         gram_matrix = gram(tg.grads)
+        self.check_finite(gram_matrix, self.names_for(model))
         weights = self.weights_from_gram(gram_matrix, task_losses.detach(), context)
         combined = weights.to(tg.grads.dtype) @ tg.grads
         tg.apply(self.postprocess(combined))

@@ -4,10 +4,10 @@ Two places to take them (``on``):
 
 - ``"representation"``: gradients of each task loss w.r.t. the shared representation
   (the CUT that ``forward_with_shared`` returns, flattened [B * H]). One
-  ``autograd.grad`` per task reaches only down to the cut, so it is cheap; the
-  task-specific parameters get their plain gradients (summed over tasks) on the way,
-  and one ``cut.backward(combined)`` finally pushes the combined gradient through
-  the shared trunk.
+  ``autograd.grad`` per task reaches only down to the cut, so it is cheap; it also
+  yields the task-specific parameters' plain gradients (summed over tasks, as
+  LibMTL's rep_grad does), and one ``cut.backward(combined)`` finally pushes the
+  combined gradient through the shared trunk.
 - ``"parameters"``: gradients of each task loss w.r.t. the flattened shared
   parameters; the combined one is written into their ``.grad``. Works for any
   nn.Module (a module without ``shared_parameters`` shares everything).
@@ -79,9 +79,13 @@ class TaskGradients:
     mode: str
     cut: torch.Tensor | None = None
     shared_params: list[nn.Parameter] = field(default_factory=list)
+    own_params: list[nn.Parameter] = field(default_factory=list)
+    own_grads: list[torch.Tensor | None] = field(default_factory=list)  # summed over tasks
 
     def apply(self, combined: torch.Tensor) -> None:
-        """Send the combined gradient [D] back: through the trunk, or into the shared .grad."""
+        """Write the task-specific gradients, then send the combined gradient [D] back:
+        through the trunk, or into the shared .grad. Nothing is written before this call."""
+        _accumulate(self.own_params, self.own_grads)
         if self.mode == "representation":
             self.cut.backward(combined.reshape(self.cut.shape).to(self.cut.dtype))
             return
@@ -98,7 +102,7 @@ class TaskGradients:
 
 def task_gradients(task_losses: torch.Tensor, model: nn.Module, shared: torch.Tensor | None,
                    on: str = "auto") -> TaskGradients:
-    """One gradient per task, taken once; task-specific parameters' .grad are filled here.
+    """One gradient per task, taken once (nothing is written to .grad until ``apply``).
 
     ``task_losses`` is [K], attached to the graph. The graph below the cut is kept for
     ``TaskGradients.apply``; in parameters mode it is released after the last task.
@@ -117,25 +121,28 @@ def task_gradients(task_losses: torch.Tensor, model: nn.Module, shared: torch.Te
     dtype = shared.dtype if mode == "representation" else (shared_params[0].dtype if shared_params else torch.float32)
     if dtype in (torch.bfloat16, torch.float16):  # under autocast: keep the task gradients (and their Gram) in fp32
         dtype = torch.float32
-    grads = torch.zeros(num_tasks, width, device=device, dtype=dtype)
+    grads = torch.empty(num_tasks, width, device=device, dtype=dtype)  # every slice is written below
     own_sum: list[torch.Tensor | None] = [None] * len(own)
     for k in range(num_tasks):
         keep = mode == "representation" or k < num_tasks - 1
-        if not task_losses[k].requires_grad:
-            continue  # a task without a path to any parameter contributes nothing
+        if not task_losses[k].requires_grad:  # a task without a path to any parameter contributes nothing
+            grads[k].zero_()
+            continue
         got = torch.autograd.grad(task_losses[k], inputs, retain_graph=keep, allow_unused=True)
         offset = 0
         for t, g in zip(targets, got[: len(targets)]):
             n = t.numel()
-            if g is not None:
+            if g is None:
+                grads[k, offset:offset + n].zero_()
+            else:
                 grads[k, offset:offset + n] = g.reshape(-1)
             offset += n
         for i, g in enumerate(got[len(targets):]):
             if g is not None:
                 own_sum[i] = g if own_sum[i] is None else own_sum[i] + g
-    _accumulate(own, own_sum)
     return TaskGradients(grads=grads, mode=mode, cut=shared if mode == "representation" else None,
-                         shared_params=shared_params if mode == "parameters" else [])
+                         shared_params=shared_params if mode == "parameters" else [],
+                         own_params=own, own_grads=own_sum)
 
 
 def gram(grads: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,19 @@ class RMTLStrategy(Strategy):
         self.twin = twin
         self.tasks = list(agent.spec.tasks)
 
+    def _check_features(self, model: nn.Module) -> None:
+        """The critics index the same vocabularies as the model: a log prepared differently would not fit."""
+        spec = getattr(model, "spec", None)
+        if spec is None or getattr(self, "_checked", False):
+            return
+        mine = self.agent.spec
+        if list(spec.cardinalities) != list(mine.cardinalities) or spec.num_dense != mine.num_dense:
+            raise ConfigError("the critics were trained on a different feature layout (sparse cardinalities "
+                              f"{list(mine.cardinalities)}, {mine.num_dense} dense) than the model's "
+                              f"({list(spec.cardinalities)}, {spec.num_dense} dense); retrain them on this data",
+                              key="strategy.options.checkpoint")
+        self._checked = True
+
     def weights(self, sparse: torch.Tensor, dense: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """[B, K] weights of a batch, detached, finite and >= 1."""
         probs = torch.sigmoid(logits.detach().float())
@@ -69,6 +82,7 @@ class RMTLStrategy(Strategy):
         batch, logits = context.get("batch"), context.get("logits")
         if batch is None or logits is None:
             raise ValueError("the rmtl strategy needs context['batch'] (features) and context['logits'] (predictions)")
+        self._check_features(model)
         w = self.weights(batch.sparse, batch.dense, logits).to(losses.dtype)
         loss = (losses * w).mean(dim=0).mean()
         loss.backward()

@@ -1,0 +1,221 @@
+"""Configuration of ``rmtl fusion`` (BatchRL-MTF): structured dataclasses + OmegaConf.
+
+``load_fusion_config("fusion", ["bcq.steps=200"])`` reads a YAML file (a path or the
+packaged ``configs/fusion.yaml``), checks every key against the dataclasses below with
+rmtl.config's key checker (a mistyped key is a ConfigError naming the dotted key and
+its close matches), applies ``key=value`` overrides and returns a ``FusionConfig``.
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from rmtl.config import _check_keys, _split_override, resolve_config_path
+from rmtl.errors import ConfigError
+
+FUSION_TASKS = ["ctr", "long_view", "like", "follow", "comment", "forward", "hate"]
+POLICIES = ("equal", "behaviour", "cem", "bcq", "td3")
+RANKERS = ("user_model", "backbone")
+
+
+@dataclass
+class FusionDataSection:
+    data_dir: Optional[str] = None  # None = the embedded synthetic KuaiRand logs
+    cache_dir: Optional[str] = None  # None = the data core's default cache
+    session_gap: Optional[float] = 1800.0
+    tasks: List[str] = field(default_factory=lambda: list(FUSION_TASKS))  # KuaiRand task aliases
+    synthetic: Dict[str, Any] = field(default_factory=lambda: {"users": 200, "items": 400})
+    use_cache: bool = True
+
+
+@dataclass
+class UserModelSection:
+    dim: int = 8  # training user model (also the ranker whose predictions are fused)
+    epochs: int = 15
+    lr: float = 0.03
+    l2: float = 0.01
+    heldout_dim: int = 16  # held-out user model: other size, seed and rows (train + val)
+    heldout_seed_offset: int = 101
+
+
+@dataclass
+class RankerSection:
+    kind: str = "user_model"  # user_model (the training user model's predictions) | backbone
+    backbone: str = "mmoe"  # with kind=backbone: any rmtl.backbones name, fitted on the train split
+    options: Dict[str, Any] = field(default_factory=dict)
+    epochs: int = 3
+    batch_size: int = 512
+    lr: float = 0.001
+
+
+@dataclass
+class EnvSection:  # see rmtl.envs.fusion_sim.FusionEnvConfig
+    window: int = 4
+    negatives: int = 8
+    slate: int = 3
+    max_depth: int = 20
+    patience: float = 6.0
+    base_cost: float = 0.5
+    poor_cost: float = 1.5
+    satisfying_reward: Optional[float] = None
+    reward_weights: Dict[str, float] = field(default_factory=lambda: {
+        "ctr": 0.25, "long_view": 1.0, "like": 2.0, "follow": 4.0, "comment": 2.0, "forward": 2.0, "hate": -8.0})
+    beta: float = 0.001
+    fusion: str = "log_sum"
+    history_decay: float = 0.7
+    use_logged_labels: bool = True
+
+
+@dataclass
+class BehaviourSection:
+    default_alpha: Dict[str, float] = field(default_factory=lambda: {
+        "ctr": 0.3, "long_view": 1.0, "like": 0.5, "follow": 0.5, "comment": 0.5, "forward": 0.5, "hate": -1.0})
+    noise: float = 0.3  # std of the Gaussian noise per task and request (then clipped to the action box)
+    passes: int = 3  # logged rollouts over the train sessions
+    heldout_passes: int = 2  # logged rollouts over the test sessions (FQE / MTF-GAUC data)
+
+
+@dataclass
+class BCQSection:
+    steps: int = 1000
+    batch_size: int = 128
+    rho: float = 0.15
+    gamma: float = 0.95
+    tau: float = 0.005
+    lmbda: float = 0.75
+    hidden: int = 64
+    lr: float = 0.001
+    n_samples: int = 10
+    log_every: int = 50
+
+
+@dataclass
+class CEMSection:
+    iterations: int = 5
+    population: int = 16
+    sessions: int = 32
+    elite_frac: float = 0.25
+    init_std: float = 0.5
+
+
+@dataclass
+class TD3Section:
+    timesteps: int = 2000  # 0 = skip TD3
+    learning_starts: int = 300
+    hidden: int = 64
+    action_noise: float = 0.2
+
+
+@dataclass
+class FQESection:
+    steps: int = 1000
+    batch_size: int = 256
+    gamma: float = 0.95
+    cql_alpha: float = 0.1  # CQL penalty weight of the conservative estimate
+    plain: bool = True  # also report plain FQE (cql_alpha = 0)
+    hidden: int = 64
+    lr: float = 0.001
+
+
+@dataclass
+class EvalSection:
+    repeats: int = 3  # simulator passes over the test sessions per policy
+    label: str = "long_view"  # valid consumption for MTF-GAUC
+    equal_alpha: float = 0.5  # the "equal" baseline's weight for every task
+
+
+@dataclass
+class FusionConfig:
+    data: FusionDataSection = field(default_factory=FusionDataSection)
+    user_model: UserModelSection = field(default_factory=UserModelSection)
+    ranker: RankerSection = field(default_factory=RankerSection)
+    env: EnvSection = field(default_factory=EnvSection)
+    behaviour: BehaviourSection = field(default_factory=BehaviourSection)
+    bcq: BCQSection = field(default_factory=BCQSection)
+    cem: CEMSection = field(default_factory=CEMSection)
+    td3: TD3Section = field(default_factory=TD3Section)
+    fqe: FQESection = field(default_factory=FQESection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    policies: List[str] = field(default_factory=lambda: list(POLICIES))
+    seed: int = 0
+    num_threads: Optional[int] = 1  # torch threads; None = torch's default
+    run_dir: str = "runs/fusion-${now:%Y%m%d-%H%M%S}"
+
+
+def _expected(key: str) -> str:
+    node: Any = FusionConfig
+    for part in key.split("."):
+        hints = typing.get_type_hints(node) if isinstance(node, type) else {}
+        node = hints.get(part)
+        if node is None:
+            return "a valid value"
+    return getattr(node, "__name__", None) or str(node).replace("typing.", "")
+
+
+def _merge(base, other, what: str):
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        detail = str(getattr(err, "msg", err)).splitlines()[0]
+        raise ConfigError(f"{what}: expected {_expected(key)} ({detail})", key=key) from None
+
+
+def load_fusion_config(path_or_name: str | os.PathLike | None = "fusion",
+                       overrides: list[str] | None = None) -> FusionConfig:
+    """The validated FusionConfig of a YAML file (or packaged name; None = defaults) plus overrides."""
+    import rmtl.config  # noqa: F401  (registers the ${now:} resolver)
+
+    cfg = OmegaConf.structured(FusionConfig)
+    if path_or_name is not None:
+        path = resolve_config_path(path_or_name)
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:
+            raise ConfigError(f"cannot read config {path}: {err}") from None
+        raw = OmegaConf.to_container(loaded, resolve=False) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
+        _check_keys(raw, FusionConfig)
+        cfg = _merge(cfg, loaded, f"in {path}")
+    for item in overrides or []:
+        _split_override(item)
+        dotted = OmegaConf.from_dotlist([item])
+        _check_keys(OmegaConf.to_container(dotted, resolve=False), FusionConfig)
+        cfg = _merge(cfg, dotted, f"override '{item}'")
+    try:
+        out = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot resolve: {err}", key=getattr(err, "full_key", None)) from None
+    validate(out)
+    return out
+
+
+def validate(cfg: FusionConfig) -> None:
+    for name in cfg.policies:
+        if name not in POLICIES:
+            raise ConfigError(f"unknown policy '{name}'; known: {', '.join(POLICIES)}", key="policies")
+    if not cfg.policies:
+        raise ConfigError("expected at least one policy", key="policies")
+    positive = {"bcq.steps": cfg.bcq.steps, "bcq.batch_size": cfg.bcq.batch_size, "fqe.steps": cfg.fqe.steps,
+                "fqe.batch_size": cfg.fqe.batch_size, "behaviour.passes": cfg.behaviour.passes,
+                "behaviour.heldout_passes": cfg.behaviour.heldout_passes, "eval.repeats": cfg.eval.repeats,
+                "user_model.epochs": cfg.user_model.epochs, "bcq.log_every": cfg.bcq.log_every}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"expected a positive integer, got {value}", key=key)
+    if cfg.ranker.kind not in RANKERS:
+        raise ConfigError(f"unknown ranker '{cfg.ranker.kind}'; known: {', '.join(RANKERS)}", key="ranker.kind")
+    if cfg.td3.timesteps < 0:
+        raise ConfigError(f"expected 0 (skip) or a positive integer, got {cfg.td3.timesteps}", key="td3.timesteps")
+    if cfg.eval.label not in cfg.data.tasks:
+        raise ConfigError(f"'{cfg.eval.label}' is not one of the tasks {cfg.data.tasks}", key="eval.label")
+    for key in cfg.behaviour.default_alpha:  # defaults of tasks not in use are ignored
+        if key not in cfg.data.tasks and key not in FUSION_TASKS:
+            raise ConfigError(f"'{key}' is not one of the tasks {cfg.data.tasks}", key="behaviour.default_alpha")
