@@ -10,14 +10,14 @@ and MTF-GAUC (behaviour policy on test sessions, against the held-out user model
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-
 from rmtl.envs.fusion_sim import FusionSimulator
+
+from rmtl.atomic import atomic_path
 from rmtl.errors import ConfigError
 
 Policy = Callable[[np.ndarray], np.ndarray]
@@ -45,17 +45,9 @@ class FusionDataset:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write as .npz (temporary name, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path, suffix=".npz") as tmp:
             np.savez_compressed(tmp, **{f.name: getattr(self, f.name) for f in fields(self)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FusionDataset":

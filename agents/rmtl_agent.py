@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from torch.nn import functional as F
 from rmtl.agents.config import AgentConfig
 from rmtl.agents.critics import TwinTaskCritics
 from rmtl.agents.replay import RowReplay
+from rmtl.checkpoint import save_atomic
 from rmtl.data.sessionlog import SessionLog
 from rmtl.data.spec import FeatureSpec
 from rmtl.envs.transitions import Transitions
@@ -303,18 +303,7 @@ class RMTLAgent:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the critics (and the updated actor's weights, if trained) atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return save_atomic(self.state_dict(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, actor: nn.Module | None = None, *, device: str | None = None) -> "RMTLAgent":

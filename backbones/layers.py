@@ -16,7 +16,6 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rmtl.data.spec import FeatureSpec

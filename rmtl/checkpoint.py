@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +12,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from rmtl.atomic import atomic_path
+
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """torch.save to a temporary file in the same folder, then rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; checkpoints are ordinary outputs
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return Path(path)
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -15,7 +15,6 @@ import dataclasses
 import datetime as _dt
 import difflib
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rmtl.agents.config import AgentConfig
+from rmtl.atomic import write_text
 from rmtl.errors import ConfigError
 
 if not OmegaConf.has_resolver("now"):
@@ -247,17 +247,4 @@ def to_yaml(cfg: RunConfig) -> str:
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (atomically: temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = to_yaml(cfg)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_text(path, to_yaml(cfg))

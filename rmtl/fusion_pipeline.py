@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from rmtl.agents.bcq import BCQ
 from rmtl.agents.fqe import ConservativeFQE, mtf_gauc
 from rmtl.agents.fusion_baselines import cem_search, train_td3
 from rmtl.agents.fusion_data import behaviour_policy, collect, constant_policy, simulate
+from rmtl.atomic import write_text
 from rmtl.envs.fusion_env import split_rows, split_sessions
 from rmtl.envs.fusion_sim import FusionSimulator
 from rmtl.envs.user_model import UserResponseModel
@@ -54,15 +54,7 @@ class FusionResult:
 
 
 def _write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_text(path, text)
 
 
 def _alpha_vector(tasks: list[str], mapping: dict, key: str) -> np.ndarray:

@@ -17,9 +17,7 @@ Everything a stage writes lands under the run directory: pretrain/, agent/, fine
 from __future__ import annotations
 
 import copy
-import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +27,7 @@ import numpy as np
 from torch import nn
 
 from rmtl.agents.rmtl_agent import RMTLAgent
+from rmtl.atomic import write_json, write_text
 from rmtl.config import RunConfig, StrategyConfig
 from rmtl.data.sessionlog import SessionLog
 from rmtl.envs.transitions import build_transitions
@@ -151,7 +150,7 @@ def run_pipeline(cfg: RunConfig, *, prepared=None, model: nn.Module | None = Non
     table = comparison_table(before, after, control)
     result = PipelineResult(before=before, after=after, table=table, run_dir=root, agent_path=stage.path,
                             control=control, seconds=seconds)
-    _write_text(table + "\n", root / "comparison.txt")
+    write_text(root / "comparison.txt", table + "\n")
     _write_json({"before": before, "after": after, "control": control, "seconds": seconds,
                  "agent": str(stage.path)}, root / "pipeline.json")
     return result
@@ -182,16 +181,8 @@ def comparison_table(before: dict, after: dict, control: dict | None = None,
     return "\n".join(lines)
 
 
-def _write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def _write_json(obj: dict, path: Path) -> None:
-    _write_text(json.dumps(obj, indent=2, default=lambda o: float(o) if isinstance(o, np.floating) else str(o)), path)
+    write_json(path, obj, default=lambda o: float(o) if isinstance(o, np.floating) else str(o))
 
 
 def load_backbone(path: str | os.PathLike, cfg: RunConfig, spec) -> nn.Module:

@@ -10,10 +10,10 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from rmtl.atomic import atomic_path
 from rmtl.errors import DataError
 from rmtl.metrics import METRICS
 
@@ -137,17 +137,11 @@ def plot_weights(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike) 
             ax.legend(fontsize=7)
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".png", dir=out.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
+        with atomic_path(out, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
 
 

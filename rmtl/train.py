@@ -17,7 +17,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -31,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rmtl import checkpoint as ckpt
+from rmtl.atomic import write_json
 from rmtl.backbones.base import check_logits, forward_with_shared
 from rmtl.config import DataConfig, ModelConfig, RunConfig, StrategyConfig, TrainConfig
 from rmtl.data.batches import BatchIterator
@@ -417,8 +417,4 @@ def read_run_metrics(run_dir: str | os.PathLike, tag: str | None = None) -> dict
 
 
 def _write_json(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2, default=float)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_json(path, obj)

@@ -22,7 +22,6 @@ Planted structure (all vectorised, deterministic per seed):
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from rmtl.atomic import atomic_path
 from rmtl.errors import ConfigError, unknown_name
 
 RELEASES = ("pure", "1k", "27k")
@@ -391,26 +391,15 @@ def _utc_ms(beijing: np.datetime64) -> int:
 
 def _write_int_csv(frame: pd.DataFrame, path: Path) -> Path:
     """An all-integer table (the logs), fast: a bare header line, then pyarrow's writer."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write((",".join(frame.columns) + "\n").encode())
-            table = pa.Table.from_pandas(frame, preserve_index=False)
-            pacsv.write_csv(table, fh, write_options=pacsv.WriteOptions(include_header=False))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write((",".join(frame.columns) + "\n").encode())
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        pacsv.write_csv(table, fh, write_options=pacsv.WriteOptions(include_header=False))
     return path
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> Path:
     """Write like the published files (pandas to_csv: bare header, NaN as empty), atomically."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

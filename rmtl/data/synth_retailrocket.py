@@ -25,7 +25,6 @@ Everything is drawn with numpy from one seeded generator: same seed, same bytes.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from rmtl.atomic import atomic_path
 from rmtl.errors import ConfigError
 
 START_MS = 1_430_622_000_000  # 2015-05-03, where the public RetailRocket log begins
@@ -365,13 +365,7 @@ def _property_rows(rng, items, item_ids, leaf_ids, item_leaf, timeline, snap0, n
 
 def _write(path: Path, header: str, table: pa.Table) -> Path:
     """Header line + unquoted rows, written to a temporary name and renamed into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write((header + "\n").encode())
-            pacsv.write_csv(table, fh, pacsv.WriteOptions(include_header=False, quoting_style="none"))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write((header + "\n").encode())
+        pacsv.write_csv(table, fh, pacsv.WriteOptions(include_header=False, quoting_style="none"))
     return path
