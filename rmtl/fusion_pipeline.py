@@ -41,6 +41,7 @@ from rmtl.envs.fusion_sim import FusionSimulator
 from rmtl.envs.user_model import UserResponseModel
 from rmtl.errors import ConfigError
 from rmtl.fusion_config import FUSION_TASKS, FusionConfig
+from rmtl.tables import text_table
 
 COLUMNS = ["fqe_value", "fqe_plain", "mtf_gauc", "sim_reward", "sim_depth", "train_sim_reward"]
 
@@ -230,6 +231,4 @@ def format_table(table: dict) -> str:
     for name, r in table.items():
         rows.append([name, f"{r['fqe_value']:.3f}", f"{r['fqe_plain']:.3f}", f"{r['mtf_gauc']:.4f}", f"{r['sim_reward']:.3f}",
                      f"{r['sim_reward_se']:.3f}", f"{r['sim_depth']:.2f}", f"{r['train_sim_reward']:.3f}"])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+    return text_table(rows, label_columns=1)

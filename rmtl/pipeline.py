@@ -31,6 +31,7 @@ from rmtl.atomic import write_json, write_text
 from rmtl.config import RunConfig, StrategyConfig
 from rmtl.data.sessionlog import SessionLog
 from rmtl.envs.transitions import build_transitions
+from rmtl.tables import text_table
 
 TABLE_METRICS = ("auc", "logloss", "session_logloss")
 
@@ -174,11 +175,8 @@ def comparison_table(before: dict, after: dict, control: dict | None = None,
                 c = control[task].get(m, float("nan"))
                 row += [f"{c:.4f}", f"{a - c:+.4f}"]
             rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    lines.append("(test split; AUC higher is better, logloss and session logloss lower is better)")
-    return "\n".join(lines)
+    return (text_table(rows, label_columns=2, rule="line")
+            + "\n(test split; AUC higher is better, logloss and session logloss lower is better)")
 
 
 def _write_json(obj: dict, path: Path) -> None:

@@ -16,6 +16,7 @@ from typing import Sequence
 from rmtl.atomic import atomic_path
 from rmtl.errors import DataError
 from rmtl.metrics import METRICS
+from rmtl.tables import text_table
 
 WEIGHT_PREFIX = "weights/"
 
@@ -80,11 +81,7 @@ def format_table(metrics: dict[str, dict], metric_names: Sequence[str] = METRICS
                     cells.append(f"{v:.4f}" + ("*" if len(finite) > 1 and v == best else " "))
             rows.append([f"{task} {name}", *cells])
     head = ["metric", *labels]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in [head, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table([head, *rows], label_columns=1, rule="columns")
 
 
 def read_scalars(event_dir: str | os.PathLike, prefix: str = WEIGHT_PREFIX) -> dict[str, tuple[list[int], list[float]]]:

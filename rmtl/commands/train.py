@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from rmtl.errors import ConfigError
+from rmtl.tables import text_table
 
 
 def register(subparsers) -> None:
@@ -29,9 +30,7 @@ def format_metrics(metrics: dict) -> str:
     for split, per_task in metrics.items():
         for task, mets in per_task.items():
             rows.append([split, task, *(f"{mets[n]:.4f}" for n in names)])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+    return text_table(rows, label_columns=2)
 
 
 def run(args: argparse.Namespace) -> int:
