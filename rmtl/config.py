@@ -4,7 +4,8 @@
 name of one of the packaged configs in ``rmtl/configs``), checks every key against
 the dataclasses below (a mistyped key is a ConfigError naming the full dotted key and
 its close matches; a wrong type names the key and the expected type), applies
-``key=value`` overrides and returns a plain ``RunConfig`` instance.
+``key=value`` overrides and returns a plain ``RunConfig`` instance. ``load_structured``
+does this for any dataclass schema; rmtl.fusion_config loads ``FusionConfig`` with it.
 Free-form option dicts (``model.options``, ``strategy.options``,
 ``data.reader_options``, ``data.synthetic``) are checked by whoever consumes them.
 """
@@ -133,8 +134,8 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _expected_type(key: str) -> str:
-    node: Any = RunConfig
+def _expected_type(schema: type, key: str) -> str:
+    node: Any = schema
     for part in key.split("."):
         if not _is_dataclass_type(node):
             return "a valid value"
@@ -142,13 +143,13 @@ def _expected_type(key: str) -> str:
     return _type_name(node) if node is not None else "a valid value"
 
 
-def _merge(base: DictConfig, other, what: str) -> DictConfig:
+def _merge(base: DictConfig, other, what: str, schema: type) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         detail = str(getattr(err, "msg", err)).splitlines()[0]
-        raise ConfigError(f"{what}: expected {_expected_type(key)} ({detail})", key=key) from None
+        raise ConfigError(f"{what}: expected {_expected_type(schema, key)} ({detail})", key=key) from None
 
 
 # ----------------------------------------------------------------------------- loading
@@ -184,9 +185,12 @@ def _split_override(item: str) -> tuple[str, str]:
     return key.strip(), value
 
 
-def load_config(path_or_name: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """The validated RunConfig of a YAML file (or packaged name; None = all defaults) plus overrides."""
-    cfg = OmegaConf.structured(RunConfig)
+def load_structured(schema: type, path_or_name: str | os.PathLike | None,
+                    overrides: list[str] | None = None) -> Any:
+    """An instance of the dataclass ``schema`` from a YAML file (or packaged name; None = all
+    defaults) plus ``key=value`` overrides. Shared by run and fusion configs; value checks
+    beyond types are the caller's (each config module has its own ``validate``)."""
+    cfg = OmegaConf.structured(schema)
     if path_or_name is not None:
         path = resolve_config_path(path_or_name)
         try:
@@ -198,18 +202,24 @@ def load_config(path_or_name: str | os.PathLike | None = None, overrides: list[s
             raw = {}
         if not isinstance(raw, dict):
             raise ConfigError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
-        _check_keys(raw, RunConfig)
-        cfg = _merge(cfg, loaded, f"in {path}")
+        # Keys first: OmegaConf's own error for an unknown key has no close matches.
+        _check_keys(raw, schema)
+        cfg = _merge(cfg, loaded, f"in {path}", schema)
     for item in overrides or []:
-        key, _ = _split_override(item)
+        _split_override(item)  # a clear message for a missing '=' before from_dotlist's own
         dotted = OmegaConf.from_dotlist([item])
-        _check_keys(OmegaConf.to_container(dotted, resolve=False), RunConfig)
-        cfg = _merge(cfg, dotted, f"override '{item}'")
+        _check_keys(OmegaConf.to_container(dotted, resolve=False), schema)
+        cfg = _merge(cfg, dotted, f"override '{item}'", schema)
     try:
-        run = OmegaConf.to_object(cfg)
+        return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         raise ConfigError(f"cannot resolve: {err}", key=key) from None
+
+
+def load_config(path_or_name: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The validated RunConfig of a YAML file (or packaged name; None = all defaults) plus overrides."""
+    run = load_structured(RunConfig, path_or_name, overrides)
     validate(run)
     return run
 

@@ -2,21 +2,17 @@
 
 ``load_fusion_config("fusion", ["bcq.steps=200"])`` reads a YAML file (a path or the
 packaged ``configs/fusion.yaml``), checks every key against the dataclasses below with
-rmtl.config's key checker (a mistyped key is a ConfigError naming the dotted key and
+rmtl.config's shared loader (a mistyped key is a ConfigError naming the dotted key and
 its close matches), applies ``key=value`` overrides and returns a ``FusionConfig``.
 """
 
 from __future__ import annotations
 
 import os
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from rmtl.config import _check_keys, _split_override, resolve_config_path
+from rmtl.config import load_structured  # also registers the ${now:} resolver
 from rmtl.errors import ConfigError
 
 FUSION_TASKS = ["ctr", "long_view", "like", "follow", "comment", "forward", "hate"]
@@ -148,51 +144,10 @@ class FusionConfig:
     run_dir: str = "runs/fusion-${now:%Y%m%d-%H%M%S}"
 
 
-def _expected(key: str) -> str:
-    node: Any = FusionConfig
-    for part in key.split("."):
-        hints = typing.get_type_hints(node) if isinstance(node, type) else {}
-        node = hints.get(part)
-        if node is None:
-            return "a valid value"
-    return getattr(node, "__name__", None) or str(node).replace("typing.", "")
-
-
-def _merge(base, other, what: str):
-    try:
-        return OmegaConf.merge(base, other)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        detail = str(getattr(err, "msg", err)).splitlines()[0]
-        raise ConfigError(f"{what}: expected {_expected(key)} ({detail})", key=key) from None
-
-
 def load_fusion_config(path_or_name: str | os.PathLike | None = "fusion",
                        overrides: list[str] | None = None) -> FusionConfig:
     """The validated FusionConfig of a YAML file (or packaged name; None = defaults) plus overrides."""
-    import rmtl.config  # noqa: F401  (registers the ${now:} resolver)
-
-    cfg = OmegaConf.structured(FusionConfig)
-    if path_or_name is not None:
-        path = resolve_config_path(path_or_name)
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as err:
-            raise ConfigError(f"cannot read config {path}: {err}") from None
-        raw = OmegaConf.to_container(loaded, resolve=False) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
-        _check_keys(raw, FusionConfig)
-        cfg = _merge(cfg, loaded, f"in {path}")
-    for item in overrides or []:
-        _split_override(item)
-        dotted = OmegaConf.from_dotlist([item])
-        _check_keys(OmegaConf.to_container(dotted, resolve=False), FusionConfig)
-        cfg = _merge(cfg, dotted, f"override '{item}'")
-    try:
-        out = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"cannot resolve: {err}", key=getattr(err, "full_key", None)) from None
+    out = load_structured(FusionConfig, path_or_name, overrides)
     validate(out)
     return out
 
