@@ -3,14 +3,12 @@ adding an architecture is a one-line edit here (or ``register`` at run time)."""
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from typing import Any
 
 from torch import nn
 
+from rmtl import registry
 from rmtl.data.spec import FeatureSpec
-from rmtl.errors import ConfigError, unknown_name
 
 _REGISTRY: dict[str, str | type] = {
     "singletask": "rmtl.backbones.singletask:SingleTask",
@@ -23,11 +21,13 @@ _REGISTRY: dict[str, str | type] = {
     "stem": "rmtl.backbones.stem:STEM",
     "split_mmoe": "rmtl.backbones.split_tower:SplitMMoE",
 }
+_BACKBONES = registry.Registry("backbone", "model.options", _REGISTRY,
+                               no_option="{kind} '{name}' has no option '{option}'; accepted: {accepted}")
 
 
 def available() -> list[str]:
     """Registered backbone names, sorted."""
-    return sorted(_REGISTRY)
+    return _BACKBONES.available()
 
 
 def register(name: str, target: str | type) -> None:
@@ -35,26 +35,17 @@ def register(name: str, target: str | type) -> None:
     The class is called as ``cls(spec, **options)``."""
     if not isinstance(target, (str, type)):
         raise TypeError("target must be a class or a 'module:Class' string")
-    _REGISTRY[str(name)] = target
+    _BACKBONES.register(str(name), target, replace=True)  # backbones: the last registration wins
 
 
 def resolve(name: str) -> type:
     """The class registered under ``name`` (imported on first use)."""
-    if name not in _REGISTRY:
-        raise unknown_name("backbone", name, _REGISTRY)
-    target = _REGISTRY[name]
-    if isinstance(target, str):
-        module, _, attr = target.partition(":")
-        target = getattr(importlib.import_module(module), attr)
-    return target
+    return _BACKBONES.resolve(name)
 
 
 def accepted_options(cls: type) -> list[str] | None:
     """Keyword options of ``cls(spec, ...)``; None when it takes **kwargs (anything goes)."""
-    params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # self, spec
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
-    return [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    return registry.accepted_options(cls, passed=1)
 
 
 def _plain(value: Any) -> Any:
@@ -69,11 +60,5 @@ def _plain(value: Any) -> Any:
 def build(name: str, spec: FeatureSpec, **options: Any) -> nn.Module:
     """Build backbone ``name`` for ``spec``; unknown names and options are ConfigErrors."""
     cls = resolve(name)
-    accepted = accepted_options(cls)
-    if accepted is not None:
-        for key in options:
-            if key not in accepted:
-                raise ConfigError(
-                    f"backbone '{name}' has no option '{key}'; accepted: {', '.join(sorted(accepted))}",
-                    key=f"model.options.{key}")
+    _BACKBONES.check_options(name, cls, options, passed=1)  # names first, then plain values (as before)
     return cls(spec, **{k: _plain(v) for k, v in options.items()})
