@@ -11,7 +11,7 @@ SESSION_ENV_ID = "rmtl/Session-v0"
 if SESSION_ENV_ID not in _gym.registry:
     _gym.register(id=SESSION_ENV_ID, entry_point="rmtl.envs.session_env:SessionEnv")
 
-from rmtl.envs.fusion_env import FusionEnv  # noqa: E402  (fusion engineer)
+from rmtl.envs.fusion_env import FusionEnv  # noqa: E402
 
 FUSION_ENV_ID = "rmtl/Fusion-v0"
 if FUSION_ENV_ID not in _gym.registry:

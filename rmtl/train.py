@@ -195,15 +195,22 @@ def predict(model: nn.Module, log_split: SessionLog, batch_size: int = 8192) -> 
     finally:
         model.train(was_training)
     if not out:
-        return np.zeros((0, log_split.spec.num_tasks), dtype=np.float32)
+        return np.zeros((0, len(task_columns(model, log_split.spec.num_tasks))), dtype=np.float32)
     return torch.cat(out).numpy()
+
+
+def task_columns(model: nn.Module, num_tasks: int) -> list[int]:
+    """The label columns the model predicts, in its output order: all of them, unless the
+    model says otherwise (a SingleTask built for one task exposes ``task_columns``)."""
+    return list(getattr(model, "task_columns", range(num_tasks)))
 
 
 def evaluate(model: nn.Module, log_split: SessionLog, batch_size: int = 8192) -> dict[str, dict[str, float]]:
     """{task: {auc, logloss, session_logloss, gauc}} of the model on one split."""
     probs = predict(model, log_split, batch_size=batch_size)
-    return evaluate_predictions(log_split.labels, probs, log_split.session_of_row(), log_split.user,
-                                log_split.spec.tasks)
+    cols = task_columns(model, log_split.spec.num_tasks)
+    return evaluate_predictions(log_split.labels[:, cols], probs, log_split.session_of_row(), log_split.user,
+                                [log_split.spec.tasks[c] for c in cols])
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -234,10 +241,11 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
     train_log, val_log, test_log = log.split("train"), log.split("val"), log.split("test")
     if train_log.num_rows == 0:
         raise DataError("the train split is empty")
-    tasks = list(log.spec.tasks)
-    num_tasks = len(tasks)
-
     model = model if model is not None else build_model(cfg.model, log.spec)
+    columns = task_columns(model, log.spec.num_tasks)
+    all_columns = columns == list(range(log.spec.num_tasks))
+    tasks = [log.spec.tasks[c] for c in columns]
+    num_tasks = len(tasks)
     strategy = strategy if strategy is not None else build_strategy(cfg.strategy, num_tasks)
     model.to(device)
     strategy.to(device)
@@ -309,7 +317,8 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
                 with autocast:
                     logits, shared = forward_with_shared(model, batch.sparse, batch.dense)
                 check_logits(logits, len(batch), num_tasks)
-                losses = F.binary_cross_entropy_with_logits(logits.float(), batch.labels, reduction="none")
+                labels = batch.labels if all_columns else batch.labels[:, columns]
+                losses = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
                 aux = model.auxiliary_loss() if hasattr(model, "auxiliary_loss") else None
                 if aux is not None:  # e.g. AITM's calibration: spread over the task columns
                     losses = losses + aux.float() / num_tasks

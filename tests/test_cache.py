@@ -132,11 +132,6 @@ def test_embedded_default_is_written_once_and_read_by_the_real_reader(tmp_path, 
 
 @pytest.mark.parametrize("schema", ["retailrocket", "kuairand"])
 def test_synthetic_default_of_each_schema_prepares(tmp_path, schema, monkeypatch):
-    try:
-        synthetic.writer(schema)
-        __import__(f"rmtl.data.{schema}")
-    except ImportError as err:
-        pytest.skip(f"{schema} writer or reader not available yet: {err}")
     monkeypatch.setitem(synthetic.DEFAULT_SIZES, schema, {"users": 60, "items": 40})
     p = prepare(schema, cache_dir=tmp_path)
     assert p.log.spec.tasks == ["ctr", "ctcvr"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from rmtl.cli import main
-from rmtl.data import synthetic
 from test_census import small_rows, write
 
 
@@ -54,10 +53,6 @@ def test_bad_session_gap_is_a_usage_error(tmp_path):
 
 
 def test_synth_writes_files_the_prepare_command_reads(tmp_path, capsys):
-    try:
-        synthetic.writer("kuairand")
-    except ImportError as err:
-        pytest.skip(f"kuairand writer not available yet: {err}")
     out = tmp_path / "kr"
     assert main(["synth", "--schema", "kuairand", "--out", str(out), "--users", "40", "--items", "30",
                  "--seed", "3", "--task-correlation", "0.5"]) == 0

@@ -396,7 +396,6 @@ def test_split_mmoe_cut_carries_every_shared_gradient():
 
 
 def test_registered_by_name():
-    pytest.importorskip("rmtl.backbones.registry")
     from rmtl.backbones import available, build
     assert "split_mmoe" in available()
     model = build("split_mmoe", tiny_spec(), embed_dim=4, tower_dims=[4])

@@ -265,3 +265,19 @@ def test_per_sample_weights_histograms_and_mtl_gain(log, tmp_path):
     assert gain["per_task"]["ctr"]["auc"] == pytest.approx(expected)
     import json
     assert json.loads((tmp_path / "multi/train/metrics.json").read_text())["mtl_gain"]["mean"] == pytest.approx(gain["mean"])
+
+
+def test_single_task_model_trains_and_evaluates_its_own_column(log, tmp_path):
+    """SingleTask built for one task predicts one column: the loop and the metrics use that
+    task's labels only (here the second task, so a column mix-up would show)."""
+    cfg = load_config(None, ["model.name=singletask", "model.options.embed_dim=8", "model.options.task=ctcvr",
+                             "train.batch_size=64", "train.lr=0.01", "train.max_steps=60", "train.eval_every=30",
+                             "train.patience=null", "train.progress=false", "train.num_threads=1",
+                             f"run_dir={tmp_path}"])
+    result = fit(cfg, prepared=log)
+    assert set(result.metrics["test"]) == {"ctcvr"}
+    assert result.metrics["test"]["ctcvr"]["auc"] > 0.7
+    test = log.split("test")
+    probs = predict(result.model, test)
+    assert probs.shape == (test.num_rows, 1)
+    assert evaluate(result.model, test)["ctcvr"]["auc"] == pytest.approx(result.metrics["test"]["ctcvr"]["auc"])
