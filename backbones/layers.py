@@ -5,9 +5,15 @@ Speed notes (CPU, see docs/backbones.md for figures):
   layer of all experts is one GEMM ([E*H, in] x [in, B]), deeper layers one ``baddbmm``,
   and every elementwise op runs on contiguous memory. ``forward`` still returns the
   familiar [B, E, H] as a free permuted view.
-- Dropout draws 16-bit random numbers (four per 64-bit word) instead of one float per
-  element, and is fused with ReLU in one autograd node that saves only its output; on
-  2 cores torch's Bernoulli mask generation otherwise costs more than the expert GEMMs.
+- Dropout draws 16-bit random numbers (four per 64-bit word, from numpy's SFC64 seeded
+  by torch's generator) instead of one float per element, and is fused with ReLU in one
+  autograd node that saves only its output; on 2 cores torch's Bernoulli mask generation
+  otherwise costs more than the expert GEMMs.
+- In training (ReLU, 0 < dropout < 1) the expert layers are plain mm / bmm followed by
+  ONE node doing bias + scale + mask + ReLU in place on the GEMM output (addmm's bias
+  would first copy the bias into the whole output, and a fresh 32 MiB tensor costs
+  page faults on every step); the last layer writes [B, E, H] directly, so the
+  transposition is fused into that pass. Eval / other activations keep addmm / baddbmm.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,6 +33,16 @@ ACTIVATIONS = tuple(_ACTIVATIONS)
 _LEVELS = 65536  # the drop probability is rounded to a multiple of 1/65536
 
 
+def _random_words(n: int, device=None) -> torch.Tensor:
+    """n random int64 words. On CPU from numpy's SFC64 (3x faster than torch's mt19937
+    random_ on this hardware), seeded with one draw from torch's global generator, so
+    ``torch.manual_seed`` still makes every mask reproducible."""
+    if device is not None and torch.device(device).type != "cpu":
+        return torch.randint(-(2**63), 2**63 - 1, (n,), dtype=torch.int64, device=device)
+    seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64))
+    return torch.from_numpy(np.random.SFC64(seed).random_raw(n).view(np.int64))
+
+
 def keep_mask(shape: torch.Size | Sequence[int], p: float, device=None) -> tuple[torch.Tensor, float]:
     """(bool mask with P(True) = 1 - p', scale 1 / (1 - p')), p' = round(p * 65536) / 65536.
 
@@ -34,11 +51,20 @@ def keep_mask(shape: torch.Size | Sequence[int], p: float, device=None) -> tuple
     Uses torch's global generator, so ``torch.manual_seed`` makes it reproducible.
     """
     n = math.prod(shape)
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    words = _random_words((n + 3) // 4, device)
     drop = int(round(p * _LEVELS))
     threshold = -(_LEVELS // 2) + drop  # int16 values are uniform on [-32768, 32767]
     keep = words.view(torch.int16)[:n].view(*shape) >= threshold
     return keep, _LEVELS / (_LEVELS - drop)
+
+
+def _drop_mask(shape: torch.Size | Sequence[int], p: float, device=None) -> tuple[torch.Tensor, float]:
+    """Exactly ``~keep_mask(shape, p)`` (same random draw): the DROPPED elements."""
+    n = math.prod(shape)
+    words = _random_words((n + 3) // 4, device)
+    drop = int(round(p * _LEVELS))
+    threshold = -(_LEVELS // 2) + drop
+    return words.view(torch.int16)[:n].view(*shape) < threshold, _LEVELS / (_LEVELS - drop)
 
 
 class _ReluDropout(torch.autograd.Function):
@@ -57,7 +83,47 @@ class _ReluDropout(torch.autograd.Function):
         (out,) = ctx.saved_tensors
         # Match the output's layout so the GEMM backward below gets contiguous gradients.
         grad = grad.contiguous() if out.is_contiguous() else grad
-        return torch.where(out > 0, grad * ctx.scale, 0.0), None
+        # threshold_backward is ReLU's own backward kernel: grad where out > 0, else 0.
+        return torch.ops.aten.threshold_backward(grad, out, 0).mul_(ctx.scale), None
+
+
+class _BiasReluDropout(torch.autograd.Function):
+    """relu(h + bias) * mask / (1 - p) in one node, bias broadcast over the last dim.
+
+    Replaces addmm/baddbmm's bias (which first copies the bias into the whole output)
+    plus a separate ReLU-dropout: the bias add, scaling, mask and ReLU are three
+    passes, in place on ``h`` (which must be a fresh tensor no other node saved, e.g. a
+    mm / bmm output); backward needs only the output's sign.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, bias: torch.Tensor, p: float, batch_major: bool = False) -> torch.Tensor:
+        """h [..., B] -> same shape, or with ``batch_major`` h [E, H, B] -> contiguous [B, E, H]
+        (the transposition is fused into the bias pass; the mask is drawn in h's order)."""
+        drop, scale = _drop_mask(h.shape, p, h.device)
+        ctx.bias_dtype = bias.dtype
+        bias = bias.to(h.dtype) * scale
+        if batch_major:
+            out = torch.empty(h.shape[-1], *h.shape[:-1], dtype=h.dtype, device=h.device)
+            torch.add(bias, h, alpha=scale, out=out.permute(1, 2, 0))  # (h + bias) * scale
+            out.masked_fill_(drop.permute(2, 0, 1), 0).relu_()
+        else:  # in place: h is a fresh GEMM output that nothing else saved (see Experts)
+            out = torch.add(bias, h, alpha=scale, out=h)  # (h + bias) * scale
+            out.masked_fill_(drop, 0).relu_()
+            ctx.mark_dirty(h)
+        ctx.save_for_backward(out)
+        ctx.scale = scale
+        ctx.batch_major = batch_major
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (out,) = ctx.saved_tensors
+        grad = grad.contiguous() if out.is_contiguous() else grad
+        g = torch.ops.aten.threshold_backward(grad, out, 0).mul_(ctx.scale)
+        if ctx.batch_major:
+            return g.permute(1, 2, 0), g.sum(0).unsqueeze(-1).to(ctx.bias_dtype), None, None
+        return g, g.sum(-1, keepdim=True).to(ctx.bias_dtype), None, None
 
 
 class _Dropout(torch.autograd.Function):
@@ -215,18 +281,40 @@ class Experts(nn.Module):
         self.act = ActDropout(activation, dropout)
         self.output_dim = dims[-1]
 
+    def _fused(self) -> bool:
+        """Training with ReLU and 0 < dropout < 1: bias + ReLU + dropout as one node."""
+        return self.act.act is None and self.training and 0 < self.act.p < 1
+
+    def _forward_fused(self, x: torch.Tensor, batch_major: bool) -> torch.Tensor:
+        E, p = self.num, self.act.p
+        w0, b0 = self.weights[0], self.biases[0]
+        h = torch.mm(w0.view(E * w0.shape[1], w0.shape[2]), x.t())
+        if len(self.weights) == 1 and batch_major:
+            h = h.view(E, w0.shape[1], -1)
+            return _BiasReluDropout.apply(h, b0, p, True)
+        h = _BiasReluDropout.apply(h, b0.view(E * w0.shape[1], 1), p, False).view(E, w0.shape[1], -1)
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights[1:], self.biases[1:]), 1):
+            h = _BiasReluDropout.apply(torch.bmm(w, h), b, p, batch_major and i == last)
+        return h
+
     def forward_t(self, x: torch.Tensor) -> torch.Tensor:
         """[B, in] (any strides) -> [E, out, B] contiguous."""
+        if self._fused():
+            return self._forward_fused(x, False)
         E = self.num
         w0, b0 = self.weights[0], self.biases[0]
+        act = self.act
         h = torch.addmm(b0.view(E * w0.shape[1], 1), w0.view(E * w0.shape[1], w0.shape[2]), x.t())
-        h = self.act(h).view(E, w0.shape[1], -1)
+        h = act(h).view(E, w0.shape[1], -1)
         for w, b in zip(self.weights[1:], self.biases[1:]):
-            h = self.act(torch.baddbmm(b, w, h))
+            h = act(torch.baddbmm(b, w, h))
         return h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, in] -> [B, E, out] contiguous (one transposition of the last layer)."""
+        if self._fused():  # the transposition is fused into the last layer's bias pass
+            return self._forward_fused(x, True)
         return self.forward_t(x).permute(2, 0, 1).contiguous()
 
 
