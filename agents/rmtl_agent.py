@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from rmtl.agents.config import AgentConfig
 from rmtl.agents.critics import TwinTaskCritics
 from rmtl.agents.replay import RowReplay
-from rmtl.checkpoint import save_atomic
+from rmtl.checkpoint import load_user_file, save_atomic
 from rmtl.data.sessionlog import SessionLog
 from rmtl.data.spec import FeatureSpec
 from rmtl.envs.transitions import Transitions
@@ -309,12 +309,7 @@ class RMTLAgent:
     def load(cls, path: str | os.PathLike, actor: nn.Module | None = None, *, device: str | None = None) -> "RMTLAgent":
         """An agent from ``save``; ``actor`` is optional (weights need only the critics)."""
         path = Path(path)
-        if not path.is_file():
-            raise DataError("no such agent checkpoint", path=path)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise DataError(f"cannot read agent checkpoint: {err}", path=path) from None
+        state = load_user_file(path, "agent checkpoint")
         if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION or "critic" not in state:
             raise DataError(f"not an RMTL agent checkpoint (format {FORMAT_VERSION} expected)", path=path)
         config = AgentConfig(**state["config"])

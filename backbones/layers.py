@@ -50,21 +50,24 @@ def keep_mask(shape: torch.Size | Sequence[int], p: float, device=None) -> tuple
     generator calls (and far less memory traffic) of ``torch.rand`` / ``bernoulli_``.
     Uses torch's global generator, so ``torch.manual_seed`` makes it reproducible.
     """
-    n = math.prod(shape)
-    words = _random_words((n + 3) // 4, device)
-    drop = int(round(p * _LEVELS))
-    threshold = -(_LEVELS // 2) + drop  # int16 values are uniform on [-32768, 32767]
-    keep = words.view(torch.int16)[:n].view(*shape) >= threshold
-    return keep, _LEVELS / (_LEVELS - drop)
+    uniform, threshold, scale = _uniform16(shape, p, device)
+    return uniform >= threshold, scale
 
 
 def _drop_mask(shape: torch.Size | Sequence[int], p: float, device=None) -> tuple[torch.Tensor, float]:
     """Exactly ``~keep_mask(shape, p)`` (same random draw): the DROPPED elements."""
+    uniform, threshold, scale = _uniform16(shape, p, device)
+    return uniform < threshold, scale
+
+
+def _uniform16(shape: torch.Size | Sequence[int], p: float, device=None) -> tuple[torch.Tensor, int, float]:
+    """(int16 uniforms of ``shape``, the threshold below which an element is dropped, the
+    inverted-dropout scale); both masks above come from this one draw."""
     n = math.prod(shape)
     words = _random_words((n + 3) // 4, device)
     drop = int(round(p * _LEVELS))
-    threshold = -(_LEVELS // 2) + drop
-    return words.view(torch.int16)[:n].view(*shape) < threshold, _LEVELS / (_LEVELS - drop)
+    threshold = -(_LEVELS // 2) + drop  # int16 values are uniform on [-32768, 32767]
+    return words.view(torch.int16)[:n].view(*shape), threshold, _LEVELS / (_LEVELS - drop)
 
 
 class _ReluDropout(torch.autograd.Function):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from rmtl.atomic import atomic_path
+from rmtl.errors import DataError
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
@@ -25,6 +26,18 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
 def load(path: str | os.PathLike, map_location="cpu") -> dict:
     # Our own files hold numpy / python RNG states, which the weights-only loader refuses.
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def load_user_file(path: str | os.PathLike, what: str) -> Any:
+    """``load`` of a file a user named (``what``: e.g. "agent checkpoint"): a missing or
+    unreadable file is one DataError naming it, not a traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no such {what}", path=path)
+    try:
+        return load(path)
+    except Exception as err:
+        raise DataError(f"cannot read {what}: {err}", path=path) from None
 
 
 def rng_state() -> dict:

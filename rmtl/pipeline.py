@@ -186,18 +186,12 @@ def _write_json(obj: dict, path: Path) -> None:
 def load_backbone(path: str | os.PathLike, cfg: RunConfig, spec) -> nn.Module:
     """A pretrained backbone from a file: a whole nn.Module, a checkpoint dict with 'model'
     (what fit writes: best.pt / last.pt), or a bare state_dict for cfg.model."""
-    import torch
-
+    from rmtl.checkpoint import load_user_file
     from rmtl.errors import DataError
     from rmtl.train import build_model
 
     path = Path(path)
-    if not path.is_file():
-        raise DataError("no such backbone checkpoint", path=path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise DataError(f"cannot read backbone checkpoint: {err}", path=path) from None
+    obj = load_user_file(path, "backbone checkpoint")
     if isinstance(obj, nn.Module):
         return obj
     state = obj.get("model", obj) if isinstance(obj, dict) else None
