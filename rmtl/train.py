@@ -247,6 +247,8 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
     tasks = [log.spec.tasks[c] for c in columns]
     num_tasks = len(tasks)
     strategy = strategy if strategy is not None else build_strategy(cfg.strategy, num_tasks)
+    if hasattr(strategy, "bind_log"):  # rmtl: each train row's leak-free critic set and session context
+        strategy.bind_log(train_log, model)
     model.to(device)
     strategy.to(device)
     optimizer = make_optimizer(tc, model, strategy)
