@@ -94,6 +94,9 @@ class TwoHeads(nn.Module):
     def shared_parameters(self):
         return list(self.trunk.parameters())
 
+    def task_parameters(self, k):
+        return list(self.heads[k].parameters())
+
     def forward_with_shared(self, x):
         cut = torch.tanh(self.trunk(x))
         return torch.cat([h(cut) for h in self.heads], 1), cut

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rmtl.backbones.base import SplitsParameters
 from rmtl.backbones.base import shared_parameters as _shared_parameters
 from rmtl.errors import ConfigError
 
@@ -50,7 +51,7 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 def resolve_mode(on: str, model: nn.Module, shared: torch.Tensor | None) -> str:
     """Where the per-task gradients are taken for this call."""
-    usable = isinstance(shared, torch.Tensor) and shared.requires_grad and hasattr(model, "shared_parameters")
+    usable = isinstance(shared, torch.Tensor) and shared.requires_grad and isinstance(model, SplitsParameters)
     if on == "parameters":
         return "parameters"
     if on == "representation":
@@ -58,7 +59,7 @@ def resolve_mode(on: str, model: nn.Module, shared: torch.Tensor | None) -> str:
             reason = ("the model returned no shared representation (forward_with_shared gave None or was not "
                       "called with shared=...)") if not isinstance(shared, torch.Tensor) else (
                       "the shared representation does not require grad" if not shared.requires_grad else
-                      "the model has no shared_parameters() to tell the trunk from the task heads")
+                      "the model has no shared_parameters() and task_parameters(k) to tell the trunk from the task heads")
             raise ConfigError(f"on='representation' is not possible: {reason}; use on='parameters' or 'auto'",
                               key="strategy.options.on")
         return "representation"
@@ -79,7 +80,7 @@ def _row_sparse(dense: torch.Tensor) -> torch.Tensor:
     """A dense gradient of an nn.Embedding(sparse=True) table as the layer's own layout:
     COO over the rows that are non-zero (sparse_dim 1), so sparse optimizers accept it."""
     rows = dense.reshape(dense.shape[0], -1).ne(0).any(1).nonzero().reshape(-1)
-    return torch.sparse_coo_tensor(rows[None], dense[rows], dense.shape).coalesce()
+    return torch.sparse_coo_tensor(rows[None], dense[rows], dense.shape, check_invariants=False).coalesce()
 
 
 @dataclass

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from rmtl.backbones.base import SplitsParameters
 from rmtl.errors import ConfigError
 from rmtl.weighting.common import LossWeighting, check_choice, check_positive, reduce_losses
 from rmtl.weighting.gradients import MODES, resolve_mode, split_parameters
@@ -55,7 +56,7 @@ class GradNorm(LossWeighting):
             return [params[self.layer]]
         if resolve_mode(self.on, model, shared) == "representation":
             return [shared]
-        if not hasattr(model, "shared_parameters"):
+        if not isinstance(model, SplitsParameters):
             return [self._owned_by_every_task(model, task_losses)]
         shared_params, _ = split_parameters(model)
         if not shared_params:
