@@ -261,12 +261,16 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
     if resume:
         if not last_path.exists():
             raise ConfigError(f"cannot resume: {last_path} does not exist")
-        saved = ckpt.load(last_path, map_location="cpu")  # RNG states must stay CPU tensors
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        ckpt.load_module_state(strategy, saved["strategy"])
-        state = LoopState(**saved["loop"])
-        ckpt.set_rng_state(saved["rng"])
+        saved = ckpt.load_user_file(last_path, "checkpoint to resume from")  # on CPU: RNG states must stay there
+        try:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            ckpt.load_module_state(strategy, saved["strategy"])
+            state = LoopState(**saved["loop"])
+            ckpt.set_rng_state(saved["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise DataError(f"not a last.pt of this run's model and strategy ({str(err).splitlines()[0]}); "
+                            "delete it to start over", path=last_path) from None
 
     iterator = BatchIterator(train_log, tc.batch_size, shuffle=True, seed=cfg.seed, device=device)
     batches_per_epoch = len(iterator)
@@ -380,9 +384,13 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
 
     if state.last_eval_step != state.step and not best_path.exists():
         validate()  # e.g. resumed a finished run that never validated
-    best = ckpt.load(best_path, map_location=device) if best_path.exists() else None
+    best = ckpt.load_user_file(best_path, "best checkpoint") if best_path.exists() else None
     if best is not None:
-        model.load_state_dict(best["model"])
+        try:
+            model.load_state_dict(best["model"])
+        except (KeyError, TypeError, RuntimeError) as err:
+            raise DataError(f"not a best.pt of this run's model ({str(err).splitlines()[0]}); delete it and resume",
+                            path=best_path) from None
     metrics = {"val": evaluate(model, val_log, tc.eval_batch_size),
                "test": evaluate(model, test_log, tc.eval_batch_size)}
     for split, mets in metrics.items():
