@@ -29,8 +29,10 @@ from torch import nn
 from rmtl.agents.rmtl_agent import RMTLAgent
 from rmtl.atomic import write_json, write_text
 from rmtl.config import RunConfig, StrategyConfig
+from rmtl.data.prepare import as_session_log
 from rmtl.data.sessionlog import SessionLog
 from rmtl.envs.transitions import build_transitions
+from rmtl.predict import predict
 from rmtl.tables import text_table
 
 TABLE_METRICS = ("auc", "logloss", "session_logloss")
@@ -56,10 +58,6 @@ class PipelineResult:
     seconds: dict = field(default_factory=dict)  # stage -> wall-clock seconds
 
 
-def _as_log(prepared) -> SessionLog:
-    return prepared if isinstance(prepared, SessionLog) else prepared.log
-
-
 def train_agent(cfg: RunConfig, log: SessionLog, backbone: nn.Module, *, run_dir: str | os.PathLike,
                 actor: nn.Module | None = None, out_path: str | os.PathLike | None = None,
                 say: Callable[[str], None] = lambda s: None) -> AgentStage:
@@ -71,8 +69,6 @@ def train_agent(cfg: RunConfig, log: SessionLog, backbone: nn.Module, *, run_dir
     ``agent.actor_update`` it is also updated (TD3+BC) in place. ``out_path`` replaces
     the default file; its folder also gets the TensorBoard events and history.json.
     """
-    from rmtl.train import predict  # the training loop is a separate part; import when needed
-
     ac = cfg.agent
     target = Path(out_path) if out_path is not None else Path(run_dir) / "agent" / "agent.pt"
     out = target.parent
@@ -114,7 +110,7 @@ def run_pipeline(cfg: RunConfig, *, prepared=None, model: nn.Module | None = Non
     t = time.perf_counter()
     if prepared is None:
         prepared = load_data(cfg.data, cfg.seed)
-    log = _as_log(prepared)
+    log = as_session_log(prepared)
     seconds["prepare"] = time.perf_counter() - t
     say(f"data: {log.num_rows:,} rows, {log.num_sessions:,} sessions, tasks {', '.join(log.spec.tasks)}")
 

@@ -64,6 +64,17 @@ class Prepared:
         return encode_values(self.vocabularies[field_name], values)
 
 
+def as_session_log(prepared) -> SessionLog:
+    """The SessionLog of a Prepared, or the SessionLog itself: the one way every stage
+    accepts "prepared data"."""
+    if isinstance(prepared, SessionLog):
+        return prepared
+    log = getattr(prepared, "log", None)
+    if not isinstance(log, SessionLog):
+        raise TypeError(f"expected a Prepared (with .log) or a SessionLog, got {type(prepared).__name__}")
+    return log
+
+
 def sources() -> list[str]:
     return sorted(READERS)
 
