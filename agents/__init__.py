@@ -1,4 +1,5 @@
-"""Agents: the RMTL multi-critic agent (rmtl_agent.py) and the fusion learners (bcq.py, fqe.py).
+"""Agents of the RMTL session side: the multi-critic agent (rmtl_agent.py), its critics and
+replay. The fusion learners (BCQ, FQE, CEM/TD3 baselines) live in rmtl.fusion.
 
 Imports are lazy so that ``rmtl.config`` (which needs only ``rmtl.agents.config``) stays light.
 """

@@ -40,16 +40,11 @@ from rmtl.envs.context import context_dim, session_context
 from rmtl.checkpoint import load_user_file, save_atomic
 from rmtl.data.sessionlog import SessionLog
 from rmtl.data.spec import FeatureSpec
+from rmtl.device import resolve_device
 from rmtl.envs.transitions import Transitions
 from rmtl.errors import ConfigError, DataError
 
 FORMAT_VERSION = 2  # 2: cross-fitted critic sets, session folds, session context
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def backbone_embedding(actor: nn.Module | None):
@@ -86,7 +81,7 @@ class RMTLAgent:
                  *, seed: int = 0):
         self.config = replace(config or AgentConfig()).validate()  # a copy: embed_dim is resolved below
         self.spec = spec
-        self.device = resolve_device(self.config.device)
+        self.device = resolve_device(self.config.device, key="agent.device")
         self.seed = int(seed)
         torch.manual_seed(self.seed)
         cfg = self.config

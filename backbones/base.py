@@ -21,7 +21,7 @@ A user's own module need not subclass this: ``shared_parameters`` / ``task_param
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -54,22 +54,56 @@ class MultiTaskBackbone(nn.Module):
         return [p for p in self.parameters() if id(p) not in own]
 
 
+# ----------------------------------------------------------------------------- optional hooks
+# A backbone may declare any of these; the loop and the strategies test for them with
+# isinstance (typed, checked once) instead of probing attribute names.
+
+@runtime_checkable
+class SplitsParameters(Protocol):
+    """Says which parameters are shared and which belong to task k (gradient methods, DRGrad)."""
+
+    def shared_parameters(self) -> list[nn.Parameter]: ...
+
+    def task_parameters(self, k: int) -> list[nn.Parameter]: ...
+
+
+@runtime_checkable
+class SharesRepresentation(Protocol):
+    """Returns its shared representation cut next to the logits (see the module docstring)."""
+
+    def forward_with_shared(self, sparse: torch.Tensor, dense: torch.Tensor) -> tuple: ...
+
+
+@runtime_checkable
+class HasAuxiliaryLoss(Protocol):
+    """Adds a scalar (or None) to the training loss, spread over the task columns (AITM's calibration)."""
+
+    def auxiliary_loss(self) -> torch.Tensor | None: ...
+
+
+@runtime_checkable
+class ReportsGateUsage(Protocol):
+    """MoE backbones: mean gate weight per task and expert [K, E] of the last forward (TensorBoard)."""
+
+    last_gate_usage: torch.Tensor
+
+
 def shared_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Shared parameters of any backbone; a module without the method shares everything."""
-    if hasattr(model, "shared_parameters"):
+    if isinstance(model, SplitsParameters):
         return [p for p in model.shared_parameters() if p.requires_grad]
     return [p for p in model.parameters() if p.requires_grad]
 
 
 def task_parameters(model: nn.Module, k: int) -> list[nn.Parameter]:
-    if hasattr(model, "task_parameters"):
+    if isinstance(model, SplitsParameters):
         return [p for p in model.task_parameters(k) if p.requires_grad]
     return []
 
 
 def forward_with_shared(model: nn.Module, sparse: torch.Tensor, dense: torch.Tensor):
     """(logits, shared representation or None) for any backbone."""
-    if hasattr(model, "forward_with_shared"):
+    if isinstance(model, SharesRepresentation):
         return model.forward_with_shared(sparse, dense)
     return model(sparse, dense), None
 

@@ -13,10 +13,10 @@ import time
 import numpy as np
 import torch
 
-from rmtl.agents.bcq import BCQ
-from rmtl.agents.fqe import ConservativeFQE
-from rmtl.agents.fusion_data import behaviour_policy, collect, rollout
-from rmtl.envs.fusion_env import FusionEnv, default_simulator
+from rmtl.fusion.bcq import BCQ
+from rmtl.fusion.fqe import ConservativeFQE
+from rmtl.fusion.data import behaviour_policy, collect, rollout
+from rmtl.fusion.env import FusionEnv, default_simulator
 
 
 def main() -> None:

@@ -1,4 +1,7 @@
-"""Environments: session replay (SessionEnv) and the vectorised transition builder."""
+"""Environments of the RMTL session side: session replay (SessionEnv) and the vectorised
+transition builder. The fusion env (BatchRL-MTF) lives in rmtl.fusion; its Gymnasium id is
+registered here too by entry-point string, so ``gym.make("rmtl/Fusion-v0")`` works after
+``import rmtl.envs`` without this package importing the fusion simulator."""
 
 import gymnasium as _gym
 
@@ -7,14 +10,11 @@ from rmtl.envs.session_env import SessionEnv
 from rmtl.envs.transitions import Transitions, build_transitions
 
 SESSION_ENV_ID = "rmtl/Session-v0"
-
-if SESSION_ENV_ID not in _gym.registry:
-    _gym.register(id=SESSION_ENV_ID, entry_point="rmtl.envs.session_env:SessionEnv")
-
-from rmtl.envs.fusion_env import FusionEnv  # noqa: E402
-
 FUSION_ENV_ID = "rmtl/Fusion-v0"
-if FUSION_ENV_ID not in _gym.registry:
-    _gym.register(id=FUSION_ENV_ID, entry_point="rmtl.envs.fusion_env:FusionEnv")
+_ENTRY_POINTS = {SESSION_ENV_ID: "rmtl.envs.session_env:SessionEnv", FUSION_ENV_ID: "rmtl.fusion.env:FusionEnv"}
 
-__all__ = ["EPS", "FUSION_ENV_ID", "FusionEnv", "SESSION_ENV_ID", "SessionEnv", "Transitions", "build_transitions", "task_rewards"]
+for _id, _entry in _ENTRY_POINTS.items():
+    if _id not in _gym.registry:
+        _gym.register(id=_id, entry_point=_entry)
+
+__all__ = ["EPS", "FUSION_ENV_ID", "SESSION_ENV_ID", "SessionEnv", "Transitions", "build_transitions", "task_rewards"]

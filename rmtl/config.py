@@ -5,7 +5,7 @@ name of one of the packaged configs in ``rmtl/configs``), checks every key again
 the dataclasses below (a mistyped key is a ConfigError naming the full dotted key and
 its close matches; a wrong type names the key and the expected type), applies
 ``key=value`` overrides and returns a plain ``RunConfig`` instance. ``load_structured``
-does this for any dataclass schema; rmtl.fusion_config loads ``FusionConfig`` with it.
+does this for any dataclass schema; rmtl.fusion.config loads ``FusionConfig`` with it.
 Free-form option dicts (``model.options``, ``strategy.options``,
 ``data.reader_options``, ``data.synthetic``) are checked by whoever consumes them.
 """
@@ -154,28 +154,30 @@ def _merge(base: DictConfig, other, what: str, schema: type) -> DictConfig:
 
 # ----------------------------------------------------------------------------- loading
 
-# Packaged configs of other commands (not RunConfigs): `rmtl fusion` reads fusion.yaml.
-OTHER_COMMAND_CONFIGS = {"fusion"}
+# Packaged configs of other commands, by the schema that reads them (`rmtl fusion` reads
+# fusion.yaml as a FusionConfig); every other packaged YAML is a RunConfig.
+OTHER_COMMAND_CONFIGS = {"fusion": "FusionConfig"}
 
 
-def packaged_configs() -> list[str]:
-    """Names of the run configs shipped in rmtl/configs (without .yaml)."""
+def packaged_configs(schema: type | None = None) -> list[str]:
+    """Names (without .yaml) of the packaged configs that ``schema`` reads (None = RunConfig)."""
     root = resources.files("rmtl.configs")
+    owner = getattr(schema, "__name__", "RunConfig")
     return sorted(p.name[:-5] for p in root.iterdir()
-                  if p.name.endswith(".yaml") and p.name[:-5] not in OTHER_COMMAND_CONFIGS)
+                  if p.name.endswith(".yaml") and OTHER_COMMAND_CONFIGS.get(p.name[:-5], "RunConfig") == owner)
 
 
-def resolve_config_path(path_or_name: str | os.PathLike) -> Path:
-    """A YAML path as given, or a packaged config by bare name (``quickstart``)."""
+def resolve_config_path(path_or_name: str | os.PathLike, schema: type | None = None) -> Path:
+    """A YAML path as given, or a packaged config of ``schema`` by bare name (``quickstart``)."""
     path = Path(path_or_name)
     if path.is_file():
         return path
     name = path.name[:-5] if path.name.endswith((".yaml", ".yml")) and len(path.parts) == 1 else str(path_or_name)
-    packaged = resources.files("rmtl.configs") / f"{name}.yaml"
-    if packaged.is_file():
-        return Path(str(packaged))
+    names = packaged_configs(schema)
+    if name in names:
+        return Path(str(resources.files("rmtl.configs") / f"{name}.yaml"))
     raise ConfigError(f"no config file '{path_or_name}' and no packaged config of that name; "
-                      f"packaged: {', '.join(packaged_configs())}")
+                      f"packaged: {', '.join(names)}")
 
 
 def _split_override(item: str) -> tuple[str, str]:
@@ -192,7 +194,7 @@ def load_structured(schema: type, path_or_name: str | os.PathLike | None,
     beyond types are the caller's (each config module has its own ``validate``)."""
     cfg = OmegaConf.structured(schema)
     if path_or_name is not None:
-        path = resolve_config_path(path_or_name)
+        path = resolve_config_path(path_or_name, schema)
         try:
             loaded = OmegaConf.load(path)
         except Exception as err:  # YAML syntax errors

@@ -31,8 +31,10 @@ from torch import nn
 from rmtl.agents.rmtl_agent import RMTLAgent
 from rmtl.atomic import write_json, write_text
 from rmtl.config import RunConfig, StrategyConfig
+from rmtl.data.prepare import as_session_log
 from rmtl.data.sessionlog import SessionLog
 from rmtl.envs.transitions import build_transitions
+from rmtl.predict import predict
 from rmtl.tables import text_table
 
 TABLE_METRICS = ("auc", "logloss", "session_logloss", "gauc", "calibration", "platt_logloss")
@@ -72,10 +74,6 @@ class PipelineResult:
     arms: dict = field(default_factory=dict)  # name -> ArmResult ("rmtl", "ew" when the control ran)
 
 
-def _as_log(prepared) -> SessionLog:
-    return prepared if isinstance(prepared, SessionLog) else prepared.log
-
-
 def train_agent(cfg: RunConfig, log: SessionLog, backbone: nn.Module, *, run_dir: str | os.PathLike,
                 actor: nn.Module | None = None, out_path: str | os.PathLike | None = None,
                 say: Callable[[str], None] = lambda s: None) -> AgentStage:
@@ -87,8 +85,6 @@ def train_agent(cfg: RunConfig, log: SessionLog, backbone: nn.Module, *, run_dir
     ``agent.actor_update`` it is also updated (TD3+BC) in place. ``out_path`` replaces
     the default file; its folder also gets the TensorBoard events and history.json.
     """
-    from rmtl.train import predict  # the training loop is a separate part; import when needed
-
     ac = cfg.agent
     target = Path(out_path) if out_path is not None else Path(run_dir) / "agent" / "agent.pt"
     out = target.parent
@@ -136,7 +132,6 @@ def evaluate_full(model: nn.Module, log: SessionLog, batch_size: int = 8192) -> 
     Platt scaling is fitted on the val split's predictions and applied to test."""
     from rmtl.calibration import calibration_metrics
     from rmtl.metrics import evaluate_predictions
-    from rmtl.train import predict
 
     val, test = log.split("val"), log.split("test")
     pv, pt = predict(model, val, batch_size), predict(model, test, batch_size)
@@ -180,7 +175,7 @@ def run_pipeline(cfg: RunConfig, *, prepared=None, model: nn.Module | None = Non
     t = time.perf_counter()
     if prepared is None:
         prepared = load_data(cfg.data, cfg.seed)
-    log = _as_log(prepared)
+    log = as_session_log(prepared)
     seconds["prepare"] = time.perf_counter() - t
     say(f"data: {log.num_rows:,} rows, {log.num_sessions:,} sessions, tasks {', '.join(log.spec.tasks)}")
 
@@ -257,19 +252,18 @@ def _write_json(obj: dict, path: Path) -> None:
 
 
 def load_backbone(path: str | os.PathLike, cfg: RunConfig, spec) -> nn.Module:
-    """A pretrained backbone from a file: a whole nn.Module, a checkpoint dict with 'model'
-    (what fit writes: best.pt / last.pt), or a bare state_dict for cfg.model."""
+    """A pretrained backbone from a file: a checkpoint dict with 'model' (what fit writes:
+    best.pt / last.pt) or a bare state_dict for cfg.model. Weights only: a whole pickled
+    nn.Module would need a full unpickler, which could run code from the file."""
     from rmtl.checkpoint import load_user_file
     from rmtl.errors import DataError
     from rmtl.train import build_model
 
     path = Path(path)
     obj = load_user_file(path, "backbone checkpoint")
-    if isinstance(obj, nn.Module):
-        return obj
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
-        raise DataError("expected a saved nn.Module, a checkpoint with a 'model' state_dict, or a state_dict", path=path)
+        raise DataError("expected a checkpoint with a 'model' state_dict, or a state_dict", path=path)
     model = build_model(cfg.model, spec)
     try:
         model.load_state_dict(state)

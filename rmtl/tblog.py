@@ -9,12 +9,16 @@ Tags (see docs/training.md):
   gates/<task>/expert_<e>      MoE gate usage (model.last_gate_usage, [K, E]) when the backbone has it
   val/<task>/<metric>          validation metrics at every evaluation; val/mean_auc
   final/<split>/<task>/<metric> metrics of the best checkpoint on val and test
+  HParams tab                  the run's config (flattened keys) against its final/<split>/<task>/<metric>
+
+Steps are global: the fits of one pipeline (pretrain, then fine-tune) continue one axis.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -58,6 +62,19 @@ class TrainLogger:
             for name, value in mets.items():
                 self.writer.add_scalar(f"{prefix}/{task}/{name}", float(value), step)
 
+    def hparams(self, config: Any, final_metrics: Mapping[str, Mapping[str, Mapping[str, float]]]) -> None:
+        """The HParams tab: ``config`` (a dataclass or mapping, flattened to dotted keys) against
+        the final metrics, which are already scalars of this run (``final/<split>/<task>/<metric>``)."""
+        from torch.utils.tensorboard.summary import hparams
+
+        params = flatten_hparams(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config))
+        metric_tags = {f"final/{split}/{task}/{name}": float(v) for split, per_task in final_metrics.items()
+                       for task, mets in per_task.items() for name, v in mets.items()}
+        exp, ssi, sei = hparams(params, metric_tags)
+        file_writer = self.writer._get_file_writer()
+        for summary in (exp, ssi, sei):
+            file_writer.add_summary(summary)
+
     def scalar(self, tag: str, value: float, step: int) -> None:
         self.writer.add_scalar(tag, float(value), step)
 
@@ -66,3 +83,18 @@ class TrainLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def flatten_hparams(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 0.01}} -> {"train.lr": 0.01}; values TensorBoard cannot show as they
+    are (None, lists, empty dicts) become strings."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten_hparams(value, full + "."))
+        elif isinstance(value, (bool, int, float, str)):
+            out[full] = value
+        else:
+            out[full] = str(value)
+    return out

@@ -11,14 +11,14 @@ import torch
 
 import rmtl.envs  # noqa: F401  (registers rmtl/Fusion-v0)
 from rmtl import fusion
-from rmtl.agents.bcq import BCQ
-from rmtl.agents.fqe import ConservativeFQE, mtf_gauc, weighted_group_auc
-from rmtl.agents.fusion_data import FusionDataset, behaviour_policy, collect, constant_policy, rollout
+from rmtl.fusion.bcq import BCQ
+from rmtl.fusion.fqe import ConservativeFQE, mtf_gauc, weighted_group_auc
+from rmtl.fusion.data import FusionDataset, behaviour_policy, collect, constant_policy, rollout
 from rmtl.data.sessionlog import SessionLog
 from rmtl.data.spec import FeatureSpec
-from rmtl.envs.fusion_env import FusionEnv
-from rmtl.envs.fusion_sim import FusionSimulator
-from rmtl.envs.user_model import UserResponseModel
+from rmtl.fusion.env import FusionEnv
+from rmtl.fusion.simulator import FusionSimulator
+from rmtl.fusion.user_model import UserResponseModel
 from rmtl.errors import ConfigError
 from rmtl.metrics import gauc
 
@@ -311,9 +311,40 @@ def test_rmtl_fusion_config_typo_names_the_key(tmp_path, capsys):
     assert "policies" in capsys.readouterr().err
 
 
+def test_rmtl_fusion_unknown_config_lists_only_fusion_configs(capsys):
+    from rmtl.cli import main
+
+    assert main(["fusion", "-c", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "nosuch" in err and "packaged: fusion" in err and "quickstart" not in err
+    assert main(["fusion", "-c", "quickstart"]) == 2  # a run config is not a fusion config
+    assert "packaged: fusion" in capsys.readouterr().err
+
+
+def test_session_side_does_not_load_the_fusion_room():
+    import subprocess
+    import sys
+
+    code = ("import sys, gymnasium as gym, rmtl.envs, rmtl.agents; "
+            "assert not [m for m in sys.modules if m.startswith('rmtl.fusion')], sorted(sys.modules); "
+            "assert 'rmtl/Fusion-v0' in gym.registry and 'rmtl/Session-v0' in gym.registry")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_env_section_is_the_simulators_own_config():
+    from rmtl.fusion.config import load_fusion_config
+    from rmtl.fusion.simulator import DEFAULT_REWARD_WEIGHTS, FUSION_TASKS, FusionEnvConfig
+
+    cfg = load_fusion_config("fusion", ["env.action_high=2.0"])
+    assert isinstance(cfg.env, FusionEnvConfig) and cfg.env.action_high == 2.0
+    assert cfg.env.reward_weights == DEFAULT_REWARD_WEIGHTS and list(cfg.data.tasks) == FUSION_TASKS
+    with pytest.raises(ConfigError, match="env.windw"):
+        load_fusion_config("fusion", ["env.windw=3"])
+
+
 def test_rmtl_fusion_is_deterministic_under_a_seed(tmp_path):
-    from rmtl.fusion_config import load_fusion_config
-    from rmtl.fusion_pipeline import run_fusion
+    from rmtl.fusion.config import load_fusion_config
+    from rmtl.fusion.pipeline import run_fusion
 
     tables = []
     for run in ("a", "b"):  # the second run reads the SessionLog from the cache the first one wrote
@@ -324,7 +355,7 @@ def test_rmtl_fusion_is_deterministic_under_a_seed(tmp_path):
 
 
 def test_backbone_ranker_composes_user_and_video_features(world):
-    from rmtl.envs.backbone_ranker import BackboneRanker, fit_backbone
+    from rmtl.fusion.backbone_ranker import BackboneRanker, fit_backbone
 
     log, model, _, env_cfg, train_rows = world
     backbone = fit_backbone(log, "mmoe", epochs=1, batch_size=64, seed=0)

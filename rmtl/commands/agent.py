@@ -28,12 +28,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rmtl.data.prepare import as_session_log
     from rmtl.pipeline import load_backbone, train_agent
     from rmtl.train import load_data
 
     cfg = load_config(args.config, args.overrides)
     prepared = load_data(cfg.data, cfg.seed)
-    log = prepared.log if hasattr(prepared, "log") else prepared
+    log = as_session_log(prepared)
     backbone = load_backbone(args.backbone, cfg, log.spec)
     stage = train_agent(cfg, log, backbone, run_dir=cfg.run_dir, out_path=args.out, say=print)
     for step, td in zip(stage.history["step"][-1:], stage.history["td_loss"][-1:]):

@@ -19,8 +19,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rmtl.fusion_config import load_fusion_config
-    from rmtl.fusion_pipeline import format_table, run_fusion
+    from rmtl.fusion.config import load_fusion_config
+    from rmtl.fusion.pipeline import format_table, run_fusion
 
     overrides = list(args.overrides)
     if args.run_dir:

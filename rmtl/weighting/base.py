@@ -23,8 +23,23 @@ is called with the epoch's mean train loss per task (DWA needs it).
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 from torch import nn
+
+
+# Optional hooks: ``Strategy`` has both, but a duck-typed strategy object handed to
+# ``fit(strategy=...)`` need only have ``backward``; the loop tests for these with isinstance.
+
+@runtime_checkable
+class EpochAware(Protocol):
+    def epoch_end(self, mean_losses: torch.Tensor) -> None: ...
+
+
+@runtime_checkable
+class LogsScalars(Protocol):
+    def last_logs(self) -> dict[str, float]: ...
 
 
 class Strategy(nn.Module):

@@ -88,7 +88,7 @@ class RMTLStrategy(Strategy):
     def _label_means(self, log, model: nn.Module | None, batch_size: int = 8192) -> torch.Tensor:
         """[2, K]: mean weight of negatives (row 0) and positives (row 1) over the train split,
         at the predictions of ``model`` as it is when bound (0.5 without a model)."""
-        from rmtl.train import predict
+        from rmtl.predict import predict
 
         probs = predict(model, log) if model is not None else np.full(log.labels.shape, 0.5, np.float32)
         sums, counts = torch.zeros(2, self.num_tasks, dtype=torch.float64), torch.zeros(2, self.num_tasks, dtype=torch.float64)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from rmtl.envs.fusion_sim import FusionSimulator
+from rmtl.fusion.simulator import FusionSimulator
 
 from rmtl.atomic import atomic_path
 from rmtl.errors import ConfigError

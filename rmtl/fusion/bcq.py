@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rmtl.agents.fusion_data import FusionDataset
+from rmtl.fusion.data import FusionDataset
 from rmtl.errors import ConfigError
 
 

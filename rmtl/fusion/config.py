@@ -14,8 +14,9 @@ from typing import Any, Dict, List, Optional
 
 from rmtl.config import load_structured  # also registers the ${now:} resolver
 from rmtl.errors import ConfigError
+from rmtl.fusion.env import DEFAULT_SYNTHETIC
+from rmtl.fusion.simulator import FUSION_TASKS, FusionEnvConfig
 
-FUSION_TASKS = ["ctr", "long_view", "like", "follow", "comment", "forward", "hate"]
 POLICIES = ("equal", "behaviour", "cem", "bcq", "td3")
 RANKERS = ("user_model", "backbone")
 
@@ -26,7 +27,7 @@ class FusionDataSection:
     cache_dir: Optional[str] = None  # None = the data core's default cache
     session_gap: Optional[float] = 1800.0
     tasks: List[str] = field(default_factory=lambda: list(FUSION_TASKS))  # KuaiRand task aliases
-    synthetic: Dict[str, Any] = field(default_factory=lambda: {"users": 200, "items": 400})
+    synthetic: Dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SYNTHETIC))
     use_cache: bool = True
 
 
@@ -48,24 +49,6 @@ class RankerSection:
     epochs: int = 3
     batch_size: int = 512
     lr: float = 0.001
-
-
-@dataclass
-class EnvSection:  # see rmtl.envs.fusion_sim.FusionEnvConfig
-    window: int = 4
-    negatives: int = 8
-    slate: int = 3
-    max_depth: int = 20
-    patience: float = 6.0
-    base_cost: float = 0.5
-    poor_cost: float = 1.5
-    satisfying_reward: Optional[float] = None
-    reward_weights: Dict[str, float] = field(default_factory=lambda: {
-        "ctr": 0.25, "long_view": 1.0, "like": 2.0, "follow": 4.0, "comment": 2.0, "forward": 2.0, "hate": -8.0})
-    beta: float = 0.001
-    fusion: str = "log_sum"
-    history_decay: float = 0.7
-    use_logged_labels: bool = True
 
 
 @dataclass
@@ -131,7 +114,7 @@ class FusionConfig:
     data: FusionDataSection = field(default_factory=FusionDataSection)
     user_model: UserModelSection = field(default_factory=UserModelSection)
     ranker: RankerSection = field(default_factory=RankerSection)
-    env: EnvSection = field(default_factory=EnvSection)
+    env: FusionEnvConfig = field(default_factory=FusionEnvConfig)  # the simulator's own options
     behaviour: BehaviourSection = field(default_factory=BehaviourSection)
     bcq: BCQSection = field(default_factory=BCQSection)
     cem: CEMSection = field(default_factory=CEMSection)

@@ -29,23 +29,27 @@ Observation [obs_dim] (float32, clipped to +-10):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Dict, Optional
 
 import numpy as np
 
 from rmtl.data.sessionlog import SessionLog
-from rmtl.envs.user_model import UserResponseModel
+from rmtl.fusion.user_model import UserResponseModel
 from rmtl.errors import ConfigError, DataError
-from rmtl.fusion import fuse_and_rank, get_fusion
+from rmtl.fusion.functions import fuse_and_rank, get_fusion
 
 OBS_LIMIT = 10.0
 MAX_SHORTFALL = 2.0  # a slate with negative reward (hate) costs at most twice a merely unrewarding one
 
-DEFAULT_REWARD_WEIGHTS = {"ctr": 0.25, "click": 0.25, "long_view": 1.0, "like": 2.0, "follow": 4.0,
-                          "comment": 2.0, "forward": 2.0, "hate": -8.0}
+# The one definition of the fusion world's tasks (KuaiRand aliases) and their reward weights;
+# rmtl.fusion.config and the embedded default env read them from here.
+FUSION_TASKS = ["ctr", "long_view", "like", "follow", "comment", "forward", "hate"]
+DEFAULT_REWARD_WEIGHTS = {"ctr": 0.25, "long_view": 1.0, "like": 2.0, "follow": 4.0, "comment": 2.0,
+                          "forward": 2.0, "hate": -8.0}
 
 
 @dataclass
-class FusionEnvConfig:
+class FusionEnvConfig:  # also the `env:` section of `rmtl fusion`'s config (types OmegaConf can check)
     window: int = 4  # logged impressions offered per request
     negatives: int = 8  # sampled candidates per request (by train popularity)
     slate: int = 3  # items shown per request
@@ -53,8 +57,8 @@ class FusionEnvConfig:
     patience: float = 6.0  # initial patience of the leave model
     base_cost: float = 0.5  # patience every request costs
     poor_cost: float = 1.5  # extra cost of a request whose reward is below satisfying_reward
-    satisfying_reward: float | None = None  # None = 1.5 x slate x mean logged per-impression reward
-    reward_weights: dict = field(default_factory=lambda: dict(DEFAULT_REWARD_WEIGHTS))  # task -> weight
+    satisfying_reward: Optional[float] = None  # None = 1.5 x slate x mean logged per-impression reward
+    reward_weights: Dict[str, float] = field(default_factory=lambda: dict(DEFAULT_REWARD_WEIGHTS))  # task -> weight
     beta: float = 1e-3  # fusion offset: log(o + beta)
     fusion: str = "log_sum"  # log_sum | product | weighted_sum
     history_decay: float = 0.7  # weight of the old history summary at each request

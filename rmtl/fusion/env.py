@@ -4,7 +4,7 @@ One episode is one user session (a logged KuaiRand-schema session); each step is
 request: the action alpha [K] (Box[action_low, action_high]^K) weights the ranker's
 task predictions in f = sum_k alpha_k log(o_k + beta), the top items are shown, the
 user responds (logged labels where logged, else the user-response model) and may
-leave (patience model). See rmtl.envs.fusion_sim for the dynamics and observation.
+leave (patience model). See rmtl.fusion.simulator for the dynamics and observation.
 
 ``FusionEnv()`` with no argument builds the embedded default: a small synthetic
 KuaiRand log (tasks FUSION_TASKS) and a user-response model fitted on its train split.
@@ -21,11 +21,10 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from rmtl.envs.fusion_sim import OBS_LIMIT, FusionEnvConfig, FusionSimulator
-from rmtl.envs.user_model import UserResponseModel
+from rmtl.fusion.simulator import FUSION_TASKS, OBS_LIMIT, FusionEnvConfig, FusionSimulator
+from rmtl.fusion.user_model import UserResponseModel
 
-FUSION_TASKS = ["ctr", "long_view", "like", "follow", "comment", "forward", "hate"]
-DEFAULT_SYNTHETIC = {"users": 200, "items": 400, "seed": 0}
+DEFAULT_SYNTHETIC = {"users": 200, "items": 400}  # the embedded default world (also `rmtl fusion`'s default)
 
 
 def split_rows(log, name: str) -> np.ndarray:
@@ -44,7 +43,8 @@ def default_simulator(*, synthetic: dict | None = None, cache_dir: str | None = 
     """The embedded default world: synthetic KuaiRand logs -> user model -> train-split simulator."""
     from rmtl.data.prepare import prepare
 
-    prepared = prepare("kuairand", None, cache_dir=cache_dir, synthetic=dict(synthetic or DEFAULT_SYNTHETIC),
+    synthetic = dict(synthetic or {**DEFAULT_SYNTHETIC, "seed": 0})
+    prepared = prepare("kuairand", None, cache_dir=cache_dir, synthetic=synthetic,
                        reader_options={"tasks": list(FUSION_TASKS)}, seed=seed)
     log = prepared.log
     train = split_rows(log, "train")

@@ -1,6 +1,6 @@
 """Baseline fusion policies: fixed weights, the cross-entropy method, SB3 TD3 online.
 
-- ``constant_policy(alpha)`` (rmtl.agents.fusion_data): equal weights or any fixed weighting.
+- ``constant_policy(alpha)`` (rmtl.fusion.data): equal weights or any fixed weighting.
 - ``cem_search``: the cross-entropy method over one constant alpha, each candidate scored
   by its mean simulated session reward; the whole population x sessions runs as ONE
   batched simulator rollout per iteration.
@@ -13,8 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from rmtl.agents.fusion_data import constant_policy, rollout
-from rmtl.envs.fusion_sim import FusionSimulator
+from rmtl.fusion.data import constant_policy, rollout
+from rmtl.fusion.simulator import FusionSimulator
 from rmtl.errors import ConfigError
 
 Policy = Callable[[np.ndarray], np.ndarray]
@@ -58,7 +58,7 @@ def train_td3(sim: FusionSimulator, *, timesteps: int = 3000, learning_starts: i
     from stable_baselines3 import TD3
     from stable_baselines3.common.noise import NormalActionNoise
 
-    from rmtl.envs.fusion_env import FusionEnv
+    from rmtl.fusion.env import FusionEnv
 
     env = FusionEnv(sim)
     k = sim.num_tasks

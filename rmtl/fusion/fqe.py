@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rmtl.agents.bcq import mlp
-from rmtl.agents.fusion_data import FusionDataset
+from rmtl.fusion.bcq import mlp
+from rmtl.fusion.data import FusionDataset
 from rmtl.errors import ConfigError
-from rmtl.fusion import fuse
+from rmtl.fusion.functions import fuse
 
 Policy = Callable[[np.ndarray], np.ndarray]
 

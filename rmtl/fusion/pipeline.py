@@ -24,23 +24,23 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from rmtl.agents.bcq import BCQ
-from rmtl.agents.fqe import ConservativeFQE, mtf_gauc
-from rmtl.agents.fusion_baselines import cem_search, train_td3
-from rmtl.agents.fusion_data import behaviour_policy, collect, constant_policy, simulate
+from rmtl.fusion.bcq import BCQ
+from rmtl.fusion.fqe import ConservativeFQE, mtf_gauc
+from rmtl.fusion.baselines import cem_search, train_td3
+from rmtl.fusion.data import behaviour_policy, collect, constant_policy, simulate
 from rmtl.atomic import write_text
-from rmtl.envs.fusion_env import split_rows, split_sessions
-from rmtl.envs.fusion_sim import FusionSimulator
-from rmtl.envs.user_model import UserResponseModel
+from rmtl.fusion.env import split_rows, split_sessions
+from rmtl.fusion.simulator import FUSION_TASKS, FusionSimulator
+from rmtl.fusion.user_model import UserResponseModel
 from rmtl.errors import ConfigError
-from rmtl.fusion_config import FUSION_TASKS, FusionConfig
+from rmtl.fusion.config import FusionConfig
 from rmtl.tables import text_table
 
 COLUMNS = ["fqe_value", "fqe_plain", "mtf_gauc", "sim_reward", "sim_depth", "train_sim_reward"]
@@ -108,7 +108,7 @@ def run_fusion(cfg: FusionConfig, *, run_dir: str | os.PathLike | None = None, v
     um = cfg.user_model
     ranker = UserResponseModel.fit(log, train_rows, dim=um.dim, epochs=um.epochs, lr=um.lr, l2=um.l2, seed=cfg.seed)
     if cfg.ranker.kind == "backbone":  # o from a fitted backbone; the training user model still answers
-        from rmtl.envs.backbone_ranker import BackboneRanker, fit_backbone
+        from rmtl.fusion.backbone_ranker import BackboneRanker, fit_backbone
 
         rk = cfg.ranker
         backbone = fit_backbone(log, rk.backbone, dict(rk.options), epochs=rk.epochs, batch_size=rk.batch_size,
@@ -120,7 +120,7 @@ def run_fusion(cfg: FusionConfig, *, run_dir: str | os.PathLike | None = None, v
                                     seed=cfg.seed + um.heldout_seed_offset)
     lap("user_models")
 
-    env_options = asdict(cfg.env)
+    env_options = cfg.env  # a FusionEnvConfig: the simulator's own options
     train_sim = FusionSimulator(log, split_sessions(log, "train"), ranker_model, ranker, env_options,
                                 profile_rows=train_rows, seed=cfg.seed)
     eval_sim = FusionSimulator(log, test_sessions, ranker_model, heldout, env_options,
