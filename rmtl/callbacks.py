@@ -30,6 +30,7 @@ import torch
 
 from rmtl import checkpoint as ckpt
 from rmtl.atomic import write_json
+from rmtl.errors import DataError
 
 if TYPE_CHECKING:  # the trainer imports this module, not the other way round
     from rmtl.trainer import Trainer, TrainResult
@@ -171,8 +172,12 @@ class Checkpointing(Callback):
 
     def on_train_end(self, trainer):
         if trainer.best_path.exists():
-            best = ckpt.load(trainer.best_path, map_location=trainer.device)
-            trainer.model.load_state_dict(best["model"])
+            best = ckpt.load_user_file(trainer.best_path, "best checkpoint")
+            try:
+                trainer.model.load_state_dict(best["model"])
+            except (KeyError, TypeError, RuntimeError) as err:
+                raise DataError(f"not a best.pt of this run's model ({str(err).splitlines()[0]}); delete it and resume",
+                                path=trainer.best_path) from None
             trainer.best_checkpoint = trainer.best_path
 
 

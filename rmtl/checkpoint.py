@@ -1,10 +1,19 @@
-"""Checkpoint files: atomic writes and the random-number state a resumed run needs."""
+"""Checkpoint files: atomic writes, safe loading and the random-number state a resumed run needs.
+
+Every load goes through torch's weights-only unpickler: a checkpoint may hold tensors,
+plain containers and numbers, plus numpy arrays / scalars / dtypes (the numpy RNG state
+and strategies' plain attributes), nothing else. A crafted file naming any other callable
+is refused before any of its code runs, so a file a user names (``--resume``,
+``--backbone FILE``, ``strategy.options.checkpoint``) cannot execute code.
+"""
 
 from __future__ import annotations
 
 import copy
 import os
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +32,54 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def load(path: str | os.PathLike, map_location="cpu") -> dict:
-    # Our own files hold numpy / python RNG states, which the weights-only loader refuses.
-    return torch.load(path, map_location=map_location, weights_only=False)
+def _numpy_globals() -> list:
+    """The numpy callables an array, a scalar or a dtype pickles through: they only build
+    arrays / scalars from bytes (object-dtype contents still pass the same restricted
+    unpickler), so allowing them lets numpy RNG states load without opening the door."""
+    multiarray = getattr(np, "_core", None)
+    multiarray = multiarray.multiarray if multiarray is not None else np.core.multiarray
+    dtype_classes = {type(np.dtype(t)) for t in ("bool", "int8", "int16", "int32", "int64", "uint8",
+                                                 "uint16", "uint32", "uint64", "float16", "float32", "float64")}
+    return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *dtype_classes]
+
+
+SAFE_GLOBALS = _numpy_globals()
+
+
+def load(path: str | os.PathLike, map_location="cpu") -> Any:
+    """torch.load with the weights-only unpickler and the numpy allow-list (never a full pickle)."""
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def load_user_file(path: str | os.PathLike, what: str) -> Any:
-    """``load`` of a file a user named (``what``: e.g. "agent checkpoint"): a missing or
-    unreadable file is one DataError naming it, not a traceback."""
+    """``load`` of a file a user named (``what``: e.g. "agent checkpoint", "last.pt of the
+    run to resume"): a missing, truncated, corrupt or unsafe file is one DataError naming it,
+    not a traceback, and nothing in it runs."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no such {what}", path=path)
     try:
         return load(path)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:
+            raise DataError(f"refused to load {what}: it names '{found.group(1)}', which is not a tensor, number, "
+                            "container or numpy array (only weights and plain data are loaded, never code; "
+                            "a whole pickled model cannot be loaded: save its state_dict)", path=path) from None
+        raise DataError(f"cannot read {what}: not a valid checkpoint ({_first_line(text)})", path=path) from None
     except Exception as err:
-        raise DataError(f"cannot read {what}: {err}", path=path) from None
+        raise DataError(f"cannot read {what}: truncated or not a torch checkpoint ({_first_line(str(err))})",
+                        path=path) from None
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:  # torch's weights-only message puts the cause after its advice
+        if "WeightsUnpickler error" in ln:
+            return ln
+    return lines[0] if lines else "unknown error"
 
 
 def rng_state() -> dict:

@@ -185,19 +185,18 @@ def _write_json(obj: dict, path: Path) -> None:
 
 
 def load_backbone(path: str | os.PathLike, cfg: RunConfig, spec) -> nn.Module:
-    """A pretrained backbone from a file: a whole nn.Module, a checkpoint dict with 'model'
-    (what fit writes: best.pt / last.pt), or a bare state_dict for cfg.model."""
+    """A pretrained backbone from a file: a checkpoint dict with 'model' (what fit writes:
+    best.pt / last.pt) or a bare state_dict for cfg.model. Weights only: a whole pickled
+    nn.Module would need a full unpickler, which could run code from the file."""
     from rmtl.checkpoint import load_user_file
     from rmtl.errors import DataError
     from rmtl.train import build_model
 
     path = Path(path)
     obj = load_user_file(path, "backbone checkpoint")
-    if isinstance(obj, nn.Module):
-        return obj
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
-        raise DataError("expected a saved nn.Module, a checkpoint with a 'model' state_dict, or a state_dict", path=path)
+        raise DataError("expected a checkpoint with a 'model' state_dict, or a state_dict", path=path)
     model = build_model(cfg.model, spec)
     try:
         model.load_state_dict(state)

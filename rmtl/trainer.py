@@ -36,7 +36,7 @@ from rmtl.callbacks import Callback, CallbackList, EvalOutput, StepOutput, Train
 from rmtl.config import TrainConfig
 from rmtl.data.batches import BatchIterator
 from rmtl.data.sessionlog import SessionLog
-from rmtl.errors import ConfigError
+from rmtl.errors import ConfigError, DataError
 from rmtl.metrics import mean_metric, mtl_gain
 from rmtl.predict import evaluate, task_columns
 from rmtl.weighting.base import EpochAware, LogsScalars
@@ -280,17 +280,21 @@ class Trainer:
     def restore(self, path: Path) -> None:
         if not path.exists():
             raise ConfigError(f"cannot resume: {path} does not exist")
-        saved = ckpt.load(path, map_location="cpu")  # RNG states must stay CPU tensors
-        self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        ckpt.load_module_state(self.strategy, saved["strategy"])
-        loop = dict(saved["loop"])
-        callback_states = dict(saved.get("callbacks", {}))
-        if "bad_evals" in loop:  # last.pt written before early stopping became a callback
-            callback_states.setdefault("early_stopping", {"bad_evals": loop.pop("bad_evals")})
-        self.state = LoopState(**loop)
-        self.callbacks.load_state_dict(callback_states)
-        ckpt.set_rng_state(saved["rng"])
+        saved = ckpt.load_user_file(path, "checkpoint to resume from")  # on CPU: RNG states must stay there
+        try:
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            ckpt.load_module_state(self.strategy, saved["strategy"])
+            loop = dict(saved["loop"])
+            callback_states = dict(saved.get("callbacks", {}))
+            if "bad_evals" in loop:  # last.pt written before early stopping became a callback
+                callback_states.setdefault("early_stopping", {"bad_evals": loop.pop("bad_evals")})
+            self.state = LoopState(**loop)
+            self.callbacks.load_state_dict(callback_states)
+            ckpt.set_rng_state(saved["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            raise DataError(f"not a last.pt of this run's model and strategy ({str(err).splitlines()[0]}); "
+                            "delete it to start over", path=path) from None
         self.resumed = True
 
     # ------------------------------------------------------------------ the train window (TensorBoard, bar)

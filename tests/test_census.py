@@ -12,7 +12,10 @@ from rmtl.data.build import build_session_log
 from rmtl.data.census import COLUMNS, DENSE, SPARSE, read_census
 from rmtl.errors import ConfigError, DataError
 
-REAL_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "census-income" / "census-income.test.gz"
+from shared_data import shared_data_dir
+
+_SHARED = shared_data_dir()
+REAL_TEST = (_SHARED or Path("/nonexistent")) / "census-income" / "census-income.test.gz"
 
 
 def record(age=38, marital="Married-civilian spouse present", income="- 50000.", **over) -> list[str]:

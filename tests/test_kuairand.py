@@ -92,15 +92,19 @@ def test_reads_a_release_with_default_tasks_and_features(tmp_path):
     assert f["time"].dtype == np.int64 and f["time"].iloc[1] - f["time"].iloc[0] == 10_000
     assert f["ctr"].tolist() == [1, 1, 0, 0, 1, 0, 1]
     assert f["ctcvr"].tolist() == [1, 0, 0, 0, 1, 0, 0]  # is_click AND long_view
-    assert f["hour"].tolist() == [18] * 5 + [9] * 2
+    # hour / weekday from time_ms in Beijing time, not from hourmin (LOG2 says 0900 for 18:00)
+    assert f["hour"].tolist() == [18] * 7
+    assert f["weekday"].tolist() == [4] * 7  # 2022-04-08 and 04-22 were Fridays
     assert f["tag"].iloc[1] == "3" and pd.isna(f["tag"].iloc[2])  # video 12 has no tag
     assert f["tag"].iloc[0] == "12"  # first of "12,65"
     assert f["author_id"].iloc[4] == 11 and f["video_type"].iloc[1] == "AD"
     assert f["user_active_degree"].tolist()[:4] == ["full_active"] * 3 + ["UNKNOWN"]
     np.testing.assert_allclose(f["log_follow_user_num"].to_numpy()[[0, 3]], np.log1p([5, 0]))
     np.testing.assert_allclose(f["log_duration_s"].iloc[0], np.log1p(20.0))
+    assert "log_video_age_days" not in f.columns  # upload_dt is opt-in (a calendar-date proxy)
+    aged = read_kuairand(make_release(tmp_path / "kr"), video_features=["upload_dt"]).frame
     # video 10 uploaded 2022-04-01, seen 2022-04-08 (Beijing) -> 7 days; 14 days later -> 21
-    np.testing.assert_allclose(f["log_video_age_days"].to_numpy()[[0, 6]], np.log1p([7, 21]))
+    np.testing.assert_allclose(aged["log_video_age_days"].to_numpy()[[0, 6]], np.log1p([7, 21]))
     assert "session" not in f.columns  # sessions are cut by the builder
     assert raw.notes == {"rows_without_user_features": 0, "rows_without_video_features": 0}
 
@@ -179,7 +183,7 @@ def test_27k_style_part_files_and_release_choice(tmp_path):
 
 def test_rows_without_side_features_are_kept_with_unknown_features(tmp_path):
     root = make_release(tmp_path / "kr", users=_users([1]), videos=_videos([10, 11]))
-    raw = read_kuairand(root)
+    raw = read_kuairand(root, video_features=["author_id", "upload_dt"])
     f = raw.frame
     assert len(f) == 7 and raw.dropped == {}
     assert raw.notes["rows_without_video_features"] == 2  # videos 12 and 13
@@ -215,7 +219,7 @@ def test_without_side_files_when_no_side_features_are_asked(tmp_path):
     (root / USERS).unlink()
     (root / VIDEOS).unlink()
     raw = read_kuairand(root, user_features=[], video_features=[])
-    assert raw.sparse == ["user_id", "video_id", "tab", "hour"] and raw.author_field is None
+    assert raw.sparse == ["user_id", "video_id", "tab", "hour", "weekday"] and raw.author_field is None
 
 
 # ------------------------------------------------------------------ bad input: one DataError each
@@ -244,7 +248,13 @@ BAD_CASES = {
     "NaN label": ({"logs": {LOG1: _set(BASE_LOG, "long_view", 1, None)}}, LOG1, "long_view", "missing (NaN)"),
     "NaN time": ({"logs": {LOG1: _set(BASE_LOG, "time_ms", 4, None)}}, LOG1, "time_ms", "missing (NaN)"),
     "NaN video id": ({"videos": _set(_videos([10, 11, 12, 13]), "video_id", 0, None)}, VIDEOS, "video_id", "missing (NaN)"),
-    "bad hourmin": ({"logs": {LOG1: _set(BASE_LOG, "hourmin", 0, 2575)}}, LOG1, "hourmin", "HHMM"),
+    "tab out of range": ({"logs": {LOG1: _set(BASE_LOG, "tab", 0, 65537)}}, LOG1, "tab", "outside 0..32767"),
+    "negative user id": ({"logs": {LOG1: _set(BASE_LOG, "user_id", 1, -3)}}, LOG1, "user_id", "outside 0.."),
+    "time beyond int64": ({"logs": {LOG1: _set(BASE_LOG, "time_ms", 2, "99999999999999999999")}}, LOG1, "time_ms",
+                          "whole numbers"),
+    "time out of range": ({"logs": {LOG1: _set(BASE_LOG, "time_ms", 2, 12)}}, LOG1, "time_ms", "outside"),
+    "music id beyond 2**53": ({"videos": _set(_videos([10, 11, 12, 13]), "music_id", 1, 2**60)}, VIDEOS, "music_id",
+                              "2**53"),
     "bad upload date": ({"videos": _set(_videos([10, 11, 12, 13]), "upload_dt", 1, "yesterday")}, VIDEOS, "upload_dt", "YYYY-MM-DD"),
     "negative count": ({"users": _set(_users([1, 2]), "follow_user_num", 1, -4)}, USERS, "follow_user_num", "non-negative"),
     "duplicated video": ({"videos": _videos([10, 11, 11, 13])}, VIDEOS, "video_id", "one row per video_id"),
@@ -259,7 +269,7 @@ def test_bad_input_raises_one_data_error_naming_file_and_column(tmp_path, case):
     change, filename, column, expectation = BAD_CASES[case]
     root = make_release(tmp_path / "kr", **change)
     with pytest.raises(DataError) as info:
-        read_kuairand(root)
+        read_kuairand(root, video_features=VIDEO_SPARSE + VIDEO_DENSE)  # every column checked
     err = info.value
     assert err.path is not None and Path(err.path).name == filename
     assert err.column == column
@@ -328,17 +338,24 @@ def test_synthetic_round_trip_keeps_planted_rates(synth_dir):
 
 
 def test_synthetic_play_times_follow_the_published_definitions(synth_dir):
-    log = pd.concat([pd.read_csv(synth_dir / name) for name in (LOG1, LOG2, RAND)])
+    log = pd.concat([pd.read_csv(synth_dir / name) for name in (LOG1, LOG2, RAND)], ignore_index=True)
     play, dur = log["play_time_ms"], log["duration_ms"]
     assert (dur > 7_000).all()
     assert ((play > 7_000) == (log["is_click"] == 1)).all()
     assert ((play >= np.minimum(dur, 18_000)) == (log["long_view"] == 1)).all()
     assert ((log["profile_stay_time"] > 0) == (log["is_profile_enter"] == 1)).all()
     assert (log["is_like"] <= log["is_click"]).all()
-    # date / hourmin are the Beijing-time rendering of time_ms
+    # date / hourmin are stamped as the real log does: the Beijing hour of time_ms, or the
+    # next hour in the last minutes of an hour (a few roll over to the next date)
     local = pd.to_datetime(log["time_ms"] + 8 * 3_600_000, unit="ms")
-    assert (local.dt.strftime("%Y%m%d").astype(int) == log["date"]).all()
-    assert (local.dt.hour * 100 == log["hourmin"]).all()
+    later = local + pd.Timedelta(hours=1)
+    same_hour = local.dt.hour * 100 == log["hourmin"]
+    next_hour = later.dt.hour * 100 == log["hourmin"]
+    assert (same_hour | next_hour).all() and (log["hourmin"] % 100 == 0).all()
+    assert 0.10 < next_hour.mean() < 0.30  # 17.5 % on the real KuaiRand-Pure log
+    assert (local.dt.minute[next_hour] >= 5).all() and local.dt.minute[next_hour].mean() > 45
+    stamped_day = np.where(same_hour, local.dt.strftime("%Y%m%d"), later.dt.strftime("%Y%m%d")).astype(int)
+    assert (stamped_day == log["date"]).all()
 
 
 def test_synthetic_sessions_and_gaps_are_realistic(synth_dir):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 
-from rmtl.data.prepare import format_summary, prepare, sources
+from rmtl.data.prepare import format_summary, prepare, reader, sources
 
 
 def _gap(text: str) -> float | None:
@@ -63,14 +64,20 @@ def register(subparsers) -> None:
     p.add_argument("--reader-option", type=_reader_option, action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the source's reader (VALUE parsed as JSON when it can be); repeatable")
     p.add_argument("--no-cache", action="store_true", help="build without reading or writing the cache")
+    p.add_argument("--strict", action="store_true",
+                   help="a release folder missing one of its published files is an error, not a warning "
+                        "(kuairand, census; RetailRocket needs every file anyway)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    options = dict(args.reader_option)
+    if args.strict and "strict" in inspect.signature(reader(args.source)).parameters:
+        options["strict"] = True
     result = prepare(
         args.source, args.data_dir, cache_dir=args.out, session_gap=args.session_gap,
         min_count=args.min_count, split_ratios=args.split_ratios, split_order=args.split_order, seed=args.seed,
-        reader_options=dict(args.reader_option), use_cache=not args.no_cache,
+        reader_options=options, use_cache=not args.no_cache,
     )
     print(format_summary(result.summary))
     print()

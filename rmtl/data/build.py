@@ -78,6 +78,7 @@ def build_session_log(
     # 2. Drop sessions too short to be an episode (one-event sessions for logs).
     lengths = np.bincount(session)
     keep = lengths[session] >= raw.min_session_events
+    kept = _kept_share(frame, raw.tasks, keep, where)
     if not keep.all():
         reason = "one-event session" if raw.min_session_events == 2 else f"session shorter than {raw.min_session_events} events"
         dropped[reason] = int((~keep).sum())
@@ -145,6 +146,8 @@ def build_session_log(
         splits=splits,
     )
     summary = _summary(raw, log, dropped, n_in)
+    summary["sessions_kept"] = kept
+    summary["warnings"] = list(raw.warnings) + _kept_warnings(kept)
     return log, summary
 
 
@@ -298,6 +301,35 @@ def _stack(columns: list[np.ndarray], n: int, dtype) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- summary
+
+# Warn when the session rule drops more than this share of the rows, or moves a task's
+# positive rate by more than this relative amount: the kept rows are then a biased sample.
+KEPT_SHARE_WARNING = 0.8
+RATE_SHIFT_WARNING = 0.05
+
+
+def _kept_share(frame: pd.DataFrame, tasks: list[str], keep: np.ndarray, where: str) -> dict:
+    """Share of the rows in sessions long enough to keep, and each task's positive rate among
+    all rows vs. the kept rows (sparse logs lose most rows to one-event sessions, and not at random)."""
+    out = {"share": float(keep.mean()) if len(keep) else 1.0, "rate_all": {}, "rate_kept": {}}
+    for t in tasks:
+        y = pd.to_numeric(frame[t], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        out["rate_all"][t] = float(np.nanmean(y)) if len(y) else None
+        out["rate_kept"][t] = float(np.nanmean(y[keep])) if keep.any() else None
+    return out
+
+
+def _kept_warnings(kept: dict) -> list[str]:
+    lines = []
+    shifts = {t: kept["rate_kept"][t] / a - 1.0 for t, a in kept["rate_all"].items()
+              if a and kept["rate_kept"].get(t) is not None}
+    moved = {t: d for t, d in shifts.items() if abs(d) > RATE_SHIFT_WARNING}
+    if kept["share"] < KEPT_SHARE_WARNING or moved:
+        rates = ", ".join(f"{t} {kept['rate_all'][t]:.4f} -> {kept['rate_kept'][t]:.4f} ({d:+.1%})" for t, d in shifts.items())
+        lines.append(f"the session rule keeps {kept['share']:.1%} of the rows (positive rate all -> kept: {rates}); "
+                     "on a sparse log try a larger --session-gap or the reader option sessions=gap_keep_single / user_day "
+                     "(KuaiRand), see docs/kuairand.md")
+    return lines
 
 def _summary(raw: RawEvents, log: SessionLog, dropped: dict[str, int], n_in: int) -> dict:
     splits = {}

@@ -7,8 +7,18 @@ from the log's exposure context (user, video, tab, hour, video length), the user
 and the basic video file -- never from a feedback column: play time, long view, stay
 times and profile entry are outcomes of the impression, not inputs.
 
+Real-file quirks handled here (docs/kuairand.md): exact duplicate impression rows are
+dropped (counted; ``keep_duplicates=True`` keeps them); hour and weekday come from
+``time_ms`` in Beijing time, never from ``hourmin`` (which stamps the last minutes of an
+hour with the next one); integer columns are parsed as int64 and range-checked, never
+through float64; a release folder missing one of its files is named in a warning (an
+error with ``strict=True``); the video age (``upload_dt``) is opt-in because on Pure it
+is a proxy of the calendar date.
+
 Sessions are left to the builder (rmtl.data.sessions.assign_sessions cuts them by the
-``time_ms`` gap), so the reader adds no 'session' column.
+``time_ms`` gap), so the reader adds no 'session' column, unless ``sessions="user_day"``
+(one session per user and Beijing calendar day). ``sessions="gap_keep_single"`` keeps the
+one-event sessions of the gap rule as one-step episodes.
 """
 
 from __future__ import annotations
@@ -72,7 +82,12 @@ VIDEO_DENSE = ["video_duration", "upload_dt", "server_width", "server_height"]  
 
 DEFAULT_USER_FEATURES = [*USER_SPARSE, *USER_DENSE]
 # music_id (millions of values) and visible_status (the state "now", at crawl time) are opt-in.
-DEFAULT_VIDEO_FEATURES = ["author_id", "video_type", "upload_type", "music_type", "tag", "upload_dt"]
+# upload_dt (-> video age at the impression) too: when a release's videos were uploaded within
+# a few days (Pure), the age is a proxy of the calendar date, whose test values fall outside
+# the train range under the time split (test AUC rose when it was dropped).
+DEFAULT_VIDEO_FEATURES = ["author_id", "video_type", "upload_type", "music_type", "tag"]
+# Dense features that follow the calendar date: warn when they track it this closely.
+DATE_LIKE_CORRELATION = 0.8
 
 STRING_COLUMNS = {"user_active_degree", "follow_user_num_range", "fans_user_num_range",
                   "friend_user_num_range", "register_days_range", "video_type", "upload_dt",
@@ -81,12 +96,30 @@ STRING_COLUMNS = {"user_active_degree", "follow_user_num_range", "fans_user_num_
 INTEGRAL_COLUMNS = {"user_id", "video_id", "time_ms", "hourmin", "tab", "is_rand", "author_id",
                     "music_id", "music_type", "is_lowactive_period", "is_live_streamer",
                     "is_video_author", *[f"onehot_feat{i}" for i in range(18)], *LABEL_COLUMNS}
+# Parsed as int64 by arrow itself (the published files write them as plain integers): a
+# float64 round trip would merge ids above 2**53 and turn huge values into INT64_MIN.
+# The other integral columns are written as "9.0" in places; they are parsed as float64
+# and refused when not whole or beyond 2**53 (not exactly representable).
+EXACT_INT_COLUMNS = {"user_id", "video_id", "time_ms", "hourmin", "tab", "is_rand", *LABEL_COLUMNS}
+FLOAT_EXACT_LIMIT = 2.0**53
+# Inclusive ranges of log integers (before the cast to compact dtypes): anything outside is
+# a corrupt row, not a value to wrap around (tab = 65537 would become 1 as int16).
+LOG_RANGES = {"user_id": (0, 2**63 - 1), "video_id": (0, 2**63 - 1),
+              "time_ms": (946_684_800_000, 4_102_444_800_000),  # 2000-01-01 .. 2100-01-01 UTC
+              "tab": (0, 32_767)}
 COUNT_COLUMNS = {"follow_user_num", "fans_user_num", "friend_user_num", "register_days",
                  "video_duration", "server_width", "server_height", "duration_ms"}
 
 BEIJING_OFFSET_MS = 8 * 3600 * 1000  # 'date' / 'hourmin' are Beijing time; time_ms is UTC
 DAY_MS = 86400 * 1000
-KNOWN_OPTIONS = ("release", "users", "tasks", "include_random", "user_features", "video_features")
+SESSION_RULES = ("gap", "gap_keep_single", "user_day")
+KNOWN_OPTIONS = ("release", "users", "tasks", "include_random", "user_features", "video_features",
+                 "keep_duplicates", "sessions", "strict")
+# Identical in every column read; date / hourmin are not compared: the real log holds the
+# same impression twice with hourmin stamped once with the hour and once with the next.
+DROP_DUPLICATE = "duplicate impression (same user, video, time_ms, tab, duration and feedback)"
+# The files each release publishes (besides video_features_statistic_*, never read).
+SPANS = ("4_08_to_4_21", "4_22_to_5_08")
 
 _FILE_RE = re.compile(
     r"^(?P<kind>log_standard|log_random|user_features|video_features_basic)"
@@ -102,6 +135,9 @@ def read_kuairand(
     include_random: bool = False,
     user_features: Sequence[str] | None = None,
     video_features: Sequence[str] | None = None,
+    keep_duplicates: bool = False,
+    sessions: str = "gap",
+    strict: bool = False,
     **options,
 ) -> RawEvents:
     """Read a KuaiRand release directory into RawEvents (one row per impression).
@@ -117,22 +153,32 @@ def read_kuairand(
     ``users``: None = all; an int N = the N smallest user ids of user_features (a random
     sample: the published ids are shuffled); a list = those ids. Other rows are skipped
     (counted in ``dropped``) while streaming, so a 27K log needs memory for the kept rows only.
-    ``session_gap`` is accepted for interface symmetry; the builder cuts sessions.
+    ``keep_duplicates``: keep exact duplicate log rows (by default each is read once and
+    the rest counted in ``dropped``). ``sessions``: "gap" (the builder cuts at
+    ``session_gap``; one-event sessions are dropped), "gap_keep_single" (the same cut,
+    one-event sessions kept as one-step episodes) or "user_day" (one session per user and
+    Beijing calendar day). ``strict``: a release missing one of its published files is an
+    error instead of a warning.
+    ``session_gap`` is accepted for interface symmetry; the builder cuts gap sessions.
     """
     del session_gap  # sessions are cut by the builder from user and time_ms
     unknown = sorted(set(options) - {"release", "users"})
     if unknown:
         raise unknown_name("kuairand reader option", unknown[0], KNOWN_OPTIONS)
+    if sessions not in SESSION_RULES:
+        raise unknown_name("kuairand session rule (reader option 'sessions')", str(sessions), SESSION_RULES)
     task_map = parse_tasks(tasks)
     user_cols = _check_feature_list(user_features, DEFAULT_USER_FEATURES, USER_SPARSE + USER_DENSE, "user_features")
     video_cols = _check_feature_list(video_features, DEFAULT_VIDEO_FEATURES, VIDEO_SPARSE + VIDEO_DENSE, "video_features")
     chosen = options.get("users")
+    warnings: list[str] = []
     files = find_files(data_dir, release=options.get("release"), include_random=bool(include_random),
-                       need_users=bool(user_cols) or isinstance(chosen, (int, np.integer)), need_videos=bool(video_cols))
+                       need_users=bool(user_cols) or isinstance(chosen, (int, np.integer)), need_videos=bool(video_cols),
+                       strict=bool(strict), warnings=warnings)
     selected = _select_users(chosen, files["user"])
 
     label_cols = sorted({c for expr in task_map.values() for c in expr})
-    log_cols = ["user_id", "video_id", "time_ms", "hourmin", "tab", "duration_ms", *label_cols]
+    log_cols = ["user_id", "video_id", "time_ms", "tab", "duration_ms", *label_cols]
     logs = [_read_log(p, log_cols, selected) for p in files["log"]]
     n_read = sum(k for _, k in logs)
     n_random = sum(len(t["user_id"]) for p, (t, _) in zip(files["log"], logs) if p.name.startswith("log_random"))
@@ -142,20 +188,30 @@ def read_kuairand(
         raise DataError(f"no log row belongs to the {len(selected)} selected user(s); expected at least one",
                         path=files["log"][0].parent, column="user_id")
     dropped = {} if n == n_read else {"user not among the selected users": n_read - n}
+    if not keep_duplicates:
+        first = ~duplicate_rows(log)
+        if not first.all():
+            dropped[DROP_DUPLICATE] = int((~first).sum())
+            log = {c: v[first] for c, v in log.items()}
+            n = len(log["user_id"])
 
     user_id, video_id, time_ms = log["user_id"], log["video_id"], log["time_ms"]  # int64
+    hour, weekday = beijing_hour_weekday(time_ms)
     frame: dict[str, object] = {"user": user_id, "item": video_id, "time": time_ms,
                                 "user_id": user_id, "video_id": video_id, "tab": log["tab"],
-                                "hour": (log["hourmin"] // 100).astype(np.int8)}
-    sparse = ["user_id", "video_id", "tab", "hour"]
+                                "hour": hour, "weekday": weekday}
+    sparse = ["user_id", "video_id", "tab", "hour", "weekday"]
     dense = ["log_duration_s"]
     frame["log_duration_s"] = np.log1p(log["duration_ms"] / 1000.0)
     notes: dict[str, int] = {"random_exposures (log_random)": int(n_random)} if include_random else {}
+    if sessions == "user_day":
+        frame["session"] = _user_day_sessions(user_id, time_ms)
 
     if user_cols:
         notes["rows_without_user_features"] = _join_side(frame, sparse, dense, files["user"], "user_id", user_id, user_cols)
     if video_cols:
         notes["rows_without_video_features"] = _join_side(frame, sparse, dense, files["video"], "video_id", video_id, video_cols)
+    warnings += _date_like_warnings(frame, dense, time_ms)
 
     for name, cols in task_map.items():
         if name in frame:
@@ -178,9 +234,62 @@ def read_kuairand(
         user_field="user_id",
         item_field="video_id",
         author_field="author_id" if "author_id" in sparse else None,
+        min_session_events=1 if sessions == "gap_keep_single" else 2,
         notes=notes,
+        warnings=warnings,
     )
     return raw
+
+
+# ---------------------------------------------------------------- real-file quirks
+
+def duplicate_rows(log: dict[str, np.ndarray]) -> np.ndarray:
+    """True for every row identical in all read columns to an earlier row. Candidates are
+    found on (user_id, time_ms) alone (cheap, and rare), then compared on every column."""
+    ut = pd.DataFrame({"u": log["user_id"], "t": log["time_ms"]}, copy=False)
+    candidates = np.flatnonzero(ut.duplicated(keep=False).to_numpy())
+    out = np.zeros(len(ut), dtype=bool)
+    if len(candidates):
+        sub = pd.DataFrame({c: v[candidates] for c, v in log.items()})
+        out[candidates] = sub.duplicated(keep="first").to_numpy()
+    return out
+
+
+def beijing_hour_weekday(time_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hour (0-23) and weekday (Monday = 0) of UTC milliseconds in Beijing time (UTC+8, no DST).
+    Not from ``hourmin``: the log stamps the last minutes of an hour with the next hour."""
+    local = np.asarray(time_ms, dtype=np.int64) + BEIJING_OFFSET_MS
+    hour = ((local // 3_600_000) % 24).astype(np.int8)
+    weekday = ((local // DAY_MS + 3) % 7).astype(np.int8)  # 1970-01-01 was a Thursday
+    return hour, weekday
+
+
+def _user_day_sessions(user_id: np.ndarray, time_ms: np.ndarray) -> np.ndarray:
+    """One session id per (user, Beijing calendar day)."""
+    day = (time_ms + BEIJING_OFFSET_MS) // DAY_MS
+    user_codes = pd.factorize(user_id)[0].astype(np.int64)
+    key = user_codes * (int(day.max() - day.min()) + 1) + (day - day.min())
+    return pd.factorize(key)[0].astype(np.int64)
+
+
+def _date_like_warnings(frame: dict, dense: list[str], time_ms: np.ndarray) -> list[str]:
+    """A warning per dense feature that tracks the impression's calendar day (e.g. the
+    video age when every video was uploaded within a few days of each other)."""
+    out = []
+    day = ((time_ms + BEIJING_OFFSET_MS) // DAY_MS).astype(np.float64)
+    if np.ptp(day) == 0:
+        return out
+    for name in dense:
+        x = np.asarray(frame[name], dtype=np.float64)
+        ok = np.isfinite(x)
+        if ok.sum() < 3 or np.ptp(x[ok]) == 0:
+            continue
+        r = float(np.corrcoef(x[ok], day[ok])[0, 1])
+        if r >= DATE_LIKE_CORRELATION:
+            out.append(f"feature '{name}' follows the calendar date (correlation {r:.2f} with the impression day): "
+                       "under the time split its val/test values lie beyond the train range; "
+                       "leave it out (video_features without upload_dt) unless that is intended")
+    return out
 
 
 # ---------------------------------------------------------------- tasks and options
@@ -228,15 +337,28 @@ def _check_feature_list(given: Sequence[str] | None, default: list[str], known: 
 
 # ---------------------------------------------------------------- files
 
+def expected_log_files(release: str | None) -> list[str]:
+    """The standard log names a release publishes (without .gz), in time order."""
+    suffix = f"_{release}" if release else ""
+    parts = ["_part1", "_part2"] if release == "27k" else [""]
+    return [f"log_standard_{span}{suffix}{p}.csv" for span in SPANS for p in parts]
+
+
 def find_files(data_dir: str | Path, *, release: str | None = None, include_random: bool = False,
-               need_users: bool = True, need_videos: bool = True) -> dict[str, list[Path]]:
+               need_users: bool = True, need_videos: bool = True, strict: bool = False,
+               warnings: list[str] | None = None) -> dict[str, list[Path]]:
     """The release's files: {'log': [...], 'user': [...], 'video': [...]} in name order
-    (which is time order: 4_08_to_4_21 before 4_22_to_5_08, part1 before part2)."""
+    (which is time order: 4_08_to_4_21 before 4_22_to_5_08, part1 before part2).
+
+    A standard log the release publishes but the folder lacks is a line in ``warnings``
+    (a DataError with ``strict``); a folder of release folders names the one to pass."""
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError("expected a directory holding the KuaiRand CSV files (log_standard_*.csv, ...)", path=root)
-    if not any(_FILE_RE.match(p.name) for p in root.iterdir()) and (root / "data").is_dir():
+    if not _has_kuairand_files(root) and (root / "data").is_dir():
         root = root / "data"
+    if not _has_kuairand_files(root):
+        _raise_if_parent_of_releases(root)
     if release is not None and release not in RELEASES:
         raise unknown_name("kuairand release", str(release), RELEASES)
     found: dict[str, list[tuple[str | None, Path]]] = {}
@@ -258,6 +380,15 @@ def find_files(data_dir: str | Path, *, release: str | None = None, include_rand
         return paths
 
     out = {"log": pick("log_standard", True)}
+    have = {p.name[:-3] if p.name.endswith(".gz") else p.name for p in out["log"]}
+    missing = [name for name in expected_log_files(wanted) if name not in have]
+    if missing:
+        message = (f"missing file(s) {', '.join(missing)}: the {wanted or 'KuaiRand'} release has "
+                   f"{len(expected_log_files(wanted))} standard logs; only {', '.join(sorted(have))} will be read")
+        if strict:
+            raise DataError(message + " (strict)", path=root)
+        if warnings is not None:
+            warnings.append(f"{root}: {message}")
     if include_random:
         out["log"] += pick("log_random", True)
     out["user"] = pick("user_features", need_users)
@@ -265,18 +396,51 @@ def find_files(data_dir: str | Path, *, release: str | None = None, include_rand
     return out
 
 
+def _has_kuairand_files(folder: Path) -> bool:
+    try:
+        return any(_FILE_RE.match(p.name) for p in folder.iterdir())
+    except PermissionError:
+        raise DataError("permission denied: cannot list this folder", path=folder) from None
+
+
+def _raise_if_parent_of_releases(root: Path) -> None:
+    """A folder holding release folders (KuaiRand-Pure/, KuaiRand-1K/ ...): say which to pass."""
+    found = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        for candidate in (sub, sub / "data"):
+            if candidate.is_dir() and _has_kuairand_files(candidate):
+                found.append(sub)
+                break
+    if found:
+        raise DataError(f"holds no KuaiRand file itself but the release folder(s) {', '.join(p.name for p in found)}; "
+                        f"pass one of them, e.g. --data-dir {found[0]}", path=root)
+
+
 def _header(path: Path) -> list[str]:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", newline="") as fh:
-        line = fh.readline()
+    try:
+        # utf-8-sig: a byte-order mark is not part of the first column's name (arrow skips it too)
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as fh:
+            line = fh.readline()
+    except UnicodeDecodeError as err:
+        raise DataError(f"not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start} of the header); "
+                        "expected a UTF-8 CSV", path=path) from None
+    except (OSError, EOFError) as err:  # permissions, a fake or truncated .gz
+        raise DataError(f"cannot read the file ({_os_reason(err)})", path=path) from None
     if not line.strip():
         raise DataError("empty file; expected a CSV header and rows", path=path)
     return [c.strip().strip('"') for c in line.rstrip("\r\n").split(",")]
 
 
+def _os_reason(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err) or type(err).__name__
+
+
 BLOCK_BYTES = 1 << 25  # streamed in ~32 MB blocks: peak memory stays near the kept rows
 # Compact dtypes of the log columns once validated (a 27K-size log is 300 M rows).
-LOG_DTYPES = {"user_id": np.int64, "video_id": np.int64, "time_ms": np.int64, "hourmin": np.int16,
+LOG_DTYPES = {"user_id": np.int64, "video_id": np.int64, "time_ms": np.int64,
               "tab": np.int16, "duration_ms": np.float32, **{c: np.int8 for c in LABEL_COLUMNS}}
 
 
@@ -294,7 +458,8 @@ def _read_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep
     for c in columns:
         if c not in header:
             raise DataError(f"missing column; expected the published {what} columns", path=path, column=c)
-    types = {c: (pa.string() if c in STRING_COLUMNS else pa.float64()) for c in columns}
+    types = {c: (pa.string() if c in STRING_COLUMNS else pa.int64() if c in EXACT_INT_COLUMNS else pa.float64())
+             for c in columns}
     chunks: dict[str, list[np.ndarray]] = {c: [] for c in columns}
     n_read = 0
     try:
@@ -315,6 +480,9 @@ def _read_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep
                 chunks[c].append(v.astype(dtypes[c]) if dtypes and c in dtypes else v)
     except pa.ArrowInvalid as err:
         raise _csv_error(err, path, header, what) from None
+    except (OSError, EOFError) as err:  # a truncated or fake .gz, a file that vanished
+        raise DataError(f"cannot read the file after row {n_read} ({_os_reason(err)}); expected a complete "
+                        f"{what} CSV", path=path) from None
     if n_read == 0:
         raise DataError("empty file: a header but no rows", path=path)
     return {c: np.concatenate(v) for c, v in chunks.items()}, n_read
@@ -324,7 +492,11 @@ def _csv_error(err: Exception, path: Path, header: list[str], what: str) -> Data
     msg = str(err)
     m = re.search(r"column #(\d+)", msg)
     if m and int(m.group(1)) < len(header):
-        return DataError(f"wrong type: expected numbers ({msg.split(': ', 1)[-1]})", path=path, column=header[int(m.group(1))])
+        column = header[int(m.group(1))]
+        if "invalid UTF8" in msg:
+            return DataError("not UTF-8 text; expected a UTF-8 CSV", path=path, column=column)
+        kind = "whole numbers" if column in EXACT_INT_COLUMNS else "numbers"
+        return DataError(f"wrong type: expected {kind} ({msg.split(': ', 1)[-1]})", path=path, column=column)
     return DataError(f"unreadable CSV ({msg}); expected the published {what} columns", path=path)
 
 
@@ -335,11 +507,21 @@ def _batch_arrays(batch: pa.RecordBatch, columns: list[str], path: Path, first_r
         if c in STRING_COLUMNS:
             out[c] = col.to_numpy(zero_copy_only=False).astype(object)  # None for empty cells
             continue
+        if pa.types.is_integer(col.type):
+            if col.null_count:
+                row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+                expected = "0 or 1" if c in LABEL_COLUMNS else "a value"
+                raise DataError(f"missing (NaN) value in row {first_row + row + 1}; expected {expected} in every row",
+                                path=path, column=c)
+            out[c] = col.to_numpy()  # int64, exact
+            continue
         values = col.to_numpy(zero_copy_only=False)  # float64, NaN for empty cells
         if c in INTEGRAL_COLUMNS:
-            bad = np.flatnonzero(~np.isnan(values) & (values != np.round(values)))
+            bad = np.flatnonzero(~np.isnan(values) & ((values != np.round(values)) | (np.abs(values) > FLOAT_EXACT_LIMIT)))
             if len(bad):
-                raise DataError(f"wrong type: expected whole numbers, found {values[bad[0]]:g} in row {first_row + bad[0] + 1}",
+                v = values[bad[0]]
+                why = "beyond 2**53 (not exactly representable)" if abs(v) > FLOAT_EXACT_LIMIT else "not whole"
+                raise DataError(f"wrong type: expected whole numbers, found {v:g} ({why}) in row {first_row + bad[0] + 1}",
                                 path=path, column=c)
         if c in COUNT_COLUMNS:
             bad = np.flatnonzero(values < 0)
@@ -352,6 +534,8 @@ def _batch_arrays(batch: pa.RecordBatch, columns: list[str], path: Path, first_r
 
 def _require_values(data: dict[str, np.ndarray], columns: Iterable[str], path: Path, first_row: int = 0) -> None:
     for c in columns:
+        if data[c].dtype.kind in "iu":
+            continue  # integer columns: nulls were refused while converting
         nan = np.flatnonzero(np.isnan(data[c]))
         if len(nan):
             expected = "0 or 1" if c in LABEL_COLUMNS else "a value"
@@ -367,11 +551,12 @@ def _check_log_block(data: dict[str, np.ndarray], path: Path, first_row: int) ->
             if len(bad):
                 raise DataError(f"label {data[c][bad[0]]:g} in row {first_row + bad[0] + 1} is outside {{0, 1}}; "
                                 "expected 0 or 1", path=path, column=c)
-    hm = data["hourmin"]
-    bad = np.flatnonzero((hm < 0) | (hm > 2359) | (hm % 100 >= 60))
-    if len(bad):
-        raise DataError(f"expected HHMM between 0 and 2359, found {hm[bad[0]]:g} in row {first_row + bad[0] + 1}",
-                        path=path, column="hourmin")
+    for c, (low, high) in LOG_RANGES.items():
+        if c in data:
+            bad = np.flatnonzero((data[c] < low) | (data[c] > high))
+            if len(bad):
+                raise DataError(f"value {data[c][bad[0]]} in row {first_row + bad[0] + 1} is outside {low}..{high}",
+                                path=path, column=c)
 
 
 def _read_log(path: Path, columns: list[str], users: np.ndarray | None) -> tuple[dict[str, np.ndarray], int]:

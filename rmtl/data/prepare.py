@@ -234,4 +234,11 @@ def format_summary(summary: dict) -> str:
         lines.append("rows kept, noted")
         for reason, n in notes.items():
             lines.append(f"  {n:>11,}  {reason}")
+    kept = summary.get("sessions_kept")
+    if kept:
+        rates = "  ".join(f"{t} {kept['rate_all'][t]:.4f}->{kept['rate_kept'][t]:.4f}"
+                          for t in kept["rate_all"] if kept["rate_all"][t] is not None and kept["rate_kept"][t] is not None)
+        lines.append(f"session rule  keeps {kept['share']:.1%} of the impressions" + (f"; positive rate all->kept  {rates}" if rates else ""))
+    for warning in summary.get("warnings") or []:
+        lines.append(f"warning: {warning}")
     return "\n".join(lines)

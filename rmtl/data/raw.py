@@ -35,3 +35,6 @@ class RawEvents:
     min_session_events: int = 2
     # Counts of rows KEPT but worth reporting (e.g. a video with no side features).
     notes: dict[str, int] = field(default_factory=dict)
+    # Lines for the prepare summary about data that was read but may mislead (a release file
+    # missing, a feature that tracks the calendar date); prepare prints them as warnings.
+    warnings: list[str] = field(default_factory=list)
