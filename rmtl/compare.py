@@ -106,7 +106,7 @@ def run_seed(cfg: RunConfig, seed: int, arms: list[str], root: str | os.PathLike
     for name in arms:
         strategy_cfg, strategy = _arm_strategy(name, stage.agent, seed)
         results[name] = finetune_arm(cfg, log, pretrained, pre_val, name, strategy_cfg, strategy=strategy,
-                                     run_dir=root, tag=name)
+                                     run_dir=root, tag=name, step_offset=pre.steps)
     test = log.split("test")
     boot = {}
     if bootstrap:

@@ -95,7 +95,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     seed: int = 0
-    run_dir: str = "runs/${now:%Y%m%d-%H%M%S}"
+    run_dir: str = "runs/${model.name}-${strategy.name}-${now:%Y%m%d-%H%M%S}"  # model, strategy, start time
     baseline_run: Optional[str] = None  # run dir of a SingleTask run: its test metrics give the MTL gain
 
 

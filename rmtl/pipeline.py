@@ -13,7 +13,9 @@
 
 ``train_agent`` is the agent stage alone (``rmtl agent``), for a backbone trained elsewhere.
 Everything a stage writes lands under the run directory: pretrain/, agent/, finetune/
-(and ew_control/), each with its TensorBoard events; comparison.txt and pipeline.json.
+(and ew_control/), each with its TensorBoard events; comparison.txt and pipeline.json
+(``rmtl pipeline`` also writes config.yaml). Fine-tuning's TensorBoard steps continue
+pretraining's (one axis); the agent's steps are critic updates, on their own axis.
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ def evaluate_full(model: nn.Module, log: SessionLog, batch_size: int = 8192) -> 
 
 def finetune_arm(cfg: RunConfig, log: SessionLog, start: nn.Module, start_val_auc: float, name: str,
                  strategy_cfg: StrategyConfig, *, strategy: nn.Module | None = None,
-                 run_dir: str | os.PathLike, tag: str | None = None) -> ArmResult:
+                 run_dir: str | os.PathLike, tag: str | None = None, step_offset: int = 0) -> ArmResult:
     """Fine-tune a copy of ``start`` (early-stopped on val, best-on-val weights kept); the start
     weights are kept instead when no evaluation beat ``start_val_auc`` (mean val AUC)."""
     from rmtl.metrics import mean_metric
@@ -152,7 +154,7 @@ def finetune_arm(cfg: RunConfig, log: SessionLog, start: nn.Module, start_val_au
     t = time.perf_counter()
     model = copy.deepcopy(start)
     ft = fit(_finetune_cfg(cfg, strategy_cfg), prepared=log, model=model, strategy=strategy, run_dir=run_dir,
-             tag=tag or name)
+             tag=tag or name, step_offset=step_offset)
     val_auc = mean_metric(ft.metrics["val"], "auc")
     kept = "finetuned"
     if not val_auc > start_val_auc:
@@ -197,11 +199,13 @@ def run_pipeline(cfg: RunConfig, *, prepared=None, model: nn.Module | None = Non
     start_val = pre_val if start is pretrained else mean_metric(_val_metrics(cfg, start, log), "auc")
     strategy = RMTLStrategy(log.spec.num_tasks, agent=stage.agent)  # lam / twin: the agent's (one source)
     arms = {"rmtl": finetune_arm(cfg, log, start, start_val, "rmtl", StrategyConfig(name="rmtl", options={}),
-                                 strategy=strategy, run_dir=root, tag="finetune")}
+                                 strategy=strategy, run_dir=root, tag="finetune", step_offset=pre.steps)}
     seconds["finetune"] = arms["rmtl"].seconds
     say(f"fine-tune (RMTL weights): {arms['rmtl'].steps} steps, kept {arms['rmtl'].kept}, {seconds['finetune']:.0f}s")
     if cfg.agent.ew_control:
-        arms["ew"] = finetune_arm(cfg, log, pretrained, pre_val, "ew", ew, run_dir=root, tag="ew_control")
+        # fine-tuning continues pretraining's TensorBoard axis (the EW control runs beside it)
+        arms["ew"] = finetune_arm(cfg, log, pretrained, pre_val, "ew", ew, run_dir=root, tag="ew_control",
+                                  step_offset=pre.steps)
         seconds["ew_control"] = arms["ew"].seconds
         say(f"fine-tune (EW control): {arms['ew'].steps} steps, kept {arms['ew'].kept}, {seconds['ew_control']:.0f}s")
 
