@@ -40,7 +40,7 @@ if not OmegaConf.has_resolver("now"):
 
 @dataclass
 class DataConfig:
-    source: str = "retailrocket"  # retailrocket | kuairand | census
+    source: str = "retailrocket"  # a registered data source: retailrocket | kuairand | census (rmtl.data.sources)
     data_dir: Optional[str] = None  # None = the embedded synthetic default; relative = to cwd, else to the repo
     cache_dir: Optional[str] = None  # None = the data core's default cache
     session_gap: Optional[float] = 1800.0  # seconds of inactivity that start a new session; None = one per user
