@@ -6,14 +6,13 @@ training read back from the runs' TensorBoard event files.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from pathlib import Path
 from typing import Sequence
 
-from rmtl.atomic import atomic_path
+from rmtl.atomic import atomic_path, read_json
 from rmtl.errors import DataError
 from rmtl.metrics import METRICS
 from rmtl.tables import text_table
@@ -47,7 +46,7 @@ def collect_metrics(run_dirs: Sequence[str | os.PathLike], split: str = "test") 
         root = Path(run)
         fits = find_fits(root)
         for fit_dir in fits:
-            data = json.loads((fit_dir / "metrics.json").read_text())
+            data = read_json(fit_dir / "metrics.json", "metrics file")
             if split not in data:
                 raise DataError(f"has no '{split}' metrics", path=fit_dir / "metrics.json")
             label = _label(fit_dir, root, fits)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from rmtl.errors import ConfigError
@@ -33,6 +34,28 @@ def format_metrics(metrics: dict) -> str:
     return text_table(rows, label_columns=2)
 
 
+def _missing_parts(path: Path) -> list[Path]:
+    """``path`` and its parent folders that do not exist yet (deepest first)."""
+    return [p for p in [path, *path.parents] if not p.exists()]
+
+
+def _remove_if_unused(run_dir: Path, created: list[Path]) -> None:
+    """After a failed start: remove the config.yaml and the folders this call created,
+    unless the run got as far as a checkpoint (then it is resumable and stays)."""
+    if any(run_dir.rglob("*.pt")):
+        return
+    if run_dir in created:  # all of it is this call's (config.yaml, maybe train/ with events)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    for p in created:  # deepest first
+        try:
+            if p.is_file():
+                p.unlink()
+            elif p.is_dir():
+                p.rmdir()  # only an empty folder
+        except OSError:
+            break
+
+
 def run(args: argparse.Namespace) -> int:
     from rmtl.config import load_config, save_config
     from rmtl.train import check_names, fit
@@ -49,12 +72,17 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"run_dir={args.run_dir}")
     if args.no_progress:
         overrides.append("train.progress=false")
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides)  # every key, type and range checked
     check_names(cfg, need_model=True, need_strategy=True)  # fail before anything is written
     run_dir = Path(cfg.run_dir)
-    save_config(cfg, run_dir / "config.yaml")
+    fresh = _missing_parts(run_dir / "config.yaml")
+    save_config(cfg, run_dir / "config.yaml")  # before fit: a killed run resumes from it
     print(f"run dir: {run_dir}")
-    result = fit(cfg, run_dir=run_dir, resume=args.resume)
+    try:
+        result = fit(cfg, run_dir=run_dir, resume=args.resume)
+    except BaseException:
+        _remove_if_unused(run_dir, fresh)
+        raise
     print(f"{result.steps} steps, {result.epochs} epochs, best at step {result.best_step}"
           + (" (stopped early)" if result.stopped_early else ""))
     print(format_metrics(result.metrics))
