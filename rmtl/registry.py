@@ -56,6 +56,12 @@ class Registry:
                               "pass replace=True to override")
         self.entries[name] = target
 
+    def name_of(self, obj: Any) -> str | None:
+        """The name ``obj``'s class is registered under (None when it is not), without importing anything."""
+        cls = type(obj)
+        path = f"{cls.__module__}:{cls.__qualname__}"
+        return next((name for name, target in sorted(self.entries.items()) if target is cls or target == path), None)
+
     def resolve(self, name: str) -> type:
         """The class registered under ``name`` (imports its module on first use)."""
         if name not in self.entries:

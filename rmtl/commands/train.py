@@ -57,8 +57,8 @@ def _remove_if_unused(run_dir: Path, created: list[Path]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rmtl.config import load_config, save_config
-    from rmtl.train import check_names, fit
+    from rmtl.commands import start_run
+    from rmtl.train import fit
 
     config = args.config
     if config is None:
@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise ConfigError("give a config with -c (a YAML file or one of the packaged names), or "
                               "--resume --run-dir DIR for a run dir holding config.yaml")
+<<<<<<< HEAD
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
@@ -83,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         _remove_if_unused(run_dir, fresh)
         raise
+=======
+    overrides = list(args.overrides) + (["train.progress=false"] if args.no_progress else [])
+    cfg = start_run(config, overrides, args.run_dir)
+    result = fit(cfg, run_dir=Path(cfg.run_dir), resume=args.resume)
+>>>>>>> main
     print(f"{result.steps} steps, {result.epochs} epochs, best at step {result.best_step}"
           + (" (stopped early)" if result.stopped_early else ""))
     print(format_metrics(result.metrics))
