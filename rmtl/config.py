@@ -107,13 +107,8 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
-<<<<<<< HEAD
     seed: int = bounded(0, low=0)
-    run_dir: str = "runs/${now:%Y%m%d-%H%M%S}"
-=======
-    seed: int = 0
     run_dir: str = "runs/${model.name}-${strategy.name}-${now:%Y%m%d-%H%M%S}"  # model, strategy, start time
->>>>>>> main
     baseline_run: Optional[str] = None  # run dir of a SingleTask run: its test metrics give the MTL gain
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 from rmtl.errors import ConfigError
@@ -34,30 +33,8 @@ def format_metrics(metrics: dict) -> str:
     return text_table(rows, label_columns=2)
 
 
-def _missing_parts(path: Path) -> list[Path]:
-    """``path`` and its parent folders that do not exist yet (deepest first)."""
-    return [p for p in [path, *path.parents] if not p.exists()]
-
-
-def _remove_if_unused(run_dir: Path, created: list[Path]) -> None:
-    """After a failed start: remove the config.yaml and the folders this call created,
-    unless the run got as far as a checkpoint (then it is resumable and stays)."""
-    if any(run_dir.rglob("*.pt")):
-        return
-    if run_dir in created:  # all of it is this call's (config.yaml, maybe train/ with events)
-        shutil.rmtree(run_dir, ignore_errors=True)
-    for p in created:  # deepest first
-        try:
-            if p.is_file():
-                p.unlink()
-            elif p.is_dir():
-                p.rmdir()  # only an empty folder
-        except OSError:
-            break
-
-
 def run(args: argparse.Namespace) -> int:
-    from rmtl.commands import start_run
+    from rmtl.commands import started_run
     from rmtl.train import fit
 
     config = args.config
@@ -67,28 +44,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise ConfigError("give a config with -c (a YAML file or one of the packaged names), or "
                               "--resume --run-dir DIR for a run dir holding config.yaml")
-<<<<<<< HEAD
-    overrides = list(args.overrides)
-    if args.run_dir:
-        overrides.append(f"run_dir={args.run_dir}")
-    if args.no_progress:
-        overrides.append("train.progress=false")
-    cfg = load_config(config, overrides)  # every key, type and range checked
-    check_names(cfg, need_model=True, need_strategy=True)  # fail before anything is written
-    run_dir = Path(cfg.run_dir)
-    fresh = _missing_parts(run_dir / "config.yaml")
-    save_config(cfg, run_dir / "config.yaml")  # before fit: a killed run resumes from it
-    print(f"run dir: {run_dir}")
-    try:
-        result = fit(cfg, run_dir=run_dir, resume=args.resume)
-    except BaseException:
-        _remove_if_unused(run_dir, fresh)
-        raise
-=======
     overrides = list(args.overrides) + (["train.progress=false"] if args.no_progress else [])
-    cfg = start_run(config, overrides, args.run_dir)
-    result = fit(cfg, run_dir=Path(cfg.run_dir), resume=args.resume)
->>>>>>> main
+    with started_run(config, overrides, args.run_dir) as cfg:
+        result = fit(cfg, run_dir=Path(cfg.run_dir), resume=args.resume)
     print(f"{result.steps} steps, {result.epochs} epochs, best at step {result.best_step}"
           + (" (stopped early)" if result.stopped_early else ""))
     print(format_metrics(result.metrics))
