@@ -83,7 +83,7 @@ def test_crash_while_writing_leaves_nothing_half_written(tmp_path, census_file, 
         raise OSError("disk full")
 
     monkeypatch.setattr(cache.pq, "write_table", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(DataError, match="disk full"):  # one clear error naming the entry
         prepare("census", census_file, cache_dir=root)
     assert entries(root) == []
     monkeypatch.undo()

@@ -133,9 +133,13 @@ def prepare(
         material = {"source": source, "options": options, "files": cache.fingerprint(data_path, files)}
         entry = cache.entry_path(root, source, cache.cache_key(**material))
         if cache.exists(entry):
-            log, summary = cache.load(entry)
-            summary["data_dir"] = str(data_path)  # the same files may have moved since
-            return Prepared(log, summary, entry, True, data_path)
+            try:
+                log, summary = cache.load(entry)
+            except DataError:  # damaged (a column missing, truncated Parquet): rebuild it
+                cache.discard(entry)
+            else:
+                summary["data_dir"] = str(data_path)  # the same files may have moved since
+                return Prepared(log, summary, entry, True, data_path)
 
     kwargs = dict(reader_options)
     if data_sources.get_source(source).reader_takes_session_gap:
@@ -170,7 +174,8 @@ def default_data_dir(source: str, root: Path, options: dict | None = None) -> Pa
     if out.is_dir():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    cache.remove_stale_temporaries(out.parent)  # a killed writer's half-written folders
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-p{os.getpid()}-{out.name}-", dir=out.parent))
     try:
         synthetic.write_synthetic(source, tmp, **options)
         try:
