@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from rmtl.atomic import atomic_path
+from rmtl.atomic import atomic_path, read_json
 from rmtl.errors import DataError
 from rmtl.metrics import METRICS
 from rmtl.tables import text_table
@@ -88,7 +88,7 @@ def collect_fits(run_dirs: Sequence[str | os.PathLike]) -> list[Fit]:
         folders = find_fits(root)
         config = _run_config(root if root not in folders else root.parent)
         for folder in folders:
-            data = json.loads((folder / "metrics.json").read_text())
+            data = read_json(folder / "metrics.json", "metrics file")
             model = data.get("model_name") or (config.get("model") or {}).get("name") or data.get("model", "?")
             strategy = (data.get("strategy_name") or (config.get("strategy") or {}).get("name")
                         or data.get("strategy", "?"))

@@ -21,7 +21,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rmtl.commands import start_run
+    from rmtl.commands import started_run
     from rmtl.pipeline import run_pipeline
 
     overrides = list(args.overrides)
@@ -29,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
         # the pipeline pretrains with EW and fine-tunes with the critics' weights: its
         # strategy (in the run name and config.yaml) is rmtl
         overrides.append("strategy.name=rmtl")
-    cfg = start_run(args.config, overrides, args.run_dir)
-    result = run_pipeline(cfg, run_dir=cfg.run_dir)
+    with started_run(args.config, overrides, args.run_dir) as cfg:
+        result = run_pipeline(cfg, run_dir=cfg.run_dir)
     print()
     print(result.table)
     total = sum(result.seconds.values())

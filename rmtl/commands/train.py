@@ -34,7 +34,7 @@ def format_metrics(metrics: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rmtl.commands import start_run
+    from rmtl.commands import started_run
     from rmtl.train import fit
 
     config = args.config
@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("give a config with -c (a YAML file or one of the packaged names), or "
                               "--resume --run-dir DIR for a run dir holding config.yaml")
     overrides = list(args.overrides) + (["train.progress=false"] if args.no_progress else [])
-    cfg = start_run(config, overrides, args.run_dir)
-    result = fit(cfg, run_dir=Path(cfg.run_dir), resume=args.resume)
+    with started_run(config, overrides, args.run_dir) as cfg:
+        result = fit(cfg, run_dir=Path(cfg.run_dir), resume=args.resume)
     print(f"{result.steps} steps, {result.epochs} epochs, best at step {result.best_step}"
           + (" (stopped early)" if result.stopped_early else ""))
     print(format_metrics(result.metrics))
