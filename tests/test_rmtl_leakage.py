@@ -152,7 +152,9 @@ def test_sanity_arms_weights():
 
 def test_compare_bad_input_is_one_line_exit_2(capsys):
     for argv, key in [(["compare", "--seeds", "0"], "--seeds"), (["compare", "--arms", "ew,nope"], "--arms"),
-                      (["compare", "agent.folds=1"], "agent.folds")]:
+                      (["compare", "agent.folds=1"], "agent.folds"),
+                      (["synth", "--schema", "retailrocket", "--out", "/nonexistent/x", "--dynamics", "3.5"],
+                       "dynamics")]:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert key in err and len(err.splitlines()) == 1, err
@@ -177,3 +179,20 @@ def test_compare_end_to_end(tmp_path):
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
     assert list((tmp_path / "cmp" / "seed0" / "rmtl").glob("events.out.tfevents.*"))  # TensorBoard per arm
     assert "mean diff to ew" in res["table"]
+
+
+@pytest.mark.parametrize("schema", ["retailrocket", "kuairand"])
+def test_synthetic_dynamics_knob(tmp_path, schema, capsys):
+    """s = 0: independent draws (no lag-1 correlation to speak of); s > 0: outcomes cluster in sessions."""
+    from rmtl.data import sources
+    from rmtl.data.session_dynamics import raw_summary
+
+    lag = {}
+    for s in (0.0, 1.5):
+        out = tmp_path / f"{schema}{s}"
+        sizes = {"users": 800, "items": 300} if schema == "retailrocket" else {"users": 150, "items": 300}
+        assert main(["synth", "--schema", schema, "--out", str(out), "--dynamics", str(s),
+                     "--users", str(sizes["users"]), "--items", str(sizes["items"])]) == 0
+        assert "lag-1 correlation" in capsys.readouterr().out
+        lag[s] = raw_summary(sources.reader(schema)(out))["lag1"]
+    assert abs(lag[0.0]) < 0.1 and lag[1.5] > lag[0.0] + 0.1, lag
