@@ -26,7 +26,9 @@ from typing import Sequence
 import numpy as np
 
 from rmtl.data import cache
-from rmtl.data.build import check_split_ratios, check_split_order, build_session_log, encode_values
+from rmtl.data.build import (
+    build_session_log, check_split_order, check_split_ratios, default_split_ratios, encode_values,
+)
 from rmtl.data.sessionlog import SPLITS, SessionLog
 from rmtl.errors import ConfigError, DataError, unknown_name
 
@@ -92,7 +94,7 @@ def prepare(
     *,
     cache_dir: str | Path | None = None,
     session_gap: float | None = 1800.0,
-    split_ratios: Sequence[float] = (0.6, 0.2, 0.2),
+    split_ratios: Sequence[float] | None = None,
     split_order: str | None = None,
     min_count: int = 1,
     seed: int = 0,
@@ -116,7 +118,7 @@ def prepare(
             raise ConfigError(f"expected seconds or None, got {session_gap!r}", key="session_gap") from None
         if not (math.isfinite(session_gap) and session_gap > 0):
             raise ConfigError(f"expected positive seconds or None, got {session_gap!r}", key="session_gap")
-    ratios = check_split_ratios(split_ratios)
+    ratios = check_split_ratios(default_split_ratios(source) if split_ratios is None else split_ratios)
     check_split_order(split_order, source)
     if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
         raise ConfigError(f"must be an integer >= 1, got {min_count!r}", key="min_count")
@@ -155,7 +157,7 @@ def prepare(
         kwargs["session_gap"] = session_gap
     raw = read(data_path, **kwargs)
     vocab: dict = {}
-    log, summary = build_session_log(raw, session_gap=session_gap, split_ratios=split_ratios,
+    log, summary = build_session_log(raw, session_gap=session_gap, split_ratios=ratios,
                                      split_order=split_order, min_count=min_count, seed=seed, vocab_out=vocab)
     summary["data_dir"] = str(data_path)
     summary["options"] = options
