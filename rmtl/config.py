@@ -52,7 +52,7 @@ def bounded(default: Any = dataclasses.MISSING, *, low: float | None = None, hig
 
 @dataclass
 class DataConfig:
-    source: str = "retailrocket"  # retailrocket | kuairand | census
+    source: str = "retailrocket"  # a registered data source: retailrocket | kuairand | census (rmtl.data.sources)
     data_dir: Optional[str] = None  # None = the embedded synthetic default; relative = to cwd, else to the repo
     cache_dir: Optional[str] = None  # None = the data core's default cache
     session_gap: Optional[float] = bounded(1800.0, low=0, low_open=True)  # seconds of inactivity that start a new session; None = one per user

@@ -96,6 +96,10 @@ def check_names(cfg: RunConfig, *, need_model: bool = True, need_strategy: bool 
     from rmtl import backbones, weighting
     from rmtl.errors import unknown_name
 
+    from rmtl.data.sources import source_names
+
+    if cfg.data.source not in source_names():
+        raise ConfigError(str(unknown_name("data source", cfg.data.source, source_names())), key="data.source")
     if need_model and cfg.model.name not in backbones.available():
         err = unknown_name("backbone", cfg.model.name, backbones.available())
         raise ConfigError(str(err), key="model.name")

@@ -22,15 +22,9 @@ import pandas as pd
 from rmtl.data.raw import RawEvents
 from rmtl.data.sessionlog import SPLITS, SessionLog
 from rmtl.data.sessions import assign_sessions, group_time_order
+from rmtl.data.sources import SPLIT_ORDERS, default_split_order, default_split_ratios
 from rmtl.data.spec import FeatureSpec
 from rmtl.errors import ConfigError, DataError
-
-SPLIT_ORDERS = ("time", "random")
-# Sources whose rows carry no meaningful time (Census) split sessions at random by default.
-DEFAULT_SPLIT_ORDER = {"census": "random"}
-# Split ratios when none are given: 6:2:2, Census 50/25/25 (configs/census.yaml says the same).
-SPLIT_RATIOS = (0.6, 0.2, 0.2)
-DEFAULT_SPLIT_RATIOS = {"census": (0.5, 0.25, 0.25)}
 
 MISSING_INDEX = 0
 RARE_INDEX = 1
@@ -181,12 +175,8 @@ def check_split_ratios(split_ratios: Sequence[float]) -> tuple[float, float, flo
     return ratios  # type: ignore[return-value]
 
 
-def default_split_ratios(source: str) -> tuple[float, float, float]:
-    return DEFAULT_SPLIT_RATIOS.get(source, SPLIT_RATIOS)
-
-
 def check_split_order(split_order: str | None, source: str) -> str:
-    kind = split_order or DEFAULT_SPLIT_ORDER.get(source, "time")
+    kind = split_order or default_split_order(source)  # e.g. census (rows without a time): random
     if kind not in SPLIT_ORDERS:
         raise ConfigError(f"expected one of {', '.join(SPLIT_ORDERS)}, got {split_order!r}", key="split_order")
     return kind

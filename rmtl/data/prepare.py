@@ -12,8 +12,6 @@ With ``data_dir=None`` the package writes synthetic raw files in the real schema
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
 import json
 import math
 import os
@@ -26,18 +24,11 @@ from typing import Sequence
 import numpy as np
 
 from rmtl.data import cache
-from rmtl.data.build import (
-    build_session_log, check_split_order, check_split_ratios, default_split_ratios, encode_values,
-)
+from rmtl.data import sources as data_sources
+from rmtl.data.build import check_split_ratios, check_split_order, build_session_log, encode_values
 from rmtl.data.sessionlog import SPLITS, SessionLog
-from rmtl.errors import ConfigError, DataError, unknown_name
+from rmtl.errors import ConfigError, DataError
 
-# source -> "module:function" of its reader (imported lazily)
-READERS = {
-    "retailrocket": "rmtl.data.retailrocket:read_retailrocket",
-    "kuairand": "rmtl.data.kuairand:read_kuairand",
-    "census": "rmtl.data.census:read_census",
-}
 
 
 @dataclass
@@ -78,14 +69,12 @@ def as_session_log(prepared) -> SessionLog:
 
 
 def sources() -> list[str]:
-    return sorted(READERS)
+    """Registered data source names (rmtl.data.sources)."""
+    return data_sources.source_names()
 
 
 def reader(source: str):
-    if source not in READERS:
-        raise unknown_name("data source", source, READERS)
-    module, func = READERS[source].split(":")
-    return getattr(importlib.import_module(module), func)
+    return data_sources.reader(source)
 
 
 def prepare(
@@ -118,7 +107,7 @@ def prepare(
             raise ConfigError(f"expected seconds or None, got {session_gap!r}", key="session_gap") from None
         if not (math.isfinite(session_gap) and session_gap > 0):
             raise ConfigError(f"expected positive seconds or None, got {session_gap!r}", key="session_gap")
-    ratios = check_split_ratios(default_split_ratios(source) if split_ratios is None else split_ratios)
+    ratios = check_split_ratios(data_sources.default_split_ratios(source) if split_ratios is None else split_ratios)
     check_split_order(split_order, source)
     if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
         raise ConfigError(f"must be an integer >= 1, got {min_count!r}", key="min_count")
@@ -153,7 +142,7 @@ def prepare(
                 return Prepared(log, summary, entry, True, data_path)
 
     kwargs = dict(reader_options)
-    if "session_gap" in inspect.signature(read).parameters:
+    if data_sources.get_source(source).reader_takes_session_gap:
         kwargs["session_gap"] = session_gap
     raw = read(data_path, **kwargs)
     vocab: dict = {}
@@ -171,7 +160,7 @@ def default_data_dir(source: str, root: Path, options: dict | None = None) -> Pa
     embedded default (``<source>-default``), or one folder per set of writer options."""
     from rmtl.data import synthetic
 
-    if source not in synthetic.WRITERS:
+    if source not in synthetic.schemas():
         raise DataError(f"'{source}' has no embedded synthetic default; give the folder of the real files "
                         f"(--data-dir DIR / data_dir=...)")
     options = dict(options or {})
