@@ -80,7 +80,10 @@ class TrainConfig:
     eval_every: Optional[int] = None  # steps between validations; None = once per epoch
     checkpoint_every: Optional[int] = None  # steps between last.pt writes; None = at every validation
     grad_clip: Optional[float] = None  # max global gradient norm; None = no clipping
-    bf16: bool = False  # bfloat16 autocast of the forward pass (CPU or CUDA)
+    # bfloat16 autocast of the forward pass; None = auto: on where the CPU has native bf16
+    # (AVX512-BF16 / AMX) or the GPU supports it, fp32 elsewhere (the choice is logged)
+    bf16: Optional[bool] = None
+    sparse_embedding: bool = True  # row-sparse embedding gradients + lazy Adam rows (rmtl.optim)
     device: str = "auto"  # auto | cpu | cuda
     num_threads: Optional[int] = None  # torch intra-op threads; None = torch's default
     log_every: int = 50  # steps between TensorBoard train scalars

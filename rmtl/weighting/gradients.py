@@ -134,8 +134,8 @@ def task_gradients(task_losses: torch.Tensor, model: nn.Module, shared: torch.Te
             n = t.numel()
             if g is None:
                 grads[k, offset:offset + n].zero_()
-            else:
-                grads[k, offset:offset + n] = g.reshape(-1)
+            else:  # a row-sparse embedding gradient (rmtl.optim) is densified here
+                grads[k, offset:offset + n] = (g.to_dense() if g.is_sparse else g).reshape(-1)
             offset += n
         for i, g in enumerate(got[len(targets):]):
             if g is not None:
