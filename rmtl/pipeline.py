@@ -11,7 +11,9 @@
 
 ``train_agent`` is the agent stage alone (``rmtl agent``), for a backbone trained elsewhere.
 Everything a stage writes lands under the run directory: pretrain/, agent/, finetune/
-(and ew_control/), each with its TensorBoard events; comparison.txt and pipeline.json.
+(and ew_control/), each with its TensorBoard events; comparison.txt and pipeline.json
+(``rmtl pipeline`` also writes config.yaml). Fine-tuning's TensorBoard steps continue
+pretraining's (one axis); the agent's steps are critic updates, on their own axis.
 """
 
 from __future__ import annotations
@@ -130,7 +132,9 @@ def run_pipeline(cfg: RunConfig, *, prepared=None, model: nn.Module | None = Non
     t = time.perf_counter()
     strategy = RMTLStrategy(log.spec.num_tasks, agent=stage.agent, lam=cfg.agent.lam, twin=cfg.agent.twin)
     ft_cfg = _finetune_cfg(cfg, StrategyConfig(name="rmtl", options={"lam": cfg.agent.lam}))
-    ft = fit(ft_cfg, prepared=log, model=actor, strategy=strategy, run_dir=root, tag="finetune")
+    # fine-tuning continues pretraining's TensorBoard axis (the EW control runs beside it)
+    ft = fit(ft_cfg, prepared=log, model=actor, strategy=strategy, run_dir=root, tag="finetune",
+             step_offset=pre.steps)
     seconds["finetune"] = time.perf_counter() - t
     say(f"fine-tune (RMTL weights): {ft.steps} steps, {seconds['finetune']:.0f}s")
 
@@ -139,7 +143,8 @@ def run_pipeline(cfg: RunConfig, *, prepared=None, model: nn.Module | None = Non
         t = time.perf_counter()
         ctrl_model = copy.deepcopy(pre.model)
         ctrl_model.load_state_dict(pretrained_state)
-        ctrl = fit(_finetune_cfg(cfg, ew), prepared=log, model=ctrl_model, run_dir=root, tag="ew_control")
+        ctrl = fit(_finetune_cfg(cfg, ew), prepared=log, model=ctrl_model, run_dir=root, tag="ew_control",
+                   step_offset=pre.steps)
         control = ctrl.metrics["test"]
         seconds["ew_control"] = time.perf_counter() - t
 

@@ -22,12 +22,9 @@ import pandas as pd
 from rmtl.data.raw import RawEvents
 from rmtl.data.sessionlog import SPLITS, SessionLog
 from rmtl.data.sessions import assign_sessions, group_time_order
+from rmtl.data.sources import SPLIT_ORDERS, default_split_order
 from rmtl.data.spec import FeatureSpec
 from rmtl.errors import ConfigError, DataError
-
-SPLIT_ORDERS = ("time", "random")
-# Sources whose rows carry no meaningful time (Census) split sessions at random by default.
-DEFAULT_SPLIT_ORDER = {"census": "random"}
 
 MISSING_INDEX = 0
 RARE_INDEX = 1
@@ -166,7 +163,7 @@ def check_split_ratios(split_ratios: Sequence[float]) -> tuple[float, float, flo
 
 
 def check_split_order(split_order: str | None, source: str) -> str:
-    kind = split_order or DEFAULT_SPLIT_ORDER.get(source, "time")
+    kind = split_order or default_split_order(source)  # e.g. census (rows without a time): random
     if kind not in SPLIT_ORDERS:
         raise ConfigError(f"expected one of {', '.join(SPLIT_ORDERS)}, got {split_order!r}", key="split_order")
     return kind

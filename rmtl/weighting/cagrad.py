@@ -5,11 +5,13 @@ gradient g0: max_d min_k g_k . d  s.t. |d - g0| <= c |g0|. Its dual is a problem
 K-simplex,
     min_w  g_w . g0 + c |g0| |g_w|,   g_w = sum_k w_k g_k,
 and then d = g0 + (c |g0| / |g_w|) g_w, divided by (1 + c^2) (rescale=1, the paper's
-default; rescale=0 keeps d, rescale=2 divides by 1 + c). As in the authors' code the
-dual is solved with a few steps of SGD with momentum on softmax logits of w (here with
-the gradient in closed form, on the Gram matrix scaled by the mean squared task-gradient
-norm so the step size is scale-free), keeping the best iterate. c = 0 gives the mean
-gradient exactly. Effective weights: w_eff = (1/K + lambda w) / rescale.
+default; rescale=0 keeps d, rescale=2 divides by 1 + c). The dual is solved on the
+Gram matrix scaled by the mean squared task-gradient norm (so step sizes are scale-free).
+Default ``solver="projected"``: projected gradient descent on the simplex with Armijo
+backtracking, monotone, stopping when it converges. ``solver="paper"``: the authors'
+few steps of SGD with momentum on softmax logits of w (gradient in closed form), keeping
+the best iterate; it can stall in a corner (docs/weighting.md has the comparison).
+c = 0 gives the mean gradient exactly. Effective weights: w_eff = (1/K + lambda w) / rescale.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ from rmtl.weighting.gradients import MODES, cosines, gram, task_gradients, warn_
 
 
 class GradientStrategy(WeightingStrategy):
+    # True: task-specific parameters get sum_k w_k dL_k/dtheta (as backpropagating sum_k w_k L_k
+    # would; Nash-MTL's reference), False: the plain sum over tasks (LibMTL's convention)
+    weights_task_heads = False
+
     def __init__(self, num_tasks: int, *, on: str = "auto", task_names: Sequence[str] | None = None):
         super().__init__(num_tasks, task_names=task_names)
         self.on = check_choice("on", on, MODES)
@@ -57,13 +61,13 @@ class GradientStrategy(WeightingStrategy):
         if not self._checked_untouched:
             before_none = {id(p) for p in model.parameters() if p.requires_grad and p.grad is None}
         task_losses = reduce_losses(losses)
-        tg = task_gradients(task_losses, model, shared, self.on)
+        tg = task_gradients(task_losses, model, shared, self.on, keep_own_per_task=self.weights_task_heads)
         self.last_mode = tg.mode
         gram_matrix = gram(tg.grads)
         self.check_finite(gram_matrix, self.names_for(model))
         weights = self.weights_from_gram(gram_matrix, task_losses.detach(), context)
         combined = weights.to(tg.grads.dtype) @ tg.grads
-        tg.apply(self.postprocess(combined))
+        tg.apply(self.postprocess(combined), weights if self.weights_task_heads else None)
         if not self._checked_untouched:
             self._checked_untouched = True
             warn_if_untouched(model, before_none)

@@ -5,9 +5,11 @@ Two places to take them (``on``):
 - ``"representation"``: gradients of each task loss w.r.t. the shared representation
   (the CUT that ``forward_with_shared`` returns, flattened [B * H]). One
   ``autograd.grad`` per task reaches only down to the cut, so it is cheap; it also
-  yields the task-specific parameters' plain gradients (summed over tasks, as
-  LibMTL's rep_grad does), and one ``cut.backward(combined)`` finally pushes the
-  combined gradient through the shared trunk.
+  yields the task-specific parameters' gradients (summed over tasks, or weighted by
+  the method's weights where it asks: Nash-MTL), and one ``cut.backward(combined)``
+  finally pushes the combined gradient through the shared trunk. The per-task gradient
+  is the flattened [B * H] representation gradient, Sener & Koltun's MGDA-UB bound
+  (not a per-sample sum over the batch).
 - ``"parameters"``: gradients of each task loss w.r.t. the flattened shared
   parameters; the combined one is written into their ``.grad``. Works for any
   nn.Module (a module without ``shared_parameters`` shares everything).
@@ -15,7 +17,9 @@ Two places to take them (``on``):
   declares which parameters are shared, the parameters otherwise.
 
 Gradients are ACCUMULATED into ``.grad`` (as ``loss.backward()`` would), so the caller
-zeroes them before the step as usual.
+zeroes them before the step as usual. ``nn.Embedding(sparse=True)`` works: its per-task
+gradients are made dense for the Gram matrix (so parameters mode holds K dense copies of
+the table), and its combined gradient is written back row-sparse, as the layer makes it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rmtl.backbones.base import SplitsParameters
 from rmtl.backbones.base import shared_parameters as _shared_parameters
 from rmtl.errors import ConfigError
 
@@ -46,7 +51,7 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 def resolve_mode(on: str, model: nn.Module, shared: torch.Tensor | None) -> str:
     """Where the per-task gradients are taken for this call."""
-    usable = isinstance(shared, torch.Tensor) and shared.requires_grad and hasattr(model, "shared_parameters")
+    usable = isinstance(shared, torch.Tensor) and shared.requires_grad and isinstance(model, SplitsParameters)
     if on == "parameters":
         return "parameters"
     if on == "representation":
@@ -54,7 +59,7 @@ def resolve_mode(on: str, model: nn.Module, shared: torch.Tensor | None) -> str:
             reason = ("the model returned no shared representation (forward_with_shared gave None or was not "
                       "called with shared=...)") if not isinstance(shared, torch.Tensor) else (
                       "the shared representation does not require grad" if not shared.requires_grad else
-                      "the model has no shared_parameters() to tell the trunk from the task heads")
+                      "the model has no shared_parameters() and task_parameters(k) to tell the trunk from the task heads")
             raise ConfigError(f"on='representation' is not possible: {reason}; use on='parameters' or 'auto'",
                               key="strategy.options.on")
         return "representation"
@@ -71,6 +76,13 @@ def _accumulate(params: list[nn.Parameter], grads: list[torch.Tensor | None]) ->
             p.grad.add_(g)
 
 
+def _row_sparse(dense: torch.Tensor) -> torch.Tensor:
+    """A dense gradient of an nn.Embedding(sparse=True) table as the layer's own layout:
+    COO over the rows that are non-zero (sparse_dim 1), so sparse optimizers accept it."""
+    rows = dense.reshape(dense.shape[0], -1).ne(0).any(1).nonzero().reshape(-1)
+    return torch.sparse_coo_tensor(rows[None], dense[rows], dense.shape, check_invariants=False).coalesce()
+
+
 @dataclass
 class TaskGradients:
     """Per-task gradients [K, D] and where the combined one goes back."""
@@ -81,11 +93,24 @@ class TaskGradients:
     shared_params: list[nn.Parameter] = field(default_factory=list)
     own_params: list[nn.Parameter] = field(default_factory=list)
     own_grads: list[torch.Tensor | None] = field(default_factory=list)  # summed over tasks
+    own_per_task: list[list[torch.Tensor | None]] | None = None  # [K][P], kept when asked for
+    sparse_ids: set[int] = field(default_factory=set)  # shared params whose layer makes sparse grads
 
-    def apply(self, combined: torch.Tensor) -> None:
-        """Write the task-specific gradients, then send the combined gradient [D] back:
-        through the trunk, or into the shared .grad. Nothing is written before this call."""
-        _accumulate(self.own_params, self.own_grads)
+    def apply(self, combined: torch.Tensor, own_weights: torch.Tensor | None = None) -> None:
+        """Write the task-specific gradients (summed, or weighted by ``own_weights`` [K] when
+        the per-task ones were kept), then send the combined gradient [D] back: through the
+        trunk, or into the shared .grad. Nothing is written before this call."""
+        own = self.own_grads
+        if own_weights is not None:
+            if self.own_per_task is None:
+                raise ValueError("task_gradients(..., keep_own_per_task=True) is needed for weighted task heads")
+            own = [None] * len(self.own_params)
+            for k, grads in enumerate(self.own_per_task):
+                for i, g in enumerate(grads):
+                    if g is not None:
+                        g = g * own_weights[k].to(g.dtype)
+                        own[i] = g if own[i] is None else own[i] + g
+        _accumulate(self.own_params, own)
         if self.mode == "representation":
             self.cut.backward(combined.reshape(self.cut.shape).to(self.cut.dtype))
             return
@@ -94,6 +119,8 @@ class TaskGradients:
             n = p.numel()
             g = combined[offset:offset + n].view_as(p).to(p.dtype)
             offset += n
+            if id(p) in self.sparse_ids:
+                g = _row_sparse(g)
             if p.grad is None:
                 p.grad = g.clone()
             else:
@@ -101,11 +128,13 @@ class TaskGradients:
 
 
 def task_gradients(task_losses: torch.Tensor, model: nn.Module, shared: torch.Tensor | None,
-                   on: str = "auto") -> TaskGradients:
+                   on: str = "auto", *, keep_own_per_task: bool = False) -> TaskGradients:
     """One gradient per task, taken once (nothing is written to .grad until ``apply``).
 
     ``task_losses`` is [K], attached to the graph. The graph below the cut is kept for
     ``TaskGradients.apply``; in parameters mode it is released after the last task.
+    ``keep_own_per_task`` keeps each task's task-specific gradients apart, so ``apply``
+    can weight them (one extra copy of the task heads' gradients).
     """
     mode = resolve_mode(on, model, shared)
     shared_params, own = split_parameters(model)
@@ -123,10 +152,14 @@ def task_gradients(task_losses: torch.Tensor, model: nn.Module, shared: torch.Te
         dtype = torch.float32
     grads = torch.empty(num_tasks, width, device=device, dtype=dtype)  # every slice is written below
     own_sum: list[torch.Tensor | None] = [None] * len(own)
+    per_task: list[list[torch.Tensor | None]] | None = [] if keep_own_per_task else None
+    sparse_ids: set[int] = set()
     for k in range(num_tasks):
         keep = mode == "representation" or k < num_tasks - 1
         if not task_losses[k].requires_grad:  # a task without a path to any parameter contributes nothing
             grads[k].zero_()
+            if per_task is not None:
+                per_task.append([None] * len(own))
             continue
         got = torch.autograd.grad(task_losses[k], inputs, retain_graph=keep, allow_unused=True)
         offset = 0
@@ -134,15 +167,21 @@ def task_gradients(task_losses: torch.Tensor, model: nn.Module, shared: torch.Te
             n = t.numel()
             if g is None:
                 grads[k, offset:offset + n].zero_()
-            else:  # a row-sparse embedding gradient (rmtl.optim) is densified here
-                grads[k, offset:offset + n] = (g.to_dense() if g.is_sparse else g).reshape(-1)
+            else:
+                if g.is_sparse:  # nn.Embedding(sparse=True)
+                    sparse_ids.add(id(t))
+                    g = g.to_dense()
+                grads[k, offset:offset + n] = g.reshape(-1)
             offset += n
-        for i, g in enumerate(got[len(targets):]):
+        own_k = list(got[len(targets):])
+        if per_task is not None:
+            per_task.append(own_k)
+        for i, g in enumerate(own_k):
             if g is not None:
                 own_sum[i] = g if own_sum[i] is None else own_sum[i] + g
     return TaskGradients(grads=grads, mode=mode, cut=shared if mode == "representation" else None,
                          shared_params=shared_params if mode == "parameters" else [],
-                         own_params=own, own_grads=own_sum)
+                         own_params=own, own_grads=own_sum, own_per_task=per_task, sparse_ids=sparse_ids)
 
 
 def gram(grads: torch.Tensor) -> torch.Tensor:

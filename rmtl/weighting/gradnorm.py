@@ -9,6 +9,13 @@ The weights w (an nn.Parameter of the strategy, stepped by the training loop's
 optimizer) get dL_grad/dw; the model gets the gradient of sum_k w_k L_k. At the start
 of each call w is renormalised to sum to K (the paper renormalises after each step),
 so the weights used and returned always sum to K. L_k(0) is the first call's loss.
+
+W on a model that does not declare ``shared_parameters()`` (a user's plain nn.Module):
+on the first call every task's loss is differentiated once w.r.t. all parameters, and
+W is the last registered weight matrix with an entry that EVERY task's gradient reaches
+(non-zero): the last truly shared layer, not a task head (nor a [K, H] output layer
+holding all heads, whose rows each belong to one task). If no parameter is reached by all tasks,
+a ConfigError says to declare ``shared_parameters()`` or name ``layer``.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from rmtl.backbones.base import SplitsParameters
 from rmtl.errors import ConfigError
 from rmtl.weighting.common import LossWeighting, check_choice, check_positive, reduce_losses
 from rmtl.weighting.gradients import MODES, resolve_mode, split_parameters
@@ -35,8 +43,10 @@ class GradNorm(LossWeighting):
         self.task_weights = nn.Parameter(torch.ones(self.num_tasks))
         self.register_buffer("initial_losses", torch.zeros(self.num_tasks))
         self.register_buffer("has_initial", torch.zeros((), dtype=torch.bool))
+        self._found_layer: str | None = None  # W found from task ownership (plain nn.Module)
 
-    def _norm_target(self, model: nn.Module, shared: torch.Tensor | None) -> list[torch.Tensor]:
+    def _norm_target(self, model: nn.Module, shared: torch.Tensor | None,
+                     task_losses: torch.Tensor) -> list[torch.Tensor]:
         """What the gradient norms are taken on: the cut, a named layer, or the last shared weight."""
         if self.layer is not None:
             params = dict(model.named_parameters())
@@ -46,12 +56,37 @@ class GradNorm(LossWeighting):
             return [params[self.layer]]
         if resolve_mode(self.on, model, shared) == "representation":
             return [shared]
+        if not isinstance(model, SplitsParameters):
+            return [self._owned_by_every_task(model, task_losses)]
         shared_params, _ = split_parameters(model)
         if not shared_params:
             raise ConfigError("the model has no trainable shared parameter to measure gradient norms on",
                               key="strategy.options.layer")
         matrices = [p for p in shared_params if p.dim() >= 2]
         return [(matrices or shared_params)[-1]]
+
+    def _owned_by_every_task(self, model: nn.Module, task_losses: torch.Tensor) -> torch.Tensor:
+        """The last registered parameter (weight matrices first) with a non-zero gradient from
+        every task: found once, from the first call's per-task gradients, then remembered."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if self._found_layer is None:
+            # element-wise: a [K, H] output layer holds every task's head, but no entry of it
+            # gets a gradient from two tasks; a shared layer's entries get one from all of them
+            common: list[torch.Tensor | None] = [torch.ones_like(p, dtype=torch.bool) for _, p in named]
+            for k in range(self.num_tasks):
+                got = torch.autograd.grad(task_losses[k], [p for _, p in named], retain_graph=True,
+                                          allow_unused=True)
+                common = [None if c is None or g is None else c & (g.to_dense() if g.is_sparse else g).ne(0)
+                          for c, g in zip(common, got)]
+            shared = [(n, p) for (n, p), c in zip(named, common) if c is not None and bool(c.any())]
+            if not shared:
+                raise ConfigError("gradnorm: no parameter of the model gets a gradient from every task, so there "
+                                  "is no shared layer to measure gradient norms on; declare shared_parameters() "
+                                  "(and task_parameters(k)) on the model, or name a parameter with "
+                                  "strategy.options.layer", key="strategy.options.layer")
+            matrices = [n for n, p in shared if p.dim() >= 2]
+            self._found_layer = (matrices or [n for n, _ in shared])[-1]
+        return dict(named)[self._found_layer]
 
     def backward(self, losses: torch.Tensor, model: nn.Module, *, shared: torch.Tensor | None = None,
                  context: dict | None = None) -> torch.Tensor:
@@ -65,7 +100,7 @@ class GradNorm(LossWeighting):
             if not bool(self.has_initial):
                 self.initial_losses.copy_(task_losses.detach().clamp_min(1e-12))
                 self.has_initial.fill_(True)
-        target = self._norm_target(model, shared)
+        target = self._norm_target(model, shared, task_losses)
         norms = torch.zeros(self.num_tasks, dtype=torch.float64)
         for k in range(self.num_tasks):
             got = torch.autograd.grad(task_losses[k], target, retain_graph=True, allow_unused=True)

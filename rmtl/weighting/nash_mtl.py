@@ -6,12 +6,18 @@ The authors solve it with cvxpy (a sequence of convex problems). Here, without s
 cvxpy: the equation is exactly the stationarity condition of the strictly convex
     f(a) = 1/2 a^T A a - sum_k log a_k,   A = G G^T  (grad f = A a - 1/a),
 so a damped Newton method (Hessian A + diag(1/a^2), backtracking that keeps a > 0)
-finds it to machine precision in a handful of K x K solves. A tiny ridge (1e-8 of the
+finds it to machine precision in a handful of K x K solves. A tiny ridge (1e-12 of the
 mean diagonal) keeps the problem bounded when the gradients are linearly dependent.
 
-Options follow the reference implementation: ``normalize`` (default True) solves on
-A / |A|_F, which scales a by sqrt(|A|_F) so the update keeps the gradients' magnitude
-(False gives the raw solution, a_k = 1/|g_k| for orthogonal gradients);
+As in the reference implementation the weights solve the equation on the RAW Gram
+matrix (a_k = 1/|g_k| for orthogonal gradients): the reference divides G G^T by its
+Frobenius norm N but multiplies a by N inside its constraint, which undoes the scaling.
+Here the solve runs on A / N for conditioning and a is rescaled by 1/sqrt(N).
+``normalize=True`` (not the reference) returns the solution on A / N instead, a times
+sqrt(N). A task whose gradient vanishes (|g_k|^2 <= 1e-12 max_j |g_j|^2) has no finite
+bargaining weight (a_k -> inf); it keeps its previous weight (1 before any solve) and the
+others are solved among themselves. Task-specific parameters get sum_k a_k dL_k/dtheta on
+every step, as backpropagating the reference's sum_k a_k L_k does.
 ``update_weights_every`` re-solves only every n steps and otherwise backpropagates
 sum_k a_k L_k with the last a (cheap steps); ``max_norm`` > 0 clips the combined
 gradient's norm.
@@ -29,9 +35,13 @@ from rmtl.weighting.common import check_int, check_positive, reduce_losses
 from rmtl.weighting.gradient_strategy import GradientStrategy
 
 
-def nash_bargaining_weights(gram: np.ndarray, *, max_iter: int = 100, tol: float = 1e-12,
-                            ridge: float = 1e-8) -> np.ndarray:
-    """a > 0 solving (gram a)_k = 1 / a_k, by damped Newton on 1/2 a^T A a - sum log a."""
+def nash_bargaining_weights(gram: np.ndarray, *, max_iter: int = 100, tol: float = 1e-26,
+                            ridge: float = 1e-12) -> np.ndarray:
+    """a > 0 solving (gram a)_k = 1 / a_k, by damped Newton on 1/2 a^T A a - sum log a.
+
+    Stops when the Newton decrement lambda^2 / 2 <= tol (the error in a is ~ lambda, so
+    tol 1e-26 is machine precision); near the solution the full Newton step is taken
+    (quadratic convergence, where an Armijo test could not see the decrease in float64)."""
     num_tasks = gram.shape[0]
     diag_mean = max(float(np.mean(np.diag(gram))), 1e-30)
     a_mat = gram + ridge * diag_mean * np.eye(num_tasks)
@@ -50,17 +60,22 @@ def nash_bargaining_weights(gram: np.ndarray, *, max_iter: int = 100, tol: float
         t = 1.0
         while np.any(x - t * step <= 0):  # stay in the domain a > 0
             t *= 0.5
-        f0 = objective(x)
-        while objective(x - t * step) > f0 - 1e-4 * t * decrement and t > 1e-12:  # Armijo
-            t *= 0.5
+        if decrement > 1e-8:  # far from the solution: Armijo backtracking
+            f0 = objective(x)
+            while objective(x - t * step) > f0 - 1e-4 * t * decrement and t > 1e-12:
+                t *= 0.5
         x = x - t * step
     return x
 
 
+VANISHED = 1e-12  # |g_k|^2 below this fraction of the largest: no bargaining weight for task k
+
+
 class NashMTL(GradientStrategy):
     name = "nash_mtl"
+    weights_task_heads = True
 
-    def __init__(self, num_tasks: int, *, normalize: bool = True, update_weights_every: int = 1,
+    def __init__(self, num_tasks: int, *, normalize: bool = False, update_weights_every: int = 1,
                  max_norm: float = 0.0, max_iter: int = 100, on: str = "auto",
                  task_names: Sequence[str] | None = None):
         super().__init__(num_tasks, on=on, task_names=task_names)
@@ -73,10 +88,14 @@ class NashMTL(GradientStrategy):
 
     def weights_from_gram(self, gram_matrix, task_losses, context) -> torch.Tensor:
         gram = gram_matrix.cpu().numpy()
-        scale = np.linalg.norm(gram) if self.normalize else 1.0
-        if scale <= 0 or not np.isfinite(scale):  # all-zero gradients: nothing to balance
-            return torch.ones(self.num_tasks, dtype=torch.float64, device=gram_matrix.device)
-        alpha = nash_bargaining_weights(gram / scale, max_iter=self.max_iter)
+        alpha = self.alpha.cpu().numpy().copy() if bool(self.has_alpha) else np.ones(self.num_tasks)
+        diag = np.diag(gram)
+        live = diag > VANISHED * max(float(diag.max()), 0.0)
+        if live.any():  # else all gradients vanished: nothing to balance, keep the weights
+            sub = gram[np.ix_(live, live)]
+            scale = float(np.linalg.norm(sub))
+            solved = nash_bargaining_weights(sub / scale, max_iter=self.max_iter)
+            alpha[live] = solved if self.normalize else solved / np.sqrt(scale)
         result = torch.from_numpy(alpha).to(gram_matrix.device)
         self.alpha.copy_(result)
         self.has_alpha.fill_(True)
