@@ -93,7 +93,10 @@ class TrainConfig:
     checkpoint_every: Optional[int] = bounded(None, low=1)  # steps between last.pt writes; None = at every validation
     # max global gradient norm; None = no clipping (a negative norm would reverse the gradient)
     grad_clip: Optional[float] = bounded(None, low=0, low_open=True)
-    bf16: bool = False  # bfloat16 autocast of the forward pass (CPU or CUDA)
+    # bfloat16 autocast of the forward pass; None = auto: on where the CPU has native bf16
+    # (AVX512-BF16 / AMX) or the GPU supports it, fp32 elsewhere (the choice is logged)
+    bf16: Optional[bool] = None
+    sparse_embedding: bool = True  # row-sparse embedding gradients + lazy Adam rows (rmtl.optim)
     device: str = "auto"  # auto | cpu | cuda
     num_threads: Optional[int] = bounded(None, low=1)  # torch intra-op threads; None = torch's default
     log_every: int = bounded(50, low=1)  # steps between TensorBoard train scalars
