@@ -115,7 +115,8 @@ def run_seed(cfg: RunConfig, seed: int, arms: list[str], root: str | os.PathLike
                 boot[name] = bootstrap_ci(test, arm.probs, results[CONTROL].probs, log.spec.tasks, draws=bootstrap,
                                           seed=seed)
     out = {"seed": int(seed), "seconds": time.perf_counter() - t0,
-           "arms": {n: {"metrics": a.metrics, "kept": a.kept, "steps": a.steps, "best_step": a.best_step,
+           "arms": {n: {"metrics": a.metrics, "finetuned_metrics": a.finetuned_metrics, "kept": a.kept,
+                        "steps": a.steps, "best_step": a.best_step,
                         "val_auc": a.val_auc, "seconds": a.seconds} for n, a in results.items()},
            "bootstrap": boot}
     say(f"seed {seed}: done in {out['seconds']:.0f}s")
@@ -178,7 +179,10 @@ def paired_stats(diffs: list[float]) -> dict:
     return out
 
 
-def summarise(per_seed: list[dict], arms: list[str], tasks: list[str]) -> dict:
+def summarise(per_seed: list[dict], arms: list[str], tasks: list[str], key: str = "metrics") -> dict:
+    """Per arm, task and metric: paired stats of (arm - ew) over seeds. ``key`` "metrics" = the
+    weights each arm kept; "finetuned_metrics" = its fine-tune's best-on-val weights even when
+    the pretrained ones were kept (what the weighting did to the fine-tune itself)."""
     summary: dict = {}
     for arm in arms:
         if arm == CONTROL:
@@ -187,10 +191,10 @@ def summarise(per_seed: list[dict], arms: list[str], tasks: list[str]) -> dict:
         for t in tasks:
             summary[arm][t] = {}
             for m in STAT_METRICS:
-                d = [s["arms"][arm]["metrics"][t][m] - s["arms"][CONTROL]["metrics"][t][m] for s in per_seed]
+                d = [s["arms"][arm][key][t][m] - s["arms"][CONTROL][key][t][m] for s in per_seed]
                 summary[arm][t][m] = {**paired_stats(d), "diffs": d}
     summary[CONTROL] = {"kept_pretrained": sum(s["arms"][CONTROL]["kept"] == "pretrained" for s in per_seed),
-                        **{t: {m: {"mean": float(np.mean([s["arms"][CONTROL]["metrics"][t][m] for s in per_seed]))}
+                        **{t: {m: {"mean": float(np.mean([s["arms"][CONTROL][key][t][m] for s in per_seed]))}
                                for m in STAT_METRICS} for t in tasks}}
     return summary
 
@@ -271,8 +275,11 @@ def run_compare(cfg: RunConfig, *, seeds: int = 10, arms=DEFAULT_ARMS, jobs: int
                 per_seed.append(f.result())
                 say(f"seed {s}: done in {per_seed[-1]['seconds']:.0f}s")
     summary = summarise(per_seed, arms, tasks)
-    table = compare_table(summary, arms, tasks)
-    result = {"arms": arms, "tasks": tasks, "seeds": seed_list, "summary": summary, "per_seed": per_seed,
+    summary_ft = summarise(per_seed, arms, tasks, key="finetuned_metrics")
+    table = (compare_table(summary, arms, tasks) + "\n\nThe fine-tunes' own best-on-val weights (kept or not):\n"
+             + compare_table(summary_ft, arms, tasks, metrics=("auc", "logloss", "session_logloss")))
+    result = {"arms": arms, "tasks": tasks, "seeds": seed_list, "summary": summary, "summary_finetuned": summary_ft,
+              "per_seed": per_seed,
               "seconds": time.perf_counter() - t0, "jobs": jobs, "threads": threads}
     write_json(root / "compare.json", result, default=_json_default)
     write_text(root / "compare.txt", table + "\n")

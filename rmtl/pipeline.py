@@ -49,6 +49,7 @@ class ArmResult:
     metrics: dict  # {task: {metric: value}} on test, calibration metrics included
     probs: np.ndarray  # float32 [test rows, K]
     kept: str  # "finetuned" | "pretrained" (the fine-tune never beat the start on val)
+    finetuned_metrics: dict | None = None  # test metrics of the fine-tune's best-on-val weights, kept or not
     steps: int = 0
     best_step: int = -1
     val_auc: float = float("nan")
@@ -156,13 +157,13 @@ def finetune_arm(cfg: RunConfig, log: SessionLog, start: nn.Module, start_val_au
     ft = fit(_finetune_cfg(cfg, strategy_cfg), prepared=log, model=model, strategy=strategy, run_dir=run_dir,
              tag=tag or name, step_offset=step_offset)
     val_auc = mean_metric(ft.metrics["val"], "auc")
-    kept = "finetuned"
+    ft_metrics, probs = evaluate_full(model, log, cfg.train.eval_batch_size)
+    metrics, kept = ft_metrics, "finetuned"
     if not val_auc > start_val_auc:
-        model = start
+        metrics, probs = evaluate_full(start, log, cfg.train.eval_batch_size)
         kept = "pretrained"
-    metrics, probs = evaluate_full(model, log, cfg.train.eval_batch_size)
-    return ArmResult(name=name, metrics=metrics, probs=probs, kept=kept, steps=ft.steps, best_step=ft.best_step,
-                     val_auc=val_auc, seconds=time.perf_counter() - t)
+    return ArmResult(name=name, metrics=metrics, probs=probs, kept=kept, finetuned_metrics=ft_metrics, steps=ft.steps,
+                     best_step=ft.best_step, val_auc=val_auc, seconds=time.perf_counter() - t)
 
 
 def run_pipeline(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None,

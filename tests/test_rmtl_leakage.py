@@ -174,6 +174,7 @@ def test_compare_end_to_end(tmp_path):
     assert saved["arms"] == ["ew", "rmtl", "label", "uw"]
     auc = saved["summary"]["rmtl"]["ctr"]["auc"]
     assert auc["n"] == 2 and len(auc["diffs"]) == 2 and {"t_p", "wilcoxon_p", "sd"} <= set(auc)
+    assert saved["summary_finetuned"]["rmtl"]["ctr"]["auc"]["n"] == 2
     lo, hi = saved["per_seed"][0]["bootstrap"]["rmtl"]["ctr"]["auc"]
     assert lo <= hi
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
