@@ -4,6 +4,6 @@ Every backbone maps (sparse [B, F] int64, dense [B, D] float32) to logits [B, K]
 base.py for the contract a user's own module must meet and docs/backbones.md.
 """
 
-from rmtl.backbones.registry import available, build, register, resolve
+from rmtl.backbones.registry import available, build, name_of, register, resolve
 
-__all__ = ["available", "build", "register", "resolve"]
+__all__ = ["available", "build", "name_of", "register", "resolve"]

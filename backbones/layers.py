@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from rmtl.data.spec import FeatureSpec
+from rmtl.optim import sparse_rows
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "prelu": nn.PReLU}
 ACTIVATIONS = tuple(_ACTIVATIONS)
@@ -187,7 +188,11 @@ class FeatureEmbedding(nn.Module):
 
     One table means one gather for all fields instead of a Python loop over fields.
     ``dense_dim`` is the width of the dense projection (default: embed_dim).
+    ``sparse_grad`` (set by the trainer, rmtl.optim): in training the table's gradient is
+    row-sparse (only the rows of the batch's ids), for the row-sparse Adam update.
     """
+
+    sparse_grad = False
 
     def __init__(self, spec: FeatureSpec, embed_dim: int, dense_dim: int | None = None):
         super().__init__()
@@ -211,7 +216,12 @@ class FeatureEmbedding(nn.Module):
 
     def field_embeddings(self, sparse: torch.Tensor) -> torch.Tensor:
         """[B, F, E] embeddings of the sparse fields."""
+        if self.sparse_grad and self.training and torch.is_grad_enabled():
+            return sparse_rows(sparse + self.offsets, self.table.weight)
         return self.table(sparse + self.offsets)
+
+    def row_sparse_parameters(self) -> list[nn.Parameter]:
+        return [self.table.weight]
 
     def forward(self, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         parts = []

@@ -38,6 +38,11 @@ def register(name: str, target: str | type) -> None:
     _BACKBONES.register(str(name), target, replace=True)  # backbones: the last registration wins
 
 
+def name_of(model: nn.Module) -> str | None:
+    """The registered name of the model's class (None for a user's own module)."""
+    return _BACKBONES.name_of(model)
+
+
 def resolve(name: str) -> type:
     """The class registered under ``name`` (imported on first use)."""
     return _BACKBONES.resolve(name)

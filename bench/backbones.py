@@ -1,14 +1,20 @@
 """Training throughput of our MMoE / PLE against torch-rechub's MMOE / PLE, same config,
-same run; plus a bf16-vs-fp32 quality check on a planted synthetic problem.
+same run, with the CPU's instruction set, the measured fp32 GEMM peak and the share of it
+each model reaches; plus a bf16-vs-fp32 quality check on a planted synthetic problem.
 
     python bench/backbones.py                 # full table (a few minutes on 2 cores)
-    python bench/backbones.py --steps 5 --rounds 2 --quality-steps 40   # quicker
+    python bench/backbones.py --steps 5 --rounds 2 --quality-steps 0   # quicker
 
 Config (issue 3): 7 sparse fields + 1 dense, embedding 128, experts (512, 256), towers
 (128, 64), 8 experts (MMoE) / 4 shared + 4 specific = 2 per task (PLE, 1 level), batch 2048,
 dropout 0.2, two tasks. Samples/s = forward + loss + backward + Adam step on batches
 already in memory, after warm-up; the models are timed in interleaved rounds (the machine
-is shared, so the median over rounds is printed). torch-rechub needs
+is shared, so the median over rounds is printed). Our models train as ``rmtl train`` does
+(rmtl.optim: fused Adam + row-sparse Adam for the embedding table); torch-rechub with
+fused Adam. "% peak" = the step's GEMM FLOPs (counted by torch's FlopCounterMode over
+forward and backward) x steps/s / the fp32 GEMM peak measured in the same run (best of
+a few 2048 x 1024 x 4096 products). bf16 rows run only where the CPU has native bf16
+(rmtl.device.native_bf16) unless --bf16 forces them. torch-rechub needs
 ``pip install torch-rechub==0.9.0 --no-deps`` (the ``bench`` extra); without it only our
 rows are printed.
 """
@@ -24,7 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from rmtl.backbones import build
+from rmtl.config import TrainConfig
 from rmtl.data.spec import FeatureSpec
+from rmtl.device import cpu_instruction_set, native_bf16
+from rmtl.optim import make_optimizer, row_sparse_gradients
 
 FIELDS, VOCAB, EMBED, BATCH, DROPOUT = 7, 10_000, 128, 2048, 0.2
 EXPERT_DIMS, TOWER_DIMS = (512, 256), (128, 64)
@@ -68,12 +77,37 @@ class RechubAdapter(torch.nn.Module):
         return self.model(x)
 
 
-def adam(model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The same optimiser for every model: Adam, fused kernel where torch has one."""
-    try:
+def adam(model: torch.nn.Module):
+    """Adam with the fused kernel: rmtl's training optimiser (row-sparse tables) for our
+    models, torch's fused Adam for torch-rechub's."""
+    if isinstance(model, RechubAdapter):
         return torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.Adam(model.parameters(), lr=1e-3)
+    return make_optimizer(TrainConfig(lr=1e-3), model, torch.nn.Module())
+
+
+def gemm_peak(n: int = 2048, k: int = 1024, m: int = 4096, reps: int = 8) -> float:
+    """Best fp32 GEMM rate (FLOP/s) of torch.mm on this machine, measured now."""
+    a, b = torch.randn(n, k), torch.randn(k, m)
+    out = torch.empty(n, m)
+    torch.mm(a, b, out=out)
+    best = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = max(best, 2 * n * k * m / (time.perf_counter() - t0))
+    return best
+
+
+def step_flops(model: torch.nn.Module, probs_out: bool) -> int:
+    """GEMM FLOPs of one forward + backward on a batch (torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sparse, dense, labels = planted(BATCH, seed=3)
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        loss_of(model, probs_out, sparse, dense, labels).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 def loss_of(model: torch.nn.Module, probs_out: bool, sparse, dense, labels) -> torch.Tensor:
@@ -105,13 +139,14 @@ def throughput(models: dict, steps: int, rounds: int, bf16: bool) -> dict[str, f
         model, probs = models[key]
         model.train()
         t0 = time.perf_counter()
-        for s in range(n):
-            sparse, dense, labels = batches[s % len(batches)]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = loss_of(model, probs, sparse, dense, labels)
-            optims[key].zero_grad(set_to_none=True)
-            loss.backward()
-            optims[key].step()
+        with row_sparse_gradients(model):  # as the Trainer does (a no-op for torch-rechub's modules)
+            for s in range(n):
+                sparse, dense, labels = batches[s % len(batches)]
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = loss_of(model, probs, sparse, dense, labels)
+                optims[key].zero_grad(set_to_none=True)
+                loss.backward()
+                optims[key].step()
         return time.perf_counter() - t0
 
     for key in models:  # warm-up
@@ -134,7 +169,7 @@ def quality(name: str, steps: int, levels: int, batch: int = BATCH, seed: int = 
         model = ours(name, make_spec(), levels)
         optim = adam(model)
         model.train()
-        for s in range(steps):
+        for s in range(steps):  # dense embedding gradients here: RowSparseAdam takes them too
             sl = slice(s * batch, (s + 1) * batch)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = loss_of(model, False, train[0][sl], train[1][sl], train[2][sl])
@@ -158,10 +193,14 @@ def main() -> None:
     ap.add_argument("--quality-batch", type=int, default=BATCH, help="batch size of the bf16/fp32 check")
     ap.add_argument("--models", default="mmoe,ple")
     ap.add_argument("--no-rechub", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="time bf16 autocast even without native bf16")
     args = ap.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; batch {BATCH}; timings are noisy "
-          "on a shared machine (median of rounds)")
+    peak = gemm_peak()
+    has_bf16, why = native_bf16(torch.device("cpu"))
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; CPU instruction set {cpu_instruction_set()}; "
+          f"fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s (measured now); batch {BATCH}; timings are noisy on a "
+          "shared machine (median of rounds; ratios within this run are what compare)", flush=True)
     try:
         import torch_rechub  # noqa: F401
 
@@ -169,15 +208,20 @@ def main() -> None:
     except ImportError:
         have_rechub = False
         print("torch-rechub not installed: pip install torch-rechub==0.9.0 --no-deps")
+    precisions = [False] + ([True] if has_bf16 or args.bf16 else [])
+    if not has_bf16 and not args.bf16:
+        print(f"bf16 rows skipped: {why} (--bf16 times them anyway)")
     spec = make_spec()
     for name in args.models.split(","):
         models = {f"rmtl {name}": (ours(name, spec, args.levels), False)}
         if have_rechub:
             models[f"torch-rechub {name}"] = (RechubAdapter(name, args.levels), True)
-        for bf16 in (False, True):
+        flops = {k: step_flops(m, probs) for k, (m, probs) in models.items()}
+        for bf16 in precisions:
             rates = throughput(models, args.steps, args.rounds, bf16)
             tag = "bf16" if bf16 else "fp32"
-            row = "  ".join(f"{k}: {v:8.0f}/s" for k, v in rates.items())
+            row = "  ".join(f"{k}: {v:7.0f}/s ({100 * flops[k] * v / BATCH / peak:4.1f}% peak)"
+                            for k, v in rates.items())
             ratio = ""
             if have_rechub:
                 ratio = f"  ratio {rates[f'rmtl {name}'] / rates[f'torch-rechub {name}']:.2f}x"

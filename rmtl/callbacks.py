@@ -251,15 +251,21 @@ class TensorBoard(Callback):
 
 
 class MetricsFile(Callback):
-    """``metrics.json``: the final val / test metrics of the best weights and the loop's summary."""
+    """``metrics.json``: the final val / test metrics of the best weights and the loop's summary,
+    with the registered model and strategy names and the seed (what ``rmtl report`` labels by)."""
 
     def on_fit_end(self, trainer, result):
         if not trainer.is_main_process:
             return
+        from rmtl import backbones, weighting
+
+        model, strategy = type(trainer.model).__name__, type(trainer.strategy).__name__
         summary = {"tag": trainer.tag, "tasks": trainer.tasks, "steps": result.steps, "epochs": result.epochs,
                    "best_step": result.best_step, "stopped_early": result.stopped_early,
-                   "model": type(trainer.model).__name__, "strategy": type(trainer.strategy).__name__,
-                   **result.metrics}
+                   "model": model, "strategy": strategy,
+                   "model_name": backbones.name_of(trainer.model) or model,
+                   "strategy_name": weighting.strategy_name(trainer.strategy) or strategy,
+                   "seed": getattr(trainer.config, "seed", None), **result.metrics}
         if result.mtl_gain is not None:
             summary["mtl_gain"] = result.mtl_gain
         write_json(Path(trainer.out_dir) / "metrics.json", summary)

@@ -28,7 +28,10 @@ from rmtl.errors import DataError
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """torch.save to a temporary file in the same folder, then rename: a reader never sees half a file."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # torch's zip writer reports a full disk this way
+            raise OSError(getattr(err, "errno", None) or 28, f"torch.save failed: {str(err).splitlines()[0]}") from None
     return Path(path)
 
 

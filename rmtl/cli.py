@@ -14,8 +14,17 @@ from rmtl.errors import RmtlError
 import rmtl.commands as _commands
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line ('rmtl prepare: error: argument --source: invalid choice ...'),
+    exit status 2, not the usage block; --help still prints the full usage.
+    Subcommand parsers are of this class too (argparse copies the parent's class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rmtl",
         description="Multi-task recommendation with reinforcement-learned loss weights.",
     )
@@ -43,6 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     except RmtlError as err:
         print(f"rmtl {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # permissions, disk full, read-only output: the path and the reason, no traceback
+        print(f"rmtl {args.command}: error: {os_error_line(err)}", file=sys.stderr)
+        return 2
+
+
+def os_error_line(err: OSError) -> str:
+    """'PATH: reason' of an OSError (both paths of a rename), falling back to its text."""
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    reason = err.strerror or str(err) or type(err).__name__
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
 
 
 if __name__ == "__main__":  # pragma: no cover

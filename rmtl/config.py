@@ -8,6 +8,10 @@ its close matches; a wrong type names the key and the expected type), applies
 does this for any dataclass schema; rmtl.fusion.config loads ``FusionConfig`` with it.
 Free-form option dicts (``model.options``, ``strategy.options``,
 ``data.reader_options``, ``data.synthetic``) are checked by whoever consumes them.
+
+Numbers: every float of every structured config must be finite (nan / inf are refused),
+and a field declared with ``bounded(default, low=..., high=...)`` must lie in its range;
+``load_structured`` checks both, so no schema needs its own range code.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -38,16 +44,22 @@ if not OmegaConf.has_resolver("now"):
     _register("now", _now)
 
 
+def bounded(default: Any = dataclasses.MISSING, *, low: float | None = None, high: float | None = None,
+            low_open: bool = False, high_open: bool = False, **kw) -> Any:
+    """A dataclass field with a numeric range (inclusive unless ``*_open``); None values pass."""
+    return field(default=default, metadata={"range": (low, high, low_open, high_open)}, **kw)
+
+
 @dataclass
 class DataConfig:
-    source: str = "retailrocket"  # retailrocket | kuairand | census
+    source: str = "retailrocket"  # a registered data source: retailrocket | kuairand | census (rmtl.data.sources)
     data_dir: Optional[str] = None  # None = the embedded synthetic default; relative = to cwd, else to the repo
     cache_dir: Optional[str] = None  # None = the data core's default cache
-    session_gap: Optional[float] = 1800.0  # seconds of inactivity that start a new session; None = one per user
+    session_gap: Optional[float] = bounded(1800.0, low=0, low_open=True)  # seconds of inactivity that start a new session; None = one per user
     split_ratios: List[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
     split_order: Optional[str] = None  # None = the source's default ("time"; census "random")
-    min_count: int = 1  # sparse values seen fewer times in train become "unknown"
-    seed: Optional[int] = None  # split / synthetic seed; None = the run's seed
+    min_count: int = bounded(1, low=1)  # sparse values seen fewer times in train become "unknown"
+    seed: Optional[int] = bounded(None, low=0)  # split / synthetic seed; None = the run's seed
     use_cache: bool = True
     reader_options: Dict[str, Any] = field(default_factory=dict)
     # Options of the synthetic writer (users, items, task_correlation, ...). Used only
@@ -70,20 +82,24 @@ class StrategyConfig:
 @dataclass
 class TrainConfig:
     optimizer: str = "adam"  # adam | adamw
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 1024
-    eval_batch_size: int = 8192
-    epochs: int = 5
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (None = epochs decide)
-    patience: Optional[int] = 3  # evaluations without a better mean val AUC before stopping; None = never
-    eval_every: Optional[int] = None  # steps between validations; None = once per epoch
-    checkpoint_every: Optional[int] = None  # steps between last.pt writes; None = at every validation
-    grad_clip: Optional[float] = None  # max global gradient norm; None = no clipping
-    bf16: bool = False  # bfloat16 autocast of the forward pass (CPU or CUDA)
+    lr: float = bounded(1e-3, low=0, low_open=True)
+    weight_decay: float = bounded(0.0, low=0)
+    batch_size: int = bounded(1024, low=1)
+    eval_batch_size: int = bounded(8192, low=1)
+    epochs: int = bounded(5, low=1)
+    max_steps: Optional[int] = bounded(None, low=1)  # stop after this many optimizer steps (None = epochs decide)
+    patience: Optional[int] = bounded(3, low=0)  # evaluations without a better mean val AUC before stopping; None = never
+    eval_every: Optional[int] = bounded(None, low=1)  # steps between validations; None = once per epoch
+    checkpoint_every: Optional[int] = bounded(None, low=1)  # steps between last.pt writes; None = at every validation
+    # max global gradient norm; None = no clipping (a negative norm would reverse the gradient)
+    grad_clip: Optional[float] = bounded(None, low=0, low_open=True)
+    # bfloat16 autocast of the forward pass; None = auto: on where the CPU has native bf16
+    # (AVX512-BF16 / AMX) or the GPU supports it, fp32 elsewhere (the choice is logged)
+    bf16: Optional[bool] = None
+    sparse_embedding: bool = True  # row-sparse embedding gradients + lazy Adam rows (rmtl.optim)
     device: str = "auto"  # auto | cpu | cuda
-    num_threads: Optional[int] = None  # torch intra-op threads; None = torch's default
-    log_every: int = 50  # steps between TensorBoard train scalars
+    num_threads: Optional[int] = bounded(None, low=1)  # torch intra-op threads; None = torch's default
+    log_every: int = bounded(50, low=1)  # steps between TensorBoard train scalars
     progress: bool = True  # tqdm bar (also hidden when stderr is not a terminal)
 
 
@@ -94,8 +110,8 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
-    seed: int = 0
-    run_dir: str = "runs/${now:%Y%m%d-%H%M%S}"
+    seed: int = bounded(0, low=0)
+    run_dir: str = "runs/${model.name}-${strategy.name}-${now:%Y%m%d-%H%M%S}"  # model, strategy, start time
     baseline_run: Optional[str] = None  # run dir of a SingleTask run: its test metrics give the MTL gain
 
 
@@ -141,6 +157,55 @@ def _expected_type(schema: type, key: str) -> str:
             return "a valid value"
         node = typing.get_type_hints(node).get(part)
     return _type_name(node) if node is not None else "a valid value"
+
+
+def check_numbers(obj: Any, prefix: str = "") -> None:
+    """Every float of the dataclass instance ``obj`` (nested sections, lists and dicts
+    included) is finite, and every ``bounded`` field lies in its range."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_numbers(value, key + ".")
+            continue
+        _check_finite(value, key)
+        bounds = f.metadata.get("range")
+        if bounds is not None and value is not None and not isinstance(value, bool):
+            _check_range(value, bounds, key, nullable="Optional" in str(f.type))
+
+
+def _check_finite(value: Any, key: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"expected a finite number, got {value}", key=key)
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}")
+
+
+def _check_range(value: float, bounds: tuple, key: str, nullable: bool = False) -> None:
+    low, high, low_open, high_open = bounds
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        parts = []
+        if low is not None:
+            parts.append(f"{'>' if low_open else '>='} {low:g}")
+        if high is not None:
+            parts.append(f"{'<' if high_open else '<='} {high:g}")
+        null = " (or null)" if nullable else ""
+        raise ConfigError(f"expected a number {' and '.join(parts)}{null}, got {value:g}", key=key)
+
+
+def _yaml_error(path: Path, err: Exception) -> ConfigError:
+    """One line 'FILE:LINE:COLUMN: what' for a YAML syntax error."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    context = getattr(err, "context", None)
+    return ConfigError(f"{where}: YAML syntax error: {problem}" + (f" ({context})" if context else ""))
 
 
 def _merge(base: DictConfig, other, what: str, schema: type) -> DictConfig:
@@ -197,8 +262,14 @@ def load_structured(schema: type, path_or_name: str | os.PathLike | None,
         path = resolve_config_path(path_or_name, schema)
         try:
             loaded = OmegaConf.load(path)
-        except Exception as err:  # YAML syntax errors
-            raise ConfigError(f"cannot read config {path}: {err}") from None
+        except yaml.YAMLError as err:
+            raise _yaml_error(path, err) from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text; expected a YAML file") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read the config ({err.strerror or err})") from None
+        except Exception as err:  # OmegaConf's own checks (e.g. duplicate keys): first line only
+            raise ConfigError(f"{path}: cannot read config: {str(err).splitlines()[0]}") from None
         raw = OmegaConf.to_container(loaded, resolve=False)
         if raw is None:
             raw = {}
@@ -213,10 +284,12 @@ def load_structured(schema: type, path_or_name: str | os.PathLike | None,
         _check_keys(OmegaConf.to_container(dotted, resolve=False), schema)
         cfg = _merge(cfg, dotted, f"override '{item}'", schema)
     try:
-        return OmegaConf.to_object(cfg)
+        out = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
-        raise ConfigError(f"cannot resolve: {err}", key=key) from None
+        raise ConfigError(f"cannot resolve: {str(err).splitlines()[0]}", key=key) from None
+    check_numbers(out)
+    return out
 
 
 def load_config(path_or_name: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -237,18 +310,7 @@ def validate(cfg: RunConfig) -> None:
     if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
         raise ConfigError(f"expected three non-negative fractions (train, val, test) summing to 1, got {ratios}",
                           key="data.split_ratios")
-    positive = {"train.batch_size": cfg.train.batch_size, "train.eval_batch_size": cfg.train.eval_batch_size,
-                "train.epochs": cfg.train.epochs, "train.log_every": cfg.train.log_every}
-    for key in ("max_steps", "eval_every", "checkpoint_every", "num_threads"):
-        if getattr(cfg.train, key) is not None:
-            positive[f"train.{key}"] = getattr(cfg.train, key)
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"expected a positive integer, got {value}", key=key)
-    if cfg.train.lr <= 0:
-        raise ConfigError(f"expected a positive learning rate, got {cfg.train.lr}", key="train.lr")
-    if cfg.train.patience is not None and cfg.train.patience < 0:
-        raise ConfigError(f"expected a non-negative integer or null, got {cfg.train.patience}", key="train.patience")
+    check_numbers(cfg)  # ranges of the bounded fields (also checked on load; cfg may be edited since)
     if hasattr(cfg.agent, "validate"):  # the agent section checks itself (agents/config.py)
         cfg.agent.validate()
 

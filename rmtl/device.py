@@ -18,3 +18,42 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise ConfigError(f"expected auto, cpu or cuda, got '{name}'", key=key) from None
+
+
+def cpu_instruction_set() -> str:
+    """The widest SIMD level torch dispatches to on this CPU (e.g. AVX2, AVX512), plus the
+    native bf16 / AMX extensions Linux reports in /proc/cpuinfo."""
+    level = torch.backends.cpu.get_cpu_capability()
+    extras = sorted(_cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile"})
+    return level + (f" ({', '.join(extras)})" if extras else "")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:  # not Linux: no flags to read
+        pass
+    return set()
+
+
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """(bf16 autocast pays off on ``device``, why). CPUs without AVX512-BF16 or AMX emulate
+    bf16 GEMMs and run them several times slower than fp32, so they get fp32."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"GPU {'supports' if ok else 'lacks'} bf16"
+    flags = _cpu_flags()
+    if flags & {"amx_bf16", "avx512_bf16"}:
+        return True, f"CPU has native bf16 ({', '.join(sorted(flags & {'amx_bf16', 'avx512_bf16'}))})"
+    return False, f"CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 (no AVX512-BF16 / AMX)"
+
+
+def choose_bf16(requested: bool | None, device: torch.device) -> tuple[bool, str]:
+    """(use bf16 autocast, a one-line reason for the log); ``requested`` None = automatic."""
+    if requested is not None:
+        return bool(requested), f"train.bf16={str(bool(requested)).lower()}"
+    ok, why = native_bf16(device)
+    return ok, f"auto: {why}"

@@ -1,4 +1,5 @@
-"""A lazy name -> class registry, shared by the backbones and the weighting strategies.
+"""A lazy name -> class registry, shared by the backbones and the weighting strategies
+(the data sources, rmtl.data.sources, use its ``import_target``).
 
 Entries are classes or "package.module:Class" strings imported on first use, so listing
 the names imports nothing and a module that is not there only matters when its name is built.
@@ -13,6 +14,24 @@ from typing import Any
 from rmtl.errors import ConfigError, unknown_name
 
 _KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def import_target(target: str, kind: str, name: str) -> Any:
+    """The object a "package.module:attr" string names, imported now. A missing module or
+    attribute is a ConfigError naming the ``kind`` and ``name`` it was registered under."""
+    module_name, attr = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        # the module itself is missing (a registry problem), not one of its own imports
+        if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
+            raise ConfigError(f"{kind} '{name}' is registered as '{target}' but module '{module_name}' "
+                              "does not exist (not installed or not written yet)") from None
+        raise
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise ConfigError(f"{kind} '{name}': module '{module_name}' has no '{attr}'")
+    return obj
 
 
 def accepted_options(cls: type, passed: int = 1) -> list[str] | None:
@@ -56,26 +75,18 @@ class Registry:
                               "pass replace=True to override")
         self.entries[name] = target
 
+    def name_of(self, obj: Any) -> str | None:
+        """The name ``obj``'s class is registered under (None when it is not), without importing anything."""
+        cls = type(obj)
+        path = f"{cls.__module__}:{cls.__qualname__}"
+        return next((name for name, target in sorted(self.entries.items()) if target is cls or target == path), None)
+
     def resolve(self, name: str) -> type:
         """The class registered under ``name`` (imports its module on first use)."""
         if name not in self.entries:
             raise unknown_name(self.kind, name, self.entries)
         target = self.entries[name]
-        if not isinstance(target, str):
-            return target
-        module_name, class_name = target.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            # the module itself is missing (a registry problem), not one of its own imports
-            if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
-                raise ConfigError(f"{self.kind} '{name}' is registered as '{target}' but module '{module_name}' "
-                                  "does not exist (not installed or not written yet)") from None
-            raise
-        cls = getattr(module, class_name, None)
-        if cls is None:
-            raise ConfigError(f"{self.kind} '{name}': module '{module_name}' has no class '{class_name}'")
-        return cls
+        return target if not isinstance(target, str) else import_target(target, self.kind, name)
 
     def check_options(self, name: str, cls: type, options: dict[str, Any], passed: int) -> None:
         """A ConfigError naming ``<option_prefix>.<option>`` for an option ``cls`` does not take."""

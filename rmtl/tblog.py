@@ -5,7 +5,8 @@ Tags (see docs/training.md):
   train/samples_per_sec        training throughput over the same window
   weights/<task>               the strategy's weight for the task (per-sample weights: their batch mean)
   weights_hist/<task>          histogram of per-sample weights (strategies returning [B, K])
-  strategy/<name>              whatever ``strategy.last_logs()`` returns (e.g. gradient cosines)
+  strategy/<name>              what ``strategy.last_logs()`` returns (e.g. gradient cosines), except its
+                               ``weight/<task>`` entries, which are weights/<task> already
   gates/<task>/expert_<e>      MoE gate usage (model.last_gate_usage, [K, E]) when the backbone has it
   val/<task>/<metric>          validation metrics at every evaluation; val/mean_auc
   final/<split>/<task>/<metric> metrics of the best checkpoint on val and test
@@ -46,6 +47,8 @@ class TrainLogger:
             for task, value in zip(self.tasks, weights.reshape(-1).tolist()):
                 w.add_scalar(f"weights/{task}", value, step)
         for name, value in strategy_logs.items():
+            if name.startswith("weight/"):
+                continue  # the strategy's own copy of the weights above (weights/<task>)
             try:
                 w.add_scalar(f"strategy/{name}", float(value), step)
             except (TypeError, ValueError):

@@ -15,7 +15,6 @@ event files. The RMTL agent calls ``fit`` twice in one run dir (tags "pretrain" 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from rmtl import checkpoint as ckpt
+from rmtl.atomic import read_json
 from rmtl.callbacks import Callback, default_callbacks
 from rmtl.config import DataConfig, ModelConfig, RunConfig, StrategyConfig
 from rmtl.data.prepare import as_session_log
@@ -96,6 +96,10 @@ def check_names(cfg: RunConfig, *, need_model: bool = True, need_strategy: bool 
     from rmtl import backbones, weighting
     from rmtl.errors import unknown_name
 
+    from rmtl.data.sources import source_names
+
+    if cfg.data.source not in source_names():
+        raise ConfigError(str(unknown_name("data source", cfg.data.source, source_names())), key="data.source")
     if need_model and cfg.model.name not in backbones.available():
         err = unknown_name("backbone", cfg.model.name, backbones.available())
         raise ConfigError(str(err), key="model.name")
@@ -134,6 +138,8 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
     model = model if model is not None else build_model(cfg.model, log.spec)
     if strategy is None:
         strategy = build_strategy(cfg.strategy, len(task_columns(model, log.spec.num_tasks)))
+    if hasattr(strategy, "bind_log"):  # rmtl: each train row's leak-free critic set and session context
+        strategy.bind_log(log.split("train"), model)
 
     root = Path(run_dir if run_dir is not None else _resolved(cfg.run_dir))
     trainer = Trainer(tc, model, strategy, log, out_dir=_mkdir(root / tag), run_dir=root, device=device,
@@ -155,11 +161,11 @@ def read_run_metrics(run_dir: str | os.PathLike, tag: str | None = None) -> dict
     """metrics.json of a run (the given tag, else 'train', else the only/last tag); None if absent."""
     root = Path(run_dir)
     if (root / "metrics.json").exists():
-        return json.loads((root / "metrics.json").read_text())
+        return read_json(root / "metrics.json", "metrics file")
     candidates = [root / t / "metrics.json" for t in ([tag] if tag else []) + ["train"]]
     candidates += sorted(root.glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)[::-1]
     for path in candidates:
         if path.exists():
-            return json.loads(path.read_text())
+            return read_json(path, "metrics file")
     return None
 

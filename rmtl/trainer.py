@@ -20,6 +20,7 @@ one before ``fit``.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -37,7 +38,9 @@ from rmtl.config import TrainConfig
 from rmtl.data.batches import BatchIterator
 from rmtl.data.sessionlog import SessionLog
 from rmtl.errors import ConfigError, DataError
+from rmtl.device import choose_bf16
 from rmtl.metrics import mean_metric, mtl_gain
+from rmtl.optim import clip_grad_norm_, make_optimizer, row_sparse_enabled, row_sparse_gradients
 from rmtl.predict import evaluate, task_columns
 from rmtl.weighting.base import EpochAware, LogsScalars
 
@@ -68,21 +71,6 @@ class LoopState:
     last_eval_step: int = -1
     epoch_loss_sum: list = field(default_factory=list)  # per task, for strategy.epoch_end
     epoch_rows: int = 0
-
-
-def make_optimizer(tc: TrainConfig, model: nn.Module, strategy: nn.Module) -> torch.optim.Optimizer:
-    """Adam / AdamW over the model's and the strategy's trainable parameters (each once)."""
-    seen: set[int] = set()
-    params = []
-    for p in list(model.parameters()) + list(strategy.parameters()):
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            params.append(p)
-    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[tc.optimizer]
-    try:  # the fused kernel is several times faster than the per-tensor default on CPU
-        return cls(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # old torch, or a device / dtype it does not cover
-        return cls(params, lr=tc.lr, weight_decay=tc.weight_decay)
 
 
 def _dist_rank_and_size() -> tuple[int, int]:
@@ -127,7 +115,8 @@ class Trainer:
         self.strategy = strategy.to(self.device)
         self.optimizer = make_optimizer(train_cfg, model, strategy)
         self.clip_params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=train_cfg.bf16)
+        self.bf16, self.precision_reason = choose_bf16(train_cfg.bf16, self.device)
+        self.autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
         # optional hooks, resolved once (typed protocols, not attribute probes in the hot loop)
         self.auxiliary_loss = model.auxiliary_loss if isinstance(model, HasAuxiliaryLoss) else None
         self.epoch_end_hook = strategy.epoch_end if isinstance(strategy, EpochAware) else None
@@ -171,16 +160,20 @@ class Trainer:
         if resume:
             self.restore(self.last_path)
         self.should_stop = self.state.stopped_early or self.state.step >= self.planned
+        if self.is_main_process:  # one line, so a run's log says which precision it trained in
+            print(f"[rmtl] {self.tag}: {'bf16 autocast' if self.bf16 else 'fp32'} ({self.precision_reason})",
+                  file=sys.stderr, flush=True)
         try:
-            self.callbacks.call("on_fit_start", self)
-            self._window_start()
-            while not self.should_stop and self.state.epoch < self.tc.epochs:
-                self.run_epoch()
-            if self.state.last_eval_step != self.state.step and self.state.best_step < 0:
-                self.validate(scheduled=False)  # e.g. resumed a finished run that never validated
-            self.callbacks.call("on_train_end", self)
-            result = self.final_result()
-            self.callbacks.call("on_fit_end", self, result)
+            with row_sparse_gradients(self.model, row_sparse_enabled(self.tc)):  # lazy-Adam tables (rmtl.optim)
+                self.callbacks.call("on_fit_start", self)
+                self._window_start()
+                while not self.should_stop and self.state.epoch < self.tc.epochs:
+                    self.run_epoch()
+                if self.state.last_eval_step != self.state.step and self.state.best_step < 0:
+                    self.validate(scheduled=False)  # e.g. resumed a finished run that never validated
+                self.callbacks.call("on_train_end", self)
+                result = self.final_result()
+                self.callbacks.call("on_fit_end", self, result)
         finally:
             self.callbacks.call("teardown", self)
         return result
@@ -218,7 +211,7 @@ class Trainer:
             "step": self.state.step, "epoch": self.state.epoch, "batch": batch, "logits": logits})
         self.callbacks.call("on_after_backward", self)
         if self.tc.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.clip_params, self.tc.grad_clip)
+            clip_grad_norm_(self.clip_params, self.tc.grad_clip)
         self.optimizer.step()
         return StepOutput(losses=losses.detach(), weights=weights, rows=len(batch))
 

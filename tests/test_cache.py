@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
 import pytest
 
-from rmtl.data import cache, synthetic
+from rmtl.data import cache, sources, synthetic
 from rmtl.data.prepare import format_summary, prepare
 from rmtl.errors import ConfigError, DataError
 from test_census import small_rows, write
@@ -36,7 +37,7 @@ def test_second_prepare_hits_the_cache_with_identical_arrays(tmp_path, census_fi
         assert a.dtype == b.dtype and np.array_equal(a, b), name
     assert second.log.spec == first.log.spec and second.log.splits == first.log.splits
     assert second.summary == first.summary
-    assert second.log.split("train").num_rows == 12
+    assert second.log.split("train").num_rows == 10  # census default 50/25/25
     assert "income" in format_summary(second.summary)
     assert entries(root) == [first.cache_path.name]  # no temporary folder left
 
@@ -82,7 +83,7 @@ def test_crash_while_writing_leaves_nothing_half_written(tmp_path, census_file, 
         raise OSError("disk full")
 
     monkeypatch.setattr(cache.pq, "write_table", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(DataError, match="disk full"):  # one clear error naming the entry
         prepare("census", census_file, cache_dir=root)
     assert entries(root) == []
     monkeypatch.undo()
@@ -118,9 +119,9 @@ def test_embedded_default_is_written_once_and_read_by_the_real_reader(tmp_path, 
         write(out_dir / "census-income.data", small_rows(users))
         return {"data": out_dir / "census-income.data"}
 
-    monkeypatch.setitem(synthetic.WRITERS, "census", "unused:unused")
-    monkeypatch.setitem(synthetic.DEFAULT_SIZES, "census", {"users": 15, "items": 0})
-    monkeypatch.setattr(synthetic, "writer", lambda schema: fake_writer)
+    census = sources.get_source("census")
+    monkeypatch.setitem(sources._SOURCES, "census", dataclasses.replace(
+        census, synthetic_writer=fake_writer, synthetic_sizes={"users": 15, "items": 0}))
     root = tmp_path / "cache"
     first = prepare("census", cache_dir=root)
     second = prepare("census", cache_dir=root)
@@ -132,7 +133,8 @@ def test_embedded_default_is_written_once_and_read_by_the_real_reader(tmp_path, 
 
 @pytest.mark.parametrize("schema", ["retailrocket", "kuairand"])
 def test_synthetic_default_of_each_schema_prepares(tmp_path, schema, monkeypatch):
-    monkeypatch.setitem(synthetic.DEFAULT_SIZES, schema, {"users": 60, "items": 40})
+    monkeypatch.setitem(sources._SOURCES, schema, dataclasses.replace(
+        sources.get_source(schema), synthetic_sizes={"users": 60, "items": 40}))
     p = prepare(schema, cache_dir=tmp_path)
     assert p.log.spec.tasks == ["ctr", "ctcvr"]
     assert p.log.num_rows > 0 and all(p.log.split(s).num_sessions > 0 for s in ("train", "val", "test"))
@@ -144,9 +146,9 @@ def test_synthetic_options_get_their_own_raw_folder(tmp_path, monkeypatch):
         write(out_dir / "census-income.data", small_rows(users))
         return {}
 
-    monkeypatch.setitem(synthetic.WRITERS, "census", "unused:unused")
-    monkeypatch.setitem(synthetic.DEFAULT_SIZES, "census", {"users": 15, "items": 0})
-    monkeypatch.setattr(synthetic, "writer", lambda schema: fake_writer)
+    census = sources.get_source("census")
+    monkeypatch.setitem(sources._SOURCES, "census", dataclasses.replace(
+        census, synthetic_writer=fake_writer, synthetic_sizes={"users": 15, "items": 0}))
     small = prepare("census", cache_dir=tmp_path, synthetic={"users": 12})
     default = prepare("census", cache_dir=tmp_path)
     assert small.log.num_rows == 12 and default.log.num_rows == 15

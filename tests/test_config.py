@@ -56,7 +56,7 @@ def test_typo_in_yaml_file_names_key(tmp_path):
     (["train.epochs=many"], "train.epochs", "int"),
     (["train.optimizer=sgd"], "train.optimizer", "adam, adamw"),
     (["data.split_ratios=[0.5,0.5]"], "data.split_ratios", "three"),
-    (["train.batch_size=0"], "train.batch_size", "positive"),
+    (["train.batch_size=0"], "train.batch_size", ">= 1"),
 ])
 def test_wrong_values_name_key_and_expected(override, key, expected):
     with pytest.raises(ConfigError) as err:

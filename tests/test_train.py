@@ -12,6 +12,7 @@ from rmtl.cli import main
 from rmtl.config import load_config
 from rmtl.data.sessionlog import SessionLog
 from rmtl.data.spec import FeatureSpec
+from rmtl.errors import DataError
 from rmtl.report import read_scalars
 from rmtl.train import evaluate, fit, predict
 
@@ -177,7 +178,7 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(DataError, match="last.pt: cannot write .disk full"):  # the target named, one line
         ckpt.save_atomic({"step": 2}, path)
     assert ckpt.load(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

@@ -1,0 +1,61 @@
+"""The subcommands of ``rmtl``, one module each (``register(subparsers)``), and what the
+commands that make a run share: ``start_run`` / ``started_run``."""
+
+from __future__ import annotations
+
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def start_run(config: str, overrides: list[str], run_dir: str | None = None, *, need_strategy: bool = True):
+    """The validated RunConfig of ``config`` + ``overrides`` (``run_dir`` replaces the config's),
+    with unknown model / strategy names rejected, then ``<run_dir>/config.yaml`` written: a run
+    that fails validation leaves no folder behind."""
+    cfg, _ = _start(config, overrides, run_dir, need_strategy)
+    return cfg
+
+
+@contextmanager
+def started_run(config: str, overrides: list[str], run_dir: str | None = None, *,
+                need_strategy: bool = True) -> Iterator:
+    """``start_run`` for the body of a command: when the body fails before any checkpoint
+    was written (bad data folder, bad backbone option ...), the config.yaml and the folders
+    this call created are removed again, so a failed start leaves nothing behind. A run that
+    got as far as a checkpoint stays (it is resumable)."""
+    cfg, created = _start(config, overrides, run_dir, need_strategy)
+    try:
+        yield cfg
+    except BaseException:
+        _remove_if_unused(Path(cfg.run_dir), created)
+        raise
+
+
+def _start(config, overrides, run_dir, need_strategy):
+    from rmtl.config import load_config, save_config
+    from rmtl.train import check_names
+
+    overrides = list(overrides) + ([f"run_dir={run_dir}"] if run_dir else [])
+    cfg = load_config(config, overrides)  # every key, type and numeric range checked
+    check_names(cfg, need_model=True, need_strategy=need_strategy)
+    path = Path(cfg.run_dir) / "config.yaml"
+    created = [p for p in [path, *path.parents] if not p.exists()]  # deepest first
+    save_config(cfg, path)  # before the run: a killed run resumes from it
+    print(f"run dir: {cfg.run_dir}")
+    return cfg, created
+
+
+def _remove_if_unused(run_dir: Path, created: list[Path]) -> None:
+    if any(run_dir.rglob("*.pt")):
+        return
+    if run_dir in created:  # all of it is this call's (config.yaml, maybe train/ with events)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    for p in created:
+        try:
+            if p.is_file():
+                p.unlink()
+            elif p.is_dir():
+                p.rmdir()  # only an empty folder
+        except OSError:
+            break

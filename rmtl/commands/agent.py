@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rmtl.config import load_config
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -23,20 +21,23 @@ def register(subparsers) -> None:
                         "from the config's model section), a bare state_dict, or a whole saved nn.Module")
     p.add_argument("--out", default=None, metavar="FILE",
                    help="where to save the critics (default: <run_dir>/agent/agent.pt)")
+    p.add_argument("--run-dir", help="output folder (default: the config's run_dir); gets config.yaml and, "
+                   "without --out, agent/agent.pt")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. agent.steps=5000")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from rmtl.commands import started_run
     from rmtl.data.prepare import as_session_log
     from rmtl.pipeline import load_backbone, train_agent
     from rmtl.train import load_data
 
-    cfg = load_config(args.config, args.overrides)
-    prepared = load_data(cfg.data, cfg.seed)
-    log = as_session_log(prepared)
-    backbone = load_backbone(args.backbone, cfg, log.spec)
-    stage = train_agent(cfg, log, backbone, run_dir=cfg.run_dir, out_path=args.out, say=print)
+    with started_run(args.config, args.overrides, args.run_dir, need_strategy=False) as cfg:
+        prepared = load_data(cfg.data, cfg.seed)
+        log = as_session_log(prepared)
+        backbone = load_backbone(args.backbone, cfg, log.spec)
+        stage = train_agent(cfg, log, backbone, run_dir=cfg.run_dir, out_path=args.out, say=print)
     for step, td in zip(stage.history["step"][-1:], stage.history["td_loss"][-1:]):
         print(f"agent: {step} updates, final TD loss {td:.4f}, {stage.seconds:.0f}s")
     print(f"critics saved to {stage.path}")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from rmtl.config import load_config
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -18,14 +16,21 @@ def register(subparsers) -> None:
                    help="YAML file or packaged config name (default: quickstart)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. model.name=ple agent.steps=3000 agent.ew_control=true")
+    p.add_argument("--run-dir", help="output folder (default: the config's run_dir)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from rmtl.commands import started_run
     from rmtl.pipeline import run_pipeline
 
-    cfg = load_config(args.config, args.overrides)
-    result = run_pipeline(cfg)
+    overrides = list(args.overrides)
+    if not any(o.split("=", 1)[0].strip() == "strategy.name" for o in overrides):
+        # the pipeline pretrains with EW and fine-tunes with the critics' weights: its
+        # strategy (in the run name and config.yaml) is rmtl
+        overrides.append("strategy.name=rmtl")
+    with started_run(args.config, overrides, args.run_dir) as cfg:
+        result = run_pipeline(cfg, run_dir=cfg.run_dir)
     print()
     print(result.table)
     total = sum(result.seconds.values())

@@ -34,8 +34,8 @@ def format_metrics(metrics: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rmtl.config import load_config, save_config
-    from rmtl.train import check_names, fit
+    from rmtl.commands import started_run
+    from rmtl.train import fit
 
     config = args.config
     if config is None:
@@ -44,17 +44,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise ConfigError("give a config with -c (a YAML file or one of the packaged names), or "
                               "--resume --run-dir DIR for a run dir holding config.yaml")
-    overrides = list(args.overrides)
-    if args.run_dir:
-        overrides.append(f"run_dir={args.run_dir}")
-    if args.no_progress:
-        overrides.append("train.progress=false")
-    cfg = load_config(config, overrides)
-    check_names(cfg, need_model=True, need_strategy=True)  # fail before anything is written
-    run_dir = Path(cfg.run_dir)
-    save_config(cfg, run_dir / "config.yaml")
-    print(f"run dir: {run_dir}")
-    result = fit(cfg, run_dir=run_dir, resume=args.resume)
+    overrides = list(args.overrides) + (["train.progress=false"] if args.no_progress else [])
+    with started_run(config, overrides, args.run_dir) as cfg:
+        result = fit(cfg, run_dir=Path(cfg.run_dir), resume=args.resume)
     print(f"{result.steps} steps, {result.epochs} epochs, best at step {result.best_step}"
           + (" (stopped early)" if result.stopped_early else ""))
     print(format_metrics(result.metrics))

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rmtl.atomic import remove_stale
 from rmtl.data.sessionlog import SessionLog
 from rmtl.data.spec import FeatureSpec
 from rmtl.errors import DataError
@@ -97,9 +97,13 @@ def save(path: str | Path, log: SessionLog, summary: dict, *, key_material: dict
          vocab: dict | None = None) -> Path:
     """Write ``log``, ``summary`` (and the vocabularies, if given) to ``path`` atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-p{os.getpid()}-{path.name}-", dir=path.parent))
+    except OSError as err:
+        raise DataError(f"cannot write the cache here ({err.strerror or err}); pick another with --out / "
+                        "data.cache_dir or $RMTL_CACHE", path=path.parent) from None
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; entries may be shared
         pq.write_table(_to_table(log), tmp / ROWS_FILE, compression="lz4")
@@ -124,21 +128,20 @@ def save(path: str | Path, log: SessionLog, summary: dict, *, key_material: dict
             if not exists(path):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as err:  # disk full, read-only: nothing half-written stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"cannot write the cache entry ({err.strerror or str(err).splitlines()[0]}); nothing was "
+                        "written; free some space or pick another cache with --out / $RMTL_CACHE", path=path) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
 
-def remove_stale_temporaries(root: str | Path, max_age_seconds: float = 6 * 3600) -> None:
-    """Delete ``.tmp-*`` folders that a killed process left behind (older than max_age)."""
-    now = time.time()
-    for tmp in Path(root).glob(".tmp-*"):
-        try:
-            if tmp.is_dir() and now - tmp.stat().st_mtime > max_age_seconds:
-                shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:
-            pass  # raced with its owner or another cleaner
+def remove_stale_temporaries(root: str | Path) -> int:
+    """Delete the ``.tmp-*`` folders a killed process left behind: those whose writer's pid
+    (in the name) is gone, or, from older versions without one, older than 6 h."""
+    return remove_stale(root, ".tmp-*")
 
 
 def load(path: str | Path) -> tuple[SessionLog, dict]:
@@ -154,6 +157,26 @@ def load(path: str | Path) -> tuple[SessionLog, dict]:
         raise DataError(f"unreadable cache entry ({err}); delete it to rebuild", path=path) from None
     if meta.get("format") != FORMAT_VERSION:
         raise DataError(f"cache format {meta.get('format')}, expected {FORMAT_VERSION}; delete it to rebuild", path=path)
+    try:
+        return _log_from(table, meta, spec), meta["summary"]
+    except (KeyError, ValueError, TypeError, IndexError, pa.ArrowException) as err:
+        raise DataError(f"unreadable cache entry (missing or damaged column: {err}); delete it to rebuild",
+                        path=path) from None
+
+
+def discard(path: str | Path) -> None:
+    """Remove a damaged entry so the next save can take its place (renamed aside first, so
+    a reader never sees it half-deleted)."""
+    path = Path(path)
+    aside = path.with_name(f".tmp-p{os.getpid()}-discarded-{path.name}")
+    try:
+        os.replace(path, aside)
+    except OSError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _log_from(table: pa.Table, meta: dict, spec: FeatureSpec) -> SessionLog:
     n = table.num_rows
 
     def col(name: str, dtype) -> np.ndarray:
@@ -180,7 +203,7 @@ def load(path: str | Path) -> tuple[SessionLog, dict]:
         labels=block("y:", spec.tasks, np.float32),
         splits={k: (int(v[0]), int(v[1])) for k, v in meta["splits"].items()},
     )
-    return log, meta["summary"]
+    return log
 
 
 def load_vocabularies(path: str | Path) -> dict[str, pd.Series]:

@@ -12,8 +12,6 @@ With ``data_dir=None`` the package writes synthetic raw files in the real schema
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
 import json
 import math
 import os
@@ -26,16 +24,11 @@ from typing import Sequence
 import numpy as np
 
 from rmtl.data import cache
+from rmtl.data import sources as data_sources
 from rmtl.data.build import check_split_ratios, check_split_order, build_session_log, encode_values
 from rmtl.data.sessionlog import SPLITS, SessionLog
-from rmtl.errors import ConfigError, DataError, unknown_name
+from rmtl.errors import ConfigError, DataError
 
-# source -> "module:function" of its reader (imported lazily)
-READERS = {
-    "retailrocket": "rmtl.data.retailrocket:read_retailrocket",
-    "kuairand": "rmtl.data.kuairand:read_kuairand",
-    "census": "rmtl.data.census:read_census",
-}
 
 
 @dataclass
@@ -76,14 +69,12 @@ def as_session_log(prepared) -> SessionLog:
 
 
 def sources() -> list[str]:
-    return sorted(READERS)
+    """Registered data source names (rmtl.data.sources)."""
+    return data_sources.source_names()
 
 
 def reader(source: str):
-    if source not in READERS:
-        raise unknown_name("data source", source, READERS)
-    module, func = READERS[source].split(":")
-    return getattr(importlib.import_module(module), func)
+    return data_sources.reader(source)
 
 
 def prepare(
@@ -92,7 +83,7 @@ def prepare(
     *,
     cache_dir: str | Path | None = None,
     session_gap: float | None = 1800.0,
-    split_ratios: Sequence[float] = (0.6, 0.2, 0.2),
+    split_ratios: Sequence[float] | None = None,
     split_order: str | None = None,
     min_count: int = 1,
     seed: int = 0,
@@ -116,7 +107,7 @@ def prepare(
             raise ConfigError(f"expected seconds or None, got {session_gap!r}", key="session_gap") from None
         if not (math.isfinite(session_gap) and session_gap > 0):
             raise ConfigError(f"expected positive seconds or None, got {session_gap!r}", key="session_gap")
-    ratios = check_split_ratios(split_ratios)
+    ratios = check_split_ratios(data_sources.default_split_ratios(source) if split_ratios is None else split_ratios)
     check_split_order(split_order, source)
     if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
         raise ConfigError(f"must be an integer >= 1, got {min_count!r}", key="min_count")
@@ -142,16 +133,20 @@ def prepare(
         material = {"source": source, "options": options, "files": cache.fingerprint(data_path, files)}
         entry = cache.entry_path(root, source, cache.cache_key(**material))
         if cache.exists(entry):
-            log, summary = cache.load(entry)
-            summary["data_dir"] = str(data_path)  # the same files may have moved since
-            return Prepared(log, summary, entry, True, data_path)
+            try:
+                log, summary = cache.load(entry)
+            except DataError:  # damaged (a column missing, truncated Parquet): rebuild it
+                cache.discard(entry)
+            else:
+                summary["data_dir"] = str(data_path)  # the same files may have moved since
+                return Prepared(log, summary, entry, True, data_path)
 
     kwargs = dict(reader_options)
-    if "session_gap" in inspect.signature(read).parameters:
+    if data_sources.get_source(source).reader_takes_session_gap:
         kwargs["session_gap"] = session_gap
     raw = read(data_path, **kwargs)
     vocab: dict = {}
-    log, summary = build_session_log(raw, session_gap=session_gap, split_ratios=split_ratios,
+    log, summary = build_session_log(raw, session_gap=session_gap, split_ratios=ratios,
                                      split_order=split_order, min_count=min_count, seed=seed, vocab_out=vocab)
     summary["data_dir"] = str(data_path)
     summary["options"] = options
@@ -165,7 +160,7 @@ def default_data_dir(source: str, root: Path, options: dict | None = None) -> Pa
     embedded default (``<source>-default``), or one folder per set of writer options."""
     from rmtl.data import synthetic
 
-    if source not in synthetic.WRITERS:
+    if source not in synthetic.schemas():
         raise DataError(f"'{source}' has no embedded synthetic default; give the folder of the real files "
                         f"(--data-dir DIR / data_dir=...)")
     options = dict(options or {})
@@ -179,7 +174,8 @@ def default_data_dir(source: str, root: Path, options: dict | None = None) -> Pa
     if out.is_dir():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    cache.remove_stale_temporaries(out.parent)  # a killed writer's half-written folders
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-p{os.getpid()}-{out.name}-", dir=out.parent))
     try:
         synthetic.write_synthetic(source, tmp, **options)
         try:

@@ -6,33 +6,19 @@ read unchanged, so the embedded default exercises exactly the code that real dat
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
-from rmtl.errors import unknown_name
-
-# schema -> "module:function" (imported lazily: a schema's writer loads only when used)
-WRITERS = {
-    "retailrocket": "rmtl.data.synth_retailrocket:write_retailrocket",
-    "kuairand": "rmtl.data.synth_kuairand:write_kuairand",
-}
-# Sizes of the embedded default: big enough to train on, small enough to write in seconds.
-DEFAULT_SIZES = {
-    "retailrocket": {"users": 5000, "items": 1000},
-    "kuairand": {"users": 1000, "items": 2000},
-}
+from rmtl.data import sources
 
 
 def schemas() -> list[str]:
-    return sorted(WRITERS)
+    """The sources with a synthetic writer (rmtl.data.sources registers them)."""
+    return sources.synthetic_names()
 
 
 def writer(schema: str):
     """The writer function of a schema (unknown schema -> ConfigError listing the known)."""
-    if schema not in WRITERS:
-        raise unknown_name("synthetic schema", schema, WRITERS)
-    module, func = WRITERS[schema].split(":")
-    return getattr(importlib.import_module(module), func)
+    return sources.synthetic_writer(schema)
 
 
 def writer_version(schema: str) -> str:
@@ -48,9 +34,9 @@ def writer_version(schema: str) -> str:
 def write_synthetic(schema: str, out_dir: str | Path, **kw) -> dict[str, Path]:
     """Write synthetic raw files of ``schema`` into ``out_dir``; returns name -> path.
 
-    ``users`` / ``items`` default to DEFAULT_SIZES[schema]; other keywords (seed,
+    ``users`` / ``items`` default to the source's ``synthetic_sizes``; other keywords (seed,
     task_correlation, ...) go to the schema's writer unchanged.
     """
     fn = writer(schema)
-    args = {**DEFAULT_SIZES[schema], **kw}
+    args = {**sources.get_source(schema).synthetic_sizes, **kw}
     return fn(out_dir, **args)

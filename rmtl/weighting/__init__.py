@@ -6,6 +6,8 @@
 """
 
 from rmtl.weighting.base import Strategy
-from rmtl.weighting.registry import available_strategies, build_strategy, register_strategy, strategy_class
+from rmtl.weighting.registry import (available_strategies, build_strategy, register_strategy, strategy_class,
+                                    strategy_name)
 
-__all__ = ["Strategy", "available_strategies", "build_strategy", "register_strategy", "strategy_class"]
+__all__ = ["Strategy", "available_strategies", "build_strategy", "register_strategy", "strategy_class",
+           "strategy_name"]

@@ -34,6 +34,11 @@ def register_strategy(name: str, target: str | type, *, replace: bool = False) -
     _STRATEGIES.register(name, target, replace=replace)
 
 
+def strategy_name(strategy) -> str | None:
+    """The registered name of the strategy's class (None for one that is not registered)."""
+    return _STRATEGIES.name_of(strategy)
+
+
 def strategy_class(name: str) -> type:
     """The class registered under ``name`` (imports its module on first use)."""
     return _STRATEGIES.resolve(name)
