@@ -96,8 +96,8 @@ class FQESection:
     steps: int = 1000
     batch_size: int = 256
     gamma: float = 0.95
-    cql_alpha: float = 0.1  # CQL penalty of the default (conservative) estimate: a lower bound that ranks
-    plain: bool = True  # also report plain FQE (cql_alpha = 0) and its errors against the truth
+    cql_alpha: float = 0.1  # CQL penalty of the conservative estimate, reported as a lower bound
+    lower_bound: bool = True  # also fit conservative FQE (cql_alpha); plain FQE is the default estimate
     hidden: int = 64
     lr: float = 0.001
 
