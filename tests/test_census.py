@@ -81,8 +81,64 @@ def test_builds_into_a_random_split_session_log(tmp_path):
     log, summary = build_session_log(raw)
     assert log.num_rows == 30 and log.num_sessions == 30
     assert log.spec.extra["split_order"] == "random"
-    assert summary["splits"]["train"]["rows"] == 18
+    assert summary["splits"]["train"]["rows"] == 15  # census default 50/25/25, as configs/census.yaml
     assert log.labels.sum(axis=0).tolist() == [8.0, 10.0]
+    log6, summary6 = build_session_log(raw, split_ratios=(0.6, 0.2, 0.2))
+    assert summary6["splits"]["train"]["rows"] == 18
+
+
+def test_train_on_data_test_on_test_when_both_files_exist(tmp_path):
+    """The MMoE paper's protocol: .test is the test split, val is carved from .data."""
+    folder = tmp_path / "census"
+    folder.mkdir()
+    write(folder / "census-income.data", small_rows(40))
+    write(folder / "census-income.test", small_rows(20))
+    raw = read_census(folder)
+    assert raw.test_column == "from_test_file" and raw.warnings == []
+    log, summary = build_session_log(raw, split_ratios=(0.5, 0.25, 0.25))
+    assert summary["splits"]["test"]["rows"] == 20  # exactly the .test rows
+    assert summary["splits"]["train"]["rows"] + summary["splits"]["val"]["rows"] == 40
+    assert summary["splits"]["val"]["rows"] == 13  # 1/3 of .data (0.25 : 0.5)
+    lo, hi = log.splits["test"]
+    test_rows = log.session_ptr[lo], log.session_ptr[hi]
+    assert log.time[test_rows[0]:test_rows[1]].min() >= 40  # the reader's row numbers of the .test rows
+    pooled = read_census(folder, fixed_test=False)
+    assert pooled.test_column is None
+    _, s2 = build_session_log(pooled, split_ratios=(0.5, 0.25, 0.25))
+    assert s2["splits"]["train"]["rows"] == 30
+
+
+def test_a_folder_with_one_census_file_warns_and_strict_fails(tmp_path):
+    folder = tmp_path / "census"
+    folder.mkdir()
+    write(folder / "census-income.test", small_rows(20))
+    raw = read_census(folder)
+    assert raw.test_column is None and any("census-income.data" in w for w in raw.warnings)
+    with pytest.raises(DataError, match="strict"):
+        read_census(folder, strict=True)
+    with pytest.raises(DataError, match="fixed_test"):
+        read_census(folder, fixed_test=True)
+
+
+def test_prepare_cli_and_census_yaml_agree_on_the_split(tmp_path, capsys):
+    from rmtl.cli import main
+    from rmtl.config import load_config
+    from rmtl.train import load_data
+
+    folder = tmp_path / "census"
+    folder.mkdir()
+    write(folder / "census-income.test", small_rows(40))
+    cache = tmp_path / "cache"
+    assert main(["prepare", "--source", "census", "--data-dir", str(folder), "--out", str(cache)]) == 0
+    out = capsys.readouterr().out
+    entry = Path(out.split("wrote ")[-1].strip())
+    from rmtl.data.cache import load
+
+    cli_log, _ = load(entry)
+    cfg = load_config("census", [f"data.data_dir={folder}", f"data.cache_dir={cache}"])
+    yaml_log = load_data(cfg.data, cfg.seed).log
+    for split in ("train", "val", "test"):  # the same rows (row numbers) in each split
+        np.testing.assert_array_equal(np.sort(cli_log.split(split).time), np.sort(yaml_log.split(split).time))
 
 
 @pytest.mark.parametrize("case, column", [

@@ -292,3 +292,139 @@ def test_read_only_output_is_one_line(tmp_path, monkeypatch, capsys):
                  "data.synthetic.users=40", "data.synthetic.items=50", "--no-progress"])
     assert code == 2
     _one_error_line(capsys, str(tmp_path / "ro"), "Read-only file system")
+
+
+# ----------------------------------------------------------------------------- raw files
+
+def _kuairand_release(tmp_path: Path) -> Path:
+    from rmtl.data.synth_kuairand import write_kuairand
+
+    root = tmp_path / "kr"
+    write_kuairand(root, users=30, items=40, seed=1)
+    return root
+
+
+def _retailrocket_dir(tmp_path: Path) -> Path:
+    from rmtl.data.synth_retailrocket import write_retailrocket
+
+    root = tmp_path / "rr"
+    write_retailrocket(root, users=40, items=30, seed=1)
+    return root
+
+
+def _census_file(tmp_path: Path, n: int = 40) -> Path:
+    from test_census import record
+
+    path = tmp_path / "census-income.test"
+    rows = [record(age=20 + i, marital="Never married" if i % 3 else "Divorced",
+                   income="50000+." if i % 4 == 0 else "- 50000.") for i in range(n)]
+    path.write_text("\n".join(", ".join(r) for r in rows) + "\n")
+    return path
+
+
+def _prepare_fails(capsys, source: str, data: Path, *needles: str, out: Path | None = None) -> None:
+    argv = ["prepare", "--source", source, "--data-dir", str(data), "--no-cache"]
+    assert main(argv) == 2
+    _one_error_line(capsys, *needles)
+
+
+def _corrupt(path: Path, how: str) -> Path:
+    data = path.read_bytes()
+    if how == "non-utf8":
+        lines = data.split(b"\n")
+        lines[2] = lines[2].replace(b",", b",\xff\xfe", 1)  # a Latin-1 byte pair in row 2
+        path.write_bytes(b"\n".join(lines))
+        return path
+    gz = path.with_name(path.name + ".gz")
+    if how == "fake-gz":
+        gz.write_bytes(data)  # plain text under a .gz name
+    else:  # truncated gzip
+        blob = gzip.compress(data * 50)
+        gz.write_bytes(blob[: len(blob) // 2])
+    path.unlink()
+    return gz
+
+
+@pytest.mark.parametrize("how", ["non-utf8", "fake-gz", "truncated-gz"])
+@pytest.mark.parametrize("source", ["kuairand", "retailrocket", "census"])
+def test_broken_raw_files_are_one_line_naming_the_file(tmp_path, capsys, source, how):
+    if source == "kuairand":
+        root = _kuairand_release(tmp_path)
+        target = root / ("video_features_basic_1k.csv" if how == "non-utf8" else "log_standard_4_08_to_4_21_1k.csv")
+        data = root
+    elif source == "retailrocket":
+        root = _retailrocket_dir(tmp_path)
+        target = root / ("item_properties_part1.csv" if how == "non-utf8" else "events.csv")
+        data = root
+    else:
+        target = _census_file(tmp_path)
+        data = tmp_path
+    broken = _corrupt(target, how)
+    needles = [broken.name] + (["UTF-8"] if how == "non-utf8" else [])
+    _prepare_fails(capsys, source, data, *needles)
+
+
+def test_unreadable_file_is_one_line(tmp_path, capsys, monkeypatch):
+    """Permissions, simulated (the test may run as root, which reads any file)."""
+    import builtins
+
+    import rmtl.data.kuairand as kuairand
+
+    root = _kuairand_release(tmp_path)
+    locked = root / "user_features_1k.csv"
+
+    def guarded_open(file, *args, **kwargs):
+        if Path(file) == locked:
+            raise PermissionError(13, "Permission denied", str(file))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(kuairand, "open", guarded_open, raising=False)
+    _prepare_fails(capsys, "kuairand", root, "user_features_1k.csv", "Permission denied")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file_by_mode_is_one_line(tmp_path, capsys):
+    root = _kuairand_release(tmp_path)
+    locked = root / "log_standard_4_22_to_5_08_1k.csv"
+    locked.chmod(0)
+    try:
+        _prepare_fails(capsys, "kuairand", root, locked.name)
+    finally:
+        locked.chmod(0o644)
+
+
+def test_kuairand_file_with_a_byte_order_mark_is_read(tmp_path):
+    from rmtl.data.kuairand import read_kuairand
+
+    root = _kuairand_release(tmp_path)
+    plain = read_kuairand(root)
+    for f in root.glob("*.csv"):
+        f.write_bytes(b"\xef\xbb\xbf" + f.read_bytes())
+    pd.testing.assert_frame_equal(read_kuairand(root).frame, plain.frame)
+
+
+def test_kuairand_ids_beyond_2_53_stay_distinct(tmp_path):
+    from rmtl.data.kuairand import read_kuairand
+
+    root = _kuairand_release(tmp_path)
+    log = root / "log_standard_4_08_to_4_21_1k.csv"
+    frame = pd.read_csv(log)
+    big = 2**53
+    frame.loc[frame["user_id"] == frame["user_id"].iloc[0], "user_id"] = big
+    frame.loc[frame["user_id"] == frame["user_id"].iloc[-1], "user_id"] = big + 1
+    frame.to_csv(log, index=False)
+    raw = read_kuairand(root, user_features=[])
+    users = set(raw.frame["user"].tolist())
+    assert big in users and big + 1 in users  # a float64 round trip would merge them
+    assert raw.frame["user"].dtype == np.int64
+
+
+def test_a_legal_40_mb_property_value_is_accepted(tmp_path):
+    from rmtl.data.retailrocket import read_retailrocket
+
+    root = _retailrocket_dir(tmp_path)
+    props = root / "item_properties_part2.csv"
+    with open(props, "a") as fh:
+        fh.write(f"1433221332117,1,description,{'n1 ' * (40 * 1024 * 1024 // 3)}\n")
+    raw = read_retailrocket(root)
+    assert len(raw.frame) > 0

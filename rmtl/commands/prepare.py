@@ -58,8 +58,10 @@ def register(subparsers) -> None:
                    help="values seen fewer than N times in train share the rare bucket (default 1)")
     p.add_argument("--split-order", choices=["time", "random"], default=None,
                    help="order of sessions before the 6:2:2 split (default: time; census: random)")
-    p.add_argument("--split-ratios", type=_ratios, default=(0.6, 0.2, 0.2), metavar="TRAIN,VAL,TEST",
-                   help="fractions of the rows (whole sessions) in train, val, test (default 0.6,0.2,0.2)")
+    p.add_argument("--split-ratios", type=_ratios, default=None, metavar="TRAIN,VAL,TEST",
+                   help="fractions of the rows (whole sessions) in train, val, test (default 0.6,0.2,0.2; census "
+                        "0.5,0.25,0.25 as configs/census.yaml; with census-income.data and .test both present, "
+                        ".test is the test split and TRAIN:VAL divides .data)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random split order (default 0)")
     p.add_argument("--reader-option", type=_reader_option, action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the source's reader (VALUE parsed as JSON when it can be); repeatable")

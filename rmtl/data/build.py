@@ -22,7 +22,7 @@ import pandas as pd
 from rmtl.data.raw import RawEvents
 from rmtl.data.sessionlog import SPLITS, SessionLog
 from rmtl.data.sessions import assign_sessions, group_time_order
-from rmtl.data.sources import SPLIT_ORDERS, default_split_order
+from rmtl.data.sources import SPLIT_ORDERS, default_split_order, default_split_ratios
 from rmtl.data.spec import FeatureSpec
 from rmtl.errors import ConfigError, DataError
 
@@ -35,7 +35,7 @@ def build_session_log(
     raw: RawEvents,
     *,
     session_gap: float | None = 1800.0,
-    split_ratios: Sequence[float] = (0.6, 0.2, 0.2),
+    split_ratios: Sequence[float] | None = None,
     split_order: str | None = None,
     min_count: int = 1,
     seed: int = 0,
@@ -48,7 +48,7 @@ def build_session_log(
     ``vocab_out``: a dict to receive, per sparse field, the train vocabulary as a
     ``pd.Series`` raw value -> index (frequent values 2.., rare ones 1; anything absent is 0).
     """
-    ratios = check_split_ratios(split_ratios)
+    ratios = check_split_ratios(default_split_ratios(raw.source) if split_ratios is None else split_ratios)
     order_kind = check_split_order(split_order, raw.source)
     if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
         raise ConfigError(f"must be an integer >= 1, got {min_count!r}", key="min_count")
@@ -93,6 +93,10 @@ def build_session_log(
         session_rank_order = np.lexsort((s_sorted[starts], time[by_session[starts]]))
     else:
         session_rank_order = np.random.default_rng(seed).permutation(n_sessions)
+    fixed_test = None
+    if raw.test_column is not None:  # the given test rows go last, whole sessions
+        fixed_test = frame[raw.test_column].to_numpy(dtype=bool)[by_session[starts]][session_rank_order]
+        session_rank_order = np.r_[session_rank_order[~fixed_test], session_rank_order[fixed_test]]
     # rows of session j (in by_session order) are by_session[starts[j] : starts[j]+len[j]]
     new_len = session_len[session_rank_order]
     session_ptr = np.zeros(n_sessions + 1, dtype=np.int64)
@@ -101,7 +105,15 @@ def build_session_log(
     order = by_session[gather]
 
     # 4. Split contiguous session ranges, sized by rows.
-    bounds = _split_bounds(session_ptr, ratios, where)
+    if fixed_test is None:
+        bounds = _split_bounds(session_ptr, ratios, where)
+    else:  # train : val as ratios[0] : ratios[1] of the other rows; test = the given rows
+        n_other = int((~fixed_test).sum())
+        if n_other == 0 or n_other == n_sessions:
+            raise DataError(f"the fixed test split needs rows on both sides; got {n_sessions - n_other} test and "
+                            f"{n_other} other session(s)", path=where, column=raw.test_column)
+        share = ratios[0] / (ratios[0] + ratios[1])
+        bounds = _split_bounds(session_ptr[: n_other + 1], (share, 1.0 - share, 0.0), where)[:3] + [n_sessions]
     splits = {name: (bounds[i], bounds[i + 1]) for i, name in enumerate(SPLITS)}
     n_train_rows = int(session_ptr[bounds[1]])
 
@@ -128,6 +140,7 @@ def build_session_log(
             "dense_stats": dense_stats,
             "split_order": order_kind,
             "split_ratios": list(ratios),
+            "fixed_test": raw.test_column,
             "session_gap": None if "session" in frame.columns else session_gap,
         },
     )

@@ -10,6 +10,7 @@ session (``min_session_events = 1``), so the builder splits them at random.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -76,22 +77,41 @@ def census_files(path: str | Path, parts=("data", "test")) -> list[Path]:
     return found
 
 
-def read_census(path: str | Path, *, parts=("data", "test"), **options) -> RawEvents:
+def read_census(path: str | Path, *, parts=("data", "test"), fixed_test: bool | None = None,
+                strict: bool = False, **options) -> RawEvents:
     """Read census-income.data / .test (a file, or a folder holding either or both).
 
     ``parts`` chooses which files of a folder are read (rows of .data first, then .test).
+    ``fixed_test``: the MMoE paper's protocol, train on .data and test on .test (val carved
+    from .data); None = whenever both files are read, False = pool the rows and split them
+    at random, True = require both files. ``strict``: a folder missing one of the two files
+    is an error (otherwise a warning in the summary).
     """
     if options:
-        raise ConfigError(f"unknown census reader option(s) {sorted(options)}; known: parts", key=sorted(options)[0])
-    frames = [_read_one(f) for f in census_files(path, parts)]
+        raise ConfigError(f"unknown census reader option(s) {sorted(options)}; known: parts, fixed_test, strict",
+                          key=sorted(options)[0])
+    files = census_files(path, parts)
+    warnings = []
+    if Path(path).is_dir() and len(files) < len(parts):
+        missing = [PARTS[p] for p in parts if not any(f.name.startswith(PARTS[p]) for f in files)]
+        message = f"missing {', '.join(missing)}[.gz]: only {', '.join(f.name for f in files)} is read and split at random"
+        if strict or fixed_test:
+            raise DataError(message + (" (strict)" if strict else " (fixed_test needs both files)"), path=path)
+        warnings.append(f"{path}: {message}")
+    frames = [_read_one(f) for f in files]
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     n = len(frame)
     rows = np.arange(n, dtype=np.int64)
     out = pd.DataFrame({"user": rows, "item": np.zeros(n, dtype=np.int64), "time": rows})
     out = pd.concat([out, frame[SPARSE + DENSE + ["instance_weight"]], frame[TASKS]], axis=1)
+    is_test = np.concatenate([np.full(len(fr), f.name.startswith(PARTS["test"])) for f, fr in zip(files, frames)])
+    use_fixed = (fixed_test is not False) and is_test.any() and not is_test.all()
+    if use_fixed:
+        out["from_test_file"] = is_test.astype(np.int8)
     return RawEvents(
         frame=out, sparse=list(SPARSE), dense=list(DENSE), tasks=list(TASKS), source="census",
-        events_read=n, dropped={}, min_session_events=1,
+        events_read=n, dropped={}, min_session_events=1, warnings=warnings,
+        test_column="from_test_file" if use_fixed else None,
     )
 
 
@@ -107,11 +127,16 @@ def _read_one(file: Path) -> pd.DataFrame:
         )
     except pa.ArrowInvalid as err:
         msg = str(err).splitlines()[0]
+        if "invalid UTF8" in msg:
+            found = re.search(r"CSV column #(\d+)", msg)
+            column = COLUMNS[int(found.group(1))] if found and int(found.group(1)) < len(COLUMNS) else None
+            raise DataError("not UTF-8 text; expected a UTF-8 census file", path=file, column=column) from None
         if "Empty CSV file" in msg or "Empty" in msg:
             raise DataError("empty file; expected 42 comma-separated columns per row", path=file) from None
         raise DataError(f"expected 42 comma-separated columns per row ({msg})", path=file) from None
     except (OSError, EOFError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read the file ({err})", path=file) from None
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise DataError(f"cannot read the file ({reason}); expected a complete census file", path=file) from None
     if table.num_rows == 0:
         raise DataError("no rows; expected census records", path=file)
 

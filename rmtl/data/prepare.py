@@ -83,7 +83,7 @@ def prepare(
     *,
     cache_dir: str | Path | None = None,
     session_gap: float | None = 1800.0,
-    split_ratios: Sequence[float] = (0.6, 0.2, 0.2),
+    split_ratios: Sequence[float] | None = None,
     split_order: str | None = None,
     min_count: int = 1,
     seed: int = 0,
@@ -107,7 +107,7 @@ def prepare(
             raise ConfigError(f"expected seconds or None, got {session_gap!r}", key="session_gap") from None
         if not (math.isfinite(session_gap) and session_gap > 0):
             raise ConfigError(f"expected positive seconds or None, got {session_gap!r}", key="session_gap")
-    ratios = check_split_ratios(split_ratios)
+    ratios = check_split_ratios(data_sources.default_split_ratios(source) if split_ratios is None else split_ratios)
     check_split_order(split_order, source)
     if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
         raise ConfigError(f"must be an integer >= 1, got {min_count!r}", key="min_count")
@@ -146,7 +146,7 @@ def prepare(
         kwargs["session_gap"] = session_gap
     raw = read(data_path, **kwargs)
     vocab: dict = {}
-    log, summary = build_session_log(raw, session_gap=session_gap, split_ratios=split_ratios,
+    log, summary = build_session_log(raw, session_gap=session_gap, split_ratios=ratios,
                                      split_order=split_order, min_count=min_count, seed=seed, vocab_out=vocab)
     summary["data_dir"] = str(data_path)
     summary["options"] = options

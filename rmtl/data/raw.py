@@ -38,3 +38,6 @@ class RawEvents:
     # Lines for the prepare summary about data that was read but may mislead (a release file
     # missing, a feature that tracks the calendar date); prepare prints them as warnings.
     warnings: list[str] = field(default_factory=list)
+    # Name of a 0/1 column marking rows that form the test split as given (Census: the rows of
+    # census-income.test); train and val are then cut from the other rows. None = split all.
+    test_column: str | None = None

@@ -159,8 +159,15 @@ def _resolve(directory: Path, name: str, what: str) -> Path:
 
 def _read_header(path: Path) -> list[str]:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8-sig", newline="") as fh:
-        line = fh.readline()
+    try:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as fh:
+            line = fh.readline()
+    except UnicodeDecodeError as err:
+        raise DataError(f"not UTF-8 text (byte 0x{err.object[err.start]:02x} in the header); expected a UTF-8 CSV",
+                        path=path) from None
+    except (OSError, EOFError) as err:  # permissions, a fake or truncated .gz
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise DataError(f"cannot read the file ({reason})", path=path) from None
     return [c.strip().strip('"').strip() for c in line.rstrip("\r\n").split(",")] if line.strip() else []
 
 
@@ -190,10 +197,16 @@ def _read_csv(path: Path, columns: dict[str, pa.DataType], *, required: Iterable
                         path=path, column=missing[0])
     convert = pacsv.ConvertOptions(column_types=columns, include_columns=list(columns), strings_can_be_null=False)
     try:
-        table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(use_threads=use_threads, block_size=1 << 22),
-                               convert_options=convert)
+        table = _parse(path, convert, use_threads)
+    except (OSError, EOFError) as err:  # a truncated or fake .gz, permissions
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise DataError(f"cannot read the file ({reason}); expected a complete {what} CSV", path=path) from None
     except pa.ArrowInvalid as err:
         message = str(err)
+        if "invalid UTF8" in message:
+            found = re.search(r"CSV column #(\d+)", message)
+            column = header[int(found.group(1))] if found and int(found.group(1)) < len(header) else None
+            raise DataError("not UTF-8 text; expected a UTF-8 CSV", path=path, column=column) from None
         found = re.search(r"CSV column #(\d+)", message)
         column = header[int(found.group(1))] if found and int(found.group(1)) < len(header) else None
         expect = _type_word(columns[column]) if column in columns else "well-formed CSV rows"
@@ -208,6 +221,24 @@ def _read_csv(path: Path, columns: dict[str, pa.DataType], *, required: Iterable
         if bad:
             raise DataError(f"{bad} empty or NaN value(s); expected {_type_word(columns[name])} in every row", path=path, column=name)
     return table
+
+
+BLOCK_BYTES = 1 << 22  # parse blocks; a row longer than this gets a larger block (retry)
+MAX_BLOCK_BYTES = 1 << 31
+
+
+def _parse(path: Path, convert: pacsv.ConvertOptions, use_threads: bool) -> pa.Table:
+    """pyarrow.csv.read_csv in BLOCK_BYTES blocks; a legal row longer than a block (a
+    property value of tens of MB) is retried with blocks large enough to hold it."""
+    block = BLOCK_BYTES
+    while True:
+        try:
+            return pacsv.read_csv(path, read_options=pacsv.ReadOptions(use_threads=use_threads, block_size=block),
+                                  convert_options=convert)
+        except pa.ArrowInvalid as err:
+            if "straddling" not in str(err) or block >= MAX_BLOCK_BYTES:
+                raise
+            block = min(max(block * 4, path.stat().st_size + 1), MAX_BLOCK_BYTES)
 
 
 def _read_events(path: Path, use_threads: bool) -> dict:

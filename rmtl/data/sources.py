@@ -34,6 +34,7 @@ class DataSource:
     synthetic_writer: str | Callable | None = None
     synthetic_sizes: Mapping[str, Any] = field(default_factory=dict)  # users / items of the embedded default
     split_order: str = "time"  # default order of sessions before the 6:2:2 split: time | random
+    split_ratios: tuple = (0.6, 0.2, 0.2)  # default train / val / test fractions of the rows
     reader_takes_session_gap: bool = False  # the reader cuts sessions itself (labels that must not cross them)
 
     def __post_init__(self):
@@ -53,7 +54,8 @@ _SOURCES: dict[str, DataSource] = {
     "kuairand": DataSource(reader="rmtl.data.kuairand:read_kuairand",
                            synthetic_writer="rmtl.data.synth_kuairand:write_kuairand",
                            synthetic_sizes={"users": 1000, "items": 2000}, reader_takes_session_gap=True),
-    "census": DataSource(reader="rmtl.data.census:read_census", split_order="random"),
+    # 50/25/25 as configs/census.yaml (with .data and .test both given, .test is the test split)
+    "census": DataSource(reader="rmtl.data.census:read_census", split_order="random", split_ratios=(0.5, 0.25, 0.25)),
 }
 
 
@@ -103,3 +105,8 @@ def default_split_order(name: str) -> str:
     """The source's default split order; "time" for a name that is not registered (a
     RawEvents built by hand)."""
     return _SOURCES[name].split_order if name in _SOURCES else "time"
+
+
+def default_split_ratios(name: str) -> tuple:
+    """The source's default (train, val, test) fractions; 6:2:2 for a name not registered."""
+    return tuple(_SOURCES[name].split_ratios) if name in _SOURCES else (0.6, 0.2, 0.2)
