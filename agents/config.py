@@ -28,6 +28,16 @@ class AgentConfig:
     init_from_backbone: bool = True  # start the critics' embeddings from the backbone's (when shapes match)
     ips: bool = False  # inverse-propensity weights in the TD loss, so rare positives count as much as negatives
     ips_clip: float = 10.0  # largest ratio between a positive's and a negative's IPS weight
+    # leak-free weights: train sessions are dealt into `folds` folds; the critics that weight a
+    # row were trained on the other folds only (cross-fitting). Critics trained on the rows they
+    # weight memorise those rows' labels through the id fields (measured: docs/rmtl.md).
+    cross_fit: bool = True  # false = one critic set trained on all train rows (the leaky reference behaviour)
+    folds: int = 2
+    drop_fields: List[str] = field(default_factory=list)  # sparse fields the critics read as "unknown" (e.g. ids)
+    critic_dropout: float = 0.0
+    critic_weight_decay: float = 0.0
+    # session context in the critics' state (rmtl.envs.context): position, elapsed, gap, history, last
+    context: List[str] = field(default_factory=lambda: ["position", "elapsed", "gap", "history", "last"])
     # optional TD3+BC actor update with the backbone as the actor
     actor_update: bool = False
     actor_lr: float = 1e-4
@@ -42,8 +52,13 @@ class AgentConfig:
     twin: str = "min"  # which twin critic gives Q for the weights: min (clipped double Q) | mean | first
     # fine-tuning with the critics' weights (rmtl pipeline): short and gentle, because the
     # pretrained backbone already sits at its best validation epoch; null = the train section's value
-    finetune_epochs: Optional[int] = 1
+    finetune_epochs: Optional[int] = 2
     finetune_lr: Optional[float] = 1e-4
+    # both fine-tuning arms validate every this many steps (null = once per epoch), stop after
+    # finetune_patience evaluations without a better mean val AUC, and keep the best weights;
+    # the pretrained weights compete too, so a fine-tune that only hurts on val is not kept
+    finetune_eval_every: Optional[int] = 20
+    finetune_patience: Optional[int] = 3
     ew_control: bool = True  # also fine-tune with EW for as long, so the table separates "more training" from the weights
     log_every: int = 50  # steps between TensorBoard scalars (histograms every 10x)
     device: str = "auto"  # auto | cpu | cuda
@@ -72,6 +87,11 @@ class AgentConfig:
             "agent.num_threads": self.num_threads is None or self.num_threads > 0,
             "agent.finetune_epochs": self.finetune_epochs is None or self.finetune_epochs > 0,
             "agent.finetune_lr": self.finetune_lr is None or self.finetune_lr > 0,
+            "agent.finetune_eval_every": self.finetune_eval_every is None or self.finetune_eval_every > 0,
+            "agent.finetune_patience": self.finetune_patience is None or self.finetune_patience >= 0,
+            "agent.folds": self.folds >= 2,
+            "agent.critic_dropout": 0.0 <= self.critic_dropout < 1.0,
+            "agent.critic_weight_decay": self.critic_weight_decay >= 0,
         }
         for key, ok in checks.items():
             if not ok:
@@ -83,4 +103,7 @@ class AgentConfig:
             value = getattr(self, key.split(".")[1])
             if value not in allowed:
                 raise ConfigError(f"expected one of {', '.join(allowed)}, got '{value}'", key=key)
+        from rmtl.envs.context import check_context
+
+        check_context(self.context)
         return self

@@ -16,7 +16,10 @@ class RowReplay:
     per array for the states and one for the next states.
     """
 
-    def __init__(self, log: SessionLog, transitions: Transitions, device: str | torch.device = "cpu"):
+    def __init__(self, log: SessionLog, transitions: Transitions, device: str | torch.device = "cpu",
+                 rows: np.ndarray | None = None):
+        """``rows`` (optional) restricts sampling to these transitions (a cross-fitting fold's
+        complement); next states still come from the full log."""
         if len(transitions) == 0:
             raise ValueError("no transitions to replay")
         if not np.array_equal(transitions.state_row, np.arange(len(transitions))):
@@ -32,9 +35,14 @@ class RowReplay:
         self.action = torch.from_numpy(transitions.action)
         self.reward = torch.from_numpy(transitions.reward)
         self.done = torch.from_numpy(transitions.done)
+        ctx = transitions.context
+        self.context = torch.from_numpy(np.ascontiguousarray(ctx, dtype=np.float32)) if ctx is not None else None
+        self.pool = None if rows is None else torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        if self.pool is not None and len(self.pool) == 0:
+            raise ValueError("no transitions to replay in the given rows")
 
     def __len__(self) -> int:
-        return int(self.state_row.shape[0])
+        return int(self.state_row.shape[0] if self.pool is None else self.pool.shape[0])
 
     def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.sparse.index_select(0, rows).to(self.device, non_blocking=True),
@@ -42,14 +50,20 @@ class RowReplay:
 
     def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         idx = torch.randint(len(self), (batch_size,), generator=generator)
+        if self.pool is not None:
+            idx = self.pool.index_select(0, idx)
         rows = self.state_row.index_select(0, idx)
         nxt = self.next_row.index_select(0, idx)
         sparse, dense = self.gather(rows)
         next_sparse, next_dense = self.gather(nxt)
         dev = self.device
-        return {
+        out = {
             "rows": rows, "next_rows": nxt, "sparse": sparse, "dense": dense, "next_sparse": next_sparse, "next_dense": next_dense,
             "action": self.action.index_select(0, idx).to(dev), "reward": self.reward.index_select(0, idx).to(dev),
             "done": self.done.index_select(0, idx).to(dev), "labels": self.labels.index_select(0, rows).to(dev),
             "next_action": self.action.index_select(0, nxt).to(dev),
         }
+        if self.context is not None:
+            out["context"] = self.context.index_select(0, rows).to(dev)
+            out["next_context"] = self.context.index_select(0, nxt).to(dev)
+        return out

@@ -9,6 +9,16 @@ weight as the negatives. Every ``policy_delay`` updates the targets move by ``ta
 and, when ``actor_update`` is on, the actor (the backbone) takes a TD3+BC step:
     loss_actor = -mean_b sum_k Q_{0,k}(s, pi_k(s)) / mean|.| + bc_alpha * BCE(pi(s), target)
 Without an actor, a' is the behaviour policy's logged action at s' (a SARSA target).
+
+Cross-fitting (``cross_fit``, the default): train sessions are dealt into ``folds`` folds
+and critic set f is trained only on transitions of the other folds; a train row is then
+weighted by the set of its own session's fold, which never saw that session. Sets are
+trained one after another and share the ``steps`` budget (ceil(steps / folds) each). Without it, one set is trained
+on every train row and then weights those same rows: it memorises their labels through the
+id fields (measured in docs/rmtl.md), so that is a control, not a default.
+
+The loss-weight formula w = 1 - lam * Q lives here only (``loss_weights``); the rmtl
+strategy calls it, with lam / twin from this agent's config unless the caller overrides.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from torch.nn import functional as F
 from rmtl.agents.config import AgentConfig
 from rmtl.agents.critics import TwinTaskCritics
 from rmtl.agents.replay import RowReplay
+from rmtl.envs.context import context_dim, session_context
 from rmtl.checkpoint import load_user_file, save_atomic
 from rmtl.data.sessionlog import SessionLog
 from rmtl.data.spec import FeatureSpec
@@ -33,7 +44,7 @@ from rmtl.device import resolve_device
 from rmtl.envs.transitions import Transitions
 from rmtl.errors import ConfigError, DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: cross-fitted critic sets, session folds, session context
 
 
 def backbone_embedding(actor: nn.Module | None):
@@ -55,6 +66,14 @@ def ips_weights(labels: np.ndarray, clip: float) -> np.ndarray:
     return np.stack([w_neg, w_neg * ratio]).astype(np.float32)
 
 
+def session_folds(num_sessions: int, folds: int, seed: int) -> np.ndarray:
+    """int64 [S]: each session's fold, balanced (sizes differ by at most one) and seeded."""
+    order = np.random.default_rng([int(seed), 7]).permutation(int(num_sessions))
+    fold = np.empty(int(num_sessions), np.int64)
+    fold[order] = np.arange(int(num_sessions)) % int(folds)
+    return fold
+
+
 class RMTLAgent:
     """Twin per-task critics (+ targets) and optionally the backbone as a TD3+BC actor."""
 
@@ -65,15 +84,31 @@ class RMTLAgent:
         self.device = resolve_device(self.config.device, key="agent.device")
         self.seed = int(seed)
         torch.manual_seed(self.seed)
+        cfg = self.config
         features = backbone_embedding(actor)
-        embed_dim = self.config.embed_dim or (features.embed_dim if features is not None else 16)
-        self.config.embed_dim = int(embed_dim)  # saved resolved, so load() rebuilds the same shapes
-        self.critic = TwinTaskCritics(spec, embed_dim=embed_dim, hidden=self.config.critic_hidden).to(self.device)
+        embed_dim = cfg.embed_dim or (features.embed_dim if features is not None else 16)
+        cfg.embed_dim = int(embed_dim)  # saved resolved, so load() rebuilds the same shapes
+        unknown = [f for f in cfg.drop_fields if f not in spec.sparse_fields]
+        if unknown:
+            raise ConfigError(f"no sparse field '{unknown[0]}'; fields: {', '.join(spec.sparse_fields)}",
+                              key="agent.drop_fields")
+        self.context_names = tuple(cfg.context)
+        self.num_sets = cfg.folds if cfg.cross_fit else 1
+        self.critics = nn.ModuleList(
+            TwinTaskCritics(spec, embed_dim=embed_dim, hidden=cfg.critic_hidden,
+                            context_dim=context_dim(cfg.context, spec.num_tasks),
+                            drop_fields=[spec.sparse_fields.index(f) for f in cfg.drop_fields],
+                            dropout=cfg.critic_dropout)
+            for _ in range(self.num_sets)).to(self.device)
         self.initialised_from_backbone = False
-        if features is not None and self.config.init_from_backbone:
-            self.initialised_from_backbone = self._copy_embeddings(features)
-        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=self.config.lr, foreach=True)
+        if features is not None and cfg.init_from_backbone:
+            self.initialised_from_backbone = all([self._copy_embeddings(features, c) for c in self.critics])
+        self.critic_targets = copy.deepcopy(self.critics).requires_grad_(False)
+        self.critic_opts = [torch.optim.Adam(c.parameters(), lr=cfg.lr, weight_decay=cfg.critic_weight_decay,
+                                             foreach=True) for c in self.critics]
+        self._set = 0  # the critic set being trained (critic / critic_target / critic_opt point at it)
+        self.session_fold: np.ndarray | None = None  # int64 [train sessions]: fold of each, set by train()
+        self.trained_rows: list[np.ndarray] | None = None  # per set, bool [N]: rows its updates sampled
         self.actor = None
         self.set_actor(actor)
         self.steps_done = 0
@@ -98,8 +133,20 @@ class RMTLAgent:
         else:
             self.actor_target = actor  # frozen: a' always comes from the pretrained backbone
 
-    def _copy_embeddings(self, features: nn.Module) -> bool:
-        mine = self.critic.features
+    @property
+    def critic(self) -> TwinTaskCritics:
+        return self.critics[self._set]
+
+    @property
+    def critic_target(self) -> TwinTaskCritics:
+        return self.critic_targets[self._set]
+
+    @property
+    def critic_opt(self) -> torch.optim.Optimizer:
+        return self.critic_opts[self._set]
+
+    def _copy_embeddings(self, features: nn.Module, critic: TwinTaskCritics) -> bool:
+        mine = critic.features
         if features.table.weight.shape != mine.table.weight.shape:
             return False
         with torch.no_grad():
@@ -109,23 +156,62 @@ class RMTLAgent:
         return True
 
     # -- values ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def q_values(self, sparse: torch.Tensor, dense: torch.Tensor, actions: torch.Tensor, *, twin: str = "min") -> torch.Tensor:
-        """Q [B, K] of the given actions (probabilities); ``twin`` = min (clipped double Q) | mean | first."""
-        self.critic.eval()
-        q = self.critic(sparse.to(self.device), dense.to(self.device), actions.to(self.device))
-        if twin == "min":
-            return q.min(dim=1).values
-        if twin == "mean":
-            return q.mean(dim=1)
-        return q[:, 0]
+    def context_of(self, log: SessionLog) -> np.ndarray | None:
+        """float32 [N, C] session context of every row of ``log`` as these critics read it (None: no context)."""
+        return session_context(log, self.context_names) if self.context_names else None
 
-    def loss_weights(self, sparse: torch.Tensor, dense: torch.Tensor, probs: torch.Tensor, lam: float | None = None) -> torch.Tensor:
-        """w = 1 - lam * Q(s, yhat), detached, finite and >= 1 (Q <= 0)."""
+    def fold_of_rows(self, log: SessionLog) -> np.ndarray:
+        """int64 [N]: the critic set that may weight each row of ``log`` (its session's fold).
+
+        ``log`` must be the train split the agent was trained on; -1 everywhere when the
+        critics are not cross-fitted (the one set saw every row)."""
+        if self.num_sets == 1:
+            return np.full(log.num_rows, -1, np.int64)
+        if self.session_fold is None:
+            raise ConfigError("the critics are cross-fitted but were never trained (no session folds)",
+                              key="agent.cross_fit")
+        if len(self.session_fold) != log.num_sessions:
+            raise ConfigError(f"the critics were cross-fitted on a train split of {len(self.session_fold)} sessions; "
+                              f"this one has {log.num_sessions}: retrain them on this data",
+                              key="strategy.options.checkpoint")
+        return self.session_fold[log.session_of_row()]
+
+    @torch.no_grad()
+    def q_values(self, sparse: torch.Tensor, dense: torch.Tensor, actions: torch.Tensor, *, twin: str = "min",
+                 fold: torch.Tensor | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Q [B, K] of the given actions (probabilities); ``twin`` = min (clipped double Q) | mean | first.
+
+        ``fold`` [B] picks, per row, the critic set trained without that row's session
+        (fold_of_rows); None or -1 = the mean over the sets (rows none of them saw)."""
+        dev = self.device
+        sparse, dense, actions = sparse.to(dev), dense.to(dev), actions.to(dev)
+        context = context.to(dev) if context is not None else None
+        qs = []
+        for critic in self.critics:
+            critic.eval()
+            q = critic(sparse, dense, actions, context)
+            qs.append(q.min(dim=1).values if twin == "min" else q.mean(dim=1) if twin == "mean" else q[:, 0])
+        q = torch.stack(qs)  # [sets, B, K]
+        if self.num_sets == 1:
+            return q[0]
+        mean = q.mean(dim=0)
+        if fold is None:
+            return mean
+        fold = fold.to(dev).long()
+        picked = q.gather(0, fold.clamp_min(0).view(1, -1, 1).expand(1, -1, q.shape[2]))[0]
+        return torch.where((fold >= 0).unsqueeze(1), picked, mean)
+
+    def loss_weights(self, sparse: torch.Tensor, dense: torch.Tensor, probs: torch.Tensor, *,
+                     lam: float | None = None, twin: str | None = None, fold: torch.Tensor | None = None,
+                     context: torch.Tensor | None = None) -> torch.Tensor:
+        """THE RMTL weight: w = 1 - lam * Q(s, yhat), detached, finite and >= 1 (Q <= 0).
+
+        ``lam`` / ``twin`` default to this agent's config; ``fold`` / ``context`` as in q_values."""
         lam = self.config.lam if lam is None else float(lam)
-        q = self.q_values(sparse, dense, probs.detach())
+        twin = self.config.twin if twin is None else twin
+        q = self.q_values(sparse, dense, probs.detach(), twin=twin, fold=fold, context=context)
         w = 1.0 - lam * q
-        return torch.nan_to_num(w, nan=1.0, posinf=1.0).clamp_min(1.0)
+        return torch.nan_to_num(w, nan=1.0, posinf=1.0, neginf=1.0).clamp_min(1.0)
 
     def _actor_probs(self, actor: nn.Module, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(actor(sparse, dense))
@@ -164,15 +250,20 @@ class RMTLAgent:
                actor_probs: np.ndarray | None) -> dict:
         cfg = self.config
         steps = cfg.steps if steps is None else int(steps)
+        steps = -(-steps // self.num_sets)  # the total is split over the sets: cross-fitting costs no extra time
         if transitions.action.shape[1] != self.spec.num_tasks:
             raise DataError(f"transitions have {transitions.action.shape[1]} tasks, the agent {self.spec.num_tasks}",
                             column="action")
-        buffer = RowReplay(log, transitions, self.device)
+        want = self.critics[0].context_dim
+        if want and (transitions.context is None or transitions.context.shape[1] != want):
+            # the same features build_transitions makes; computed here when the caller did not ask for them
+            transitions = replace(transitions, context=session_context(log, self.context_names))
         ips = torch.from_numpy(ips_weights(log.labels, cfg.ips_clip)).to(self.device) if cfg.ips else None
-        gen = torch.Generator().manual_seed(self.seed + self.steps_done)
-        noise_gen = torch.Generator(device=self.device).manual_seed(self.seed + 1 + self.steps_done)
+        if self.num_sets > 1 and (self.session_fold is None or len(self.session_fold) != log.num_sessions):
+            self.session_fold = session_folds(log.num_sessions, self.num_sets, self.seed)
+        row_fold = self.fold_of_rows(log)
         tasks = self.spec.tasks
-        history: dict[str, list[float]] = {"step": [], "td_loss": [], **{f"td_loss/{t}": [] for t in tasks}}
+        history: dict[str, list[float]] = {"step": [], "set": [], "td_loss": [], **{f"td_loss/{t}": [] for t in tasks}}
         if self.actor is not None:
             self.actor.eval()  # no dropout / batch-norm updates while it only proposes a'
         self._frozen_probs = None
@@ -183,31 +274,44 @@ class RMTLAgent:
                 raise DataError(f"actor_probs have shape {actor_probs.shape}, expected {log.labels.shape}",
                                 column="actor_probs")
             self._frozen_probs = torch.as_tensor(np.asarray(actor_probs, dtype=np.float32), device=self.device)
-        running = torch.zeros(len(tasks), device=self.device)
-        count = 0
-        for _ in range(steps):
-            b = buffer.sample(cfg.batch_size, gen)
-            td = self._critic_step(b, ips, noise_gen)
-            running += td
-            count += 1
-            self.steps_done += 1
-            actor_logs = None
-            if self.steps_done % cfg.policy_delay == 0:
-                if cfg.actor_update:
-                    actor_logs = self._actor_step(b)
-                self._soft_update()
-            if self.steps_done % cfg.log_every == 0 or _ == steps - 1:
-                mean = (running / max(count, 1)).cpu().numpy()
-                history["step"].append(self.steps_done)
-                history["td_loss"].append(float(mean.mean()))
-                for k, t in enumerate(tasks):
-                    history[f"td_loss/{t}"].append(float(mean[k]))
-                if writer is not None:
-                    self._log(writer, b, mean, actor_logs, final=_ == steps - 1)
-                running.zero_()
-                count = 0
-            if progress is not None:
-                progress(1)
+        self.trained_rows = []
+        for k in range(self.num_sets):
+            self._set = k
+            rows = None if self.num_sets == 1 else np.flatnonzero(row_fold != k)
+            buffer = RowReplay(log, transitions, self.device, rows=rows)
+            seen = torch.zeros(log.num_rows, dtype=torch.bool)
+            gen = torch.Generator().manual_seed(self.seed + self.steps_done)
+            noise_gen = torch.Generator(device=self.device).manual_seed(self.seed + 1 + self.steps_done)
+            running = torch.zeros(len(tasks), device=self.device)
+            count = 0
+            for i in range(steps):
+                b = buffer.sample(cfg.batch_size, gen)
+                seen[b["rows"]] = True
+                td = self._critic_step(b, ips, noise_gen)
+                running += td
+                count += 1
+                self.steps_done += 1
+                actor_logs = None
+                if self.steps_done % cfg.policy_delay == 0:
+                    if cfg.actor_update and k == 0:  # the actor steps against the first set only
+                        actor_logs = self._actor_step(b)
+                    self._soft_update()
+                last = i == steps - 1
+                if self.steps_done % cfg.log_every == 0 or last:
+                    mean = (running / max(count, 1)).cpu().numpy()
+                    history["step"].append(self.steps_done)
+                    history["set"].append(k)
+                    history["td_loss"].append(float(mean.mean()))
+                    for j, t in enumerate(tasks):
+                        history[f"td_loss/{t}"].append(float(mean[j]))
+                    if writer is not None:
+                        self._log(writer, b, mean, actor_logs, final=last)
+                    running.zero_()
+                    count = 0
+                if progress is not None:
+                    progress(1)
+            self.trained_rows.append(seen.numpy())
+        self._set = 0
         return history
 
     def _critic_step(self, b: dict, ips: torch.Tensor | None, noise_gen: torch.Generator) -> torch.Tensor:
@@ -223,9 +327,10 @@ class RMTLAgent:
                 nxt = (nxt + noise.clamp(-cfg.noise_clip, cfg.noise_clip)).clamp(0.0, 1.0)
             else:
                 nxt = b["next_action"]
-            q_next = self.critic_target(b["next_sparse"], b["next_dense"], nxt).min(dim=1).values  # [B, K]
+            q_next = self.critic_target(b["next_sparse"], b["next_dense"], nxt,
+                                        b.get("next_context")).min(dim=1).values  # [B, K]
             target = b["reward"] + cfg.gamma * (1.0 - b["done"]).unsqueeze(1) * q_next
-        q = self.critic(b["sparse"], b["dense"], b["action"])  # [B, 2, K]
+        q = self.critic(b["sparse"], b["dense"], b["action"], b.get("context"))  # [B, 2, K]
         err = (q - target.unsqueeze(1)).pow(2)
         if ips is not None:
             labels = b["labels"]
@@ -243,7 +348,7 @@ class RMTLAgent:
         logits = self.actor(b["sparse"], b["dense"])
         probs = torch.sigmoid(logits)
         self.critic.requires_grad_(False)
-        q = self.critic(b["sparse"], b["dense"], probs)[:, 0].sum(dim=1)  # [B]
+        q = self.critic(b["sparse"], b["dense"], probs, b.get("context"))[:, 0].sum(dim=1)  # [B]
         self.critic.requires_grad_(True)
         q_term = -q.mean() / q.abs().mean().detach().clamp_min(1e-6)  # TD3+BC normalisation
         if cfg.bc_target == "pretrained":
@@ -266,7 +371,7 @@ class RMTLAgent:
         if self.config.actor_update and self.actor is not None:
             pairs.append((self.actor, self.actor_target))
         for online, target in pairs:
-            src = [p for p in online.parameters()]
+            src = [p for p in online.parameters()]  # only the set being trained moves
             dst = [p for p in target.parameters()]
             torch._foreach_lerp_(dst, src, tau)
 
@@ -275,7 +380,7 @@ class RMTLAgent:
         writer.add_scalar("agent/td_loss", float(td.mean()), step)
         hist = final or step % (10 * self.config.log_every) == 0
         if hist:
-            q = self.q_values(b["sparse"], b["dense"], b["action"]).cpu()
+            q = self.q_values(b["sparse"], b["dense"], b["action"], context=b.get("context")).cpu()
         for k, t in enumerate(self.spec.tasks):
             writer.add_scalar(f"agent/td_loss/{t}", float(td[k]), step)
             if hist:
@@ -290,7 +395,8 @@ class RMTLAgent:
         state = {
             "format": FORMAT_VERSION, "spec": self.spec.to_dict(), "config": asdict(self.config),
             "seed": self.seed, "steps_done": self.steps_done,
-            "critic": self.critic.state_dict(), "critic_target": self.critic_target.state_dict(),
+            "critics": self.critics.state_dict(), "critic_targets": self.critic_targets.state_dict(),
+            "session_fold": self.session_fold,
         }
         if self.config.actor_update and self.actor is not None:
             state["actor"] = self.actor.state_dict()
@@ -305,9 +411,14 @@ class RMTLAgent:
         """An agent from ``save``; ``actor`` is optional (weights need only the critics)."""
         path = Path(path)
         state = load_user_file(path, "agent checkpoint")
-        if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION or "critic" not in state:
+        if not isinstance(state, dict) or state.get("format") not in (1, FORMAT_VERSION) or \
+                ("critic" not in state and "critics" not in state):
             raise DataError(f"not an RMTL agent checkpoint (format {FORMAT_VERSION} expected)", path=path)
         config = AgentConfig(**state["config"])
+        if state["format"] == 1:  # one critic set on every train row, no session context
+            config.cross_fit, config.context = False, []
+            state = {**state, "critics": {f"0.{k}": v for k, v in state["critic"].items()},
+                     "critic_targets": {f"0.{k}": v for k, v in state["critic_target"].items()}}
         if device is not None:
             config.device = device
         if actor is not None and "actor" in state:
@@ -316,8 +427,10 @@ class RMTLAgent:
         config_no_actor.actor_update = False
         config_no_actor.init_from_backbone = False
         agent = cls(FeatureSpec.from_dict(state["spec"]), config_no_actor, None, seed=state["seed"])
-        agent.critic.load_state_dict(state["critic"])
-        agent.critic_target.load_state_dict(state["critic_target"])
+        agent.critics.load_state_dict(state["critics"])
+        agent.critic_targets.load_state_dict(state["critic_targets"])
+        fold = state.get("session_fold")
+        agent.session_fold = None if fold is None else np.asarray(fold, dtype=np.int64)
         agent.config = config
         agent.steps_done = int(state["steps_done"])
         if actor is not None:

@@ -6,6 +6,10 @@ the predicted probability per task; the reward per task is the negative BCE (or 
 the absolute error) against the logged label. The next state is the next logged row of
 the session whatever the action (offline replay), and the episode terminates after the
 session's last event.
+
+With ``context`` (names from rmtl.envs.context), the observation also has "context": the
+row's session-context features (position, time since start, earlier positives, ...),
+the same numbers build_transitions and the critics use.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from gymnasium import spaces
 
 from rmtl.data.sessionlog import SessionLog
 from rmtl.errors import ConfigError, DataError
+from rmtl.envs.context import context_bounds, session_context
 from rmtl.envs.rewards import check_reward_kind, task_rewards
 
 ORDERS = ("random", "sequential")
@@ -57,7 +62,7 @@ class SessionEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, log: SessionLog, *, task_weights: Sequence[float] | None = None, reward: str = "bce",
-                 order: str = "random", max_sessions: int | None = None):
+                 order: str = "random", max_sessions: int | None = None, context: Sequence[str] = ()):
         super().__init__()
         if order not in ORDERS:
             raise ConfigError(f"unknown order '{order}'; known: {', '.join(ORDERS)}", key="order")
@@ -79,10 +84,12 @@ class SessionEnv(gym.Env):
 
         cards = np.asarray([max(int(c), 1) for c in log.spec.cardinalities], dtype=np.int64)
         low, high = dense_bounds(log)
-        self.observation_space = spaces.Dict({
-            "sparse": spaces.MultiDiscrete(cards),
-            "dense": spaces.Box(low=low, high=high, dtype=np.float32),
-        })
+        obs = {"sparse": spaces.MultiDiscrete(cards), "dense": spaces.Box(low=low, high=high, dtype=np.float32)}
+        self._context = session_context(log, context) if context else None
+        if self._context is not None:
+            c_low, c_high = context_bounds(self._context)
+            obs["context"] = spaces.Box(low=c_low, high=c_high, dtype=np.float32)
+        self.observation_space = spaces.Dict(obs)
         self.action_space = spaces.Box(low=0.0, high=1.0, shape=(self.num_tasks,), dtype=np.float32)
 
         self._next_session = 0  # cursor of the sequential order
@@ -93,8 +100,11 @@ class SessionEnv(gym.Env):
     # -- helpers -------------------------------------------------------------------------
     def _obs(self, row: int) -> dict[str, np.ndarray]:
         dense = self.log.dense[row] if self._has_dense else np.zeros(1, np.float32)
-        return {"sparse": np.asarray(self.log.sparse[row], dtype=np.int64).copy(),
-                "dense": np.asarray(dense, dtype=np.float32).copy()}
+        obs = {"sparse": np.asarray(self.log.sparse[row], dtype=np.int64).copy(),
+               "dense": np.asarray(dense, dtype=np.float32).copy()}
+        if self._context is not None:
+            obs["context"] = self._context[row].copy()
+        return obs
 
     # -- gymnasium API -------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):

@@ -11,6 +11,11 @@ Behaviour policies:
   std ``noise_std``, clipped to [0, 1];
 - "given": the given actions unchanged (equivalent to "noisy" with noise_std=0);
 - "random": uniform in [0, 1] (what the RMTL reference code uses).
+
+``context`` names session-context features (rmtl.envs.context); they come back as
+``Transitions.context`` [N, C], one row per log row, so a state s = row r reads
+``context[r]`` and its next state ``context[next_row[r]]``: the same numbers SessionEnv
+shows in its observation's "context".
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 
 from rmtl.data.sessionlog import SessionLog
 from rmtl.errors import ConfigError, DataError
+from rmtl.envs.context import session_context
 from rmtl.envs.rewards import check_reward_kind, task_rewards
 
 POLICIES = ("auto", "noisy", "given", "random")
@@ -33,6 +39,7 @@ class Transitions:
     reward: np.ndarray  # float32 [N, K], per task, <= 0
     next_row: np.ndarray  # int64 [N]
     done: np.ndarray  # float32 [N], 1 at the last event of a session
+    context: np.ndarray | None = None  # float32 [N, C] session context per ROW (None = none asked for)
 
     def __len__(self) -> int:
         return int(self.state_row.shape[0])
@@ -70,7 +77,8 @@ def behaviour_actions(num_rows: int, num_tasks: int, actions: np.ndarray | None,
 
 
 def build_transitions(log: SessionLog, actions: np.ndarray | None = None, *, policy: str = "auto",
-                      noise_std: float = 0.1, seed: int = 0, reward: str = "bce") -> Transitions:
+                      noise_std: float = 0.1, seed: int = 0, reward: str = "bce",
+                      context: tuple[str, ...] | list[str] = ()) -> Transitions:
     """Every transition of ``log`` (usually a split view) in one call; see the module docstring.
 
     ``policy="auto"`` means "noisy" when ``actions`` are given, else "random".
@@ -88,4 +96,5 @@ def build_transitions(log: SessionLog, actions: np.ndarray | None = None, *, pol
         reward=task_rewards(log.labels, action, reward),
         next_row=nxt,
         done=done,
+        context=session_context(log, context) if context else None,
     )

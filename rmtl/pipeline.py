@@ -1,8 +1,10 @@
 """The RMTL pipeline, end to end:
 
     prepare -> pretrain the backbone with EW -> transitions from its train predictions
-    -> train the critics (and optionally the actor) -> fine-tune with w = 1 - lam * Q
-    -> evaluate both on test, one side-by-side table.
+    -> train the critics (cross-fitted by session; optionally the actor) -> fine-tune with
+    w = 1 - lam * Q, and with EW as the control, both early-stopped on val from the same
+    pretrained weights (which compete too: a fine-tune that is worse on val is not kept)
+    -> evaluate on test (AUC, logloss, session logloss, GAUC, calibration, Platt logloss).
 
     from rmtl.config import load_config
     from rmtl.pipeline import run_pipeline
@@ -37,7 +39,20 @@ from rmtl.envs.transitions import build_transitions
 from rmtl.predict import predict
 from rmtl.tables import text_table
 
-TABLE_METRICS = ("auc", "logloss", "session_logloss")
+TABLE_METRICS = ("auc", "logloss", "session_logloss", "gauc", "calibration", "platt_logloss")
+
+
+@dataclass
+class ArmResult:
+    """One fine-tuning arm: test metrics of the weights it kept, and its test predictions."""
+    name: str
+    metrics: dict  # {task: {metric: value}} on test, calibration metrics included
+    probs: np.ndarray  # float32 [test rows, K]
+    kept: str  # "finetuned" | "pretrained" (the fine-tune never beat the start on val)
+    steps: int = 0
+    best_step: int = -1
+    val_auc: float = float("nan")
+    seconds: float = 0.0
 
 
 @dataclass
@@ -58,6 +73,7 @@ class PipelineResult:
     agent_path: Path
     control: dict | None = None  # test metrics of the EW fine-tuning control (agent.ew_control)
     seconds: dict = field(default_factory=dict)  # stage -> wall-clock seconds
+    arms: dict = field(default_factory=dict)  # name -> ArmResult ("rmtl", "ew" when the control ran)
 
 
 def train_agent(cfg: RunConfig, log: SessionLog, backbone: nn.Module, *, run_dir: str | os.PathLike,
@@ -81,29 +97,78 @@ def train_agent(cfg: RunConfig, log: SessionLog, backbone: nn.Module, *, run_dir
     preds = predict(backbone, train_log, batch_size=cfg.train.eval_batch_size)
     actions = preds if ac.behaviour == "noisy" else None
     transitions = build_transitions(train_log, actions, policy=ac.behaviour, noise_std=ac.behaviour_noise,
-                                    seed=cfg.seed, reward=ac.reward)
-    say(f"agent: {len(transitions):,} transitions ({ac.behaviour} behaviour), {ac.steps} critic updates")
+                                    seed=cfg.seed, reward=ac.reward, context=ac.context)
     agent = RMTLAgent(log.spec, ac, backbone if actor is None else actor, seed=cfg.seed)
+    sets = f"{agent.num_sets} cross-fitted critic sets" if agent.num_sets > 1 else "1 critic set (not cross-fitted)"
+    say(f"agent: {len(transitions):,} transitions ({ac.behaviour} behaviour), {sets}, {ac.steps} updates in all")
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(str(out)) as writer:
+    with SummaryWriter(str(out)) as writer, _progress(agent.num_sets * -(-ac.steps // agent.num_sets), "agent", cfg.train.progress) as bar:
         # a frozen actor starts from the backbone's weights, so its a' are these predictions
-        history = agent.train(train_log, transitions, writer=writer, actor_probs=preds)
+        history = agent.train(train_log, transitions, writer=writer, actor_probs=preds, progress=bar.update)
     path = agent.save(target)
     _write_json({"history": history, "config": agent.state_dict()["config"]}, out / "history.json")
     return AgentStage(agent=agent, path=path, history=history, seconds=time.perf_counter() - t0,
                       num_transitions=len(transitions))
 
 
+def _progress(total: int, desc: str, enabled: bool = True):
+    """A tqdm bar on a terminal; nothing otherwise (the stage's lines say enough in a log)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not (enabled and sys.stderr.isatty()), dynamic_ncols=True)
+
+
 def _finetune_cfg(cfg: RunConfig, strategy: StrategyConfig) -> RunConfig:
-    train = replace(cfg.train, epochs=cfg.agent.finetune_epochs or cfg.train.epochs,
-                    lr=cfg.agent.finetune_lr or cfg.train.lr)
+    ac = cfg.agent
+    train = replace(cfg.train, epochs=ac.finetune_epochs or cfg.train.epochs, lr=ac.finetune_lr or cfg.train.lr,
+                    eval_every=ac.finetune_eval_every, patience=ac.finetune_patience)
     return replace(cfg, strategy=strategy, train=train)
+
+
+def evaluate_full(model: nn.Module, log: SessionLog, batch_size: int = 8192) -> tuple[dict, np.ndarray]:
+    """({task: {auc, logloss, session_logloss, gauc, calibration, platt_logloss}} on test, test probs).
+
+    Platt scaling is fitted on the val split's predictions and applied to test."""
+    from rmtl.calibration import calibration_metrics
+    from rmtl.metrics import evaluate_predictions
+
+    val, test = log.split("val"), log.split("test")
+    pv, pt = predict(model, val, batch_size), predict(model, test, batch_size)
+    metrics = evaluate_predictions(test.labels, pt, test.session_of_row(), test.user, log.spec.tasks)
+    for k, task in enumerate(log.spec.tasks):
+        metrics[task].update(calibration_metrics(val.labels[:, k], pv[:, k], test.labels[:, k], pt[:, k]))
+    return metrics, pt
+
+
+def finetune_arm(cfg: RunConfig, log: SessionLog, start: nn.Module, start_val_auc: float, name: str,
+                 strategy_cfg: StrategyConfig, *, strategy: nn.Module | None = None,
+                 run_dir: str | os.PathLike, tag: str | None = None, step_offset: int = 0) -> ArmResult:
+    """Fine-tune a copy of ``start`` (early-stopped on val, best-on-val weights kept); the start
+    weights are kept instead when no evaluation beat ``start_val_auc`` (mean val AUC)."""
+    from rmtl.metrics import mean_metric
+    from rmtl.train import fit
+
+    t = time.perf_counter()
+    model = copy.deepcopy(start)
+    ft = fit(_finetune_cfg(cfg, strategy_cfg), prepared=log, model=model, strategy=strategy, run_dir=run_dir,
+             tag=tag or name, step_offset=step_offset)
+    val_auc = mean_metric(ft.metrics["val"], "auc")
+    kept = "finetuned"
+    if not val_auc > start_val_auc:
+        model = start
+        kept = "pretrained"
+    metrics, probs = evaluate_full(model, log, cfg.train.eval_batch_size)
+    return ArmResult(name=name, metrics=metrics, probs=probs, kept=kept, steps=ft.steps, best_step=ft.best_step,
+                     val_auc=val_auc, seconds=time.perf_counter() - t)
 
 
 def run_pipeline(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None,
                  run_dir: str | os.PathLike | None = None, say: Callable[[str], None] = print) -> PipelineResult:
     """Run every stage (see the module docstring); ``model`` overrides cfg.model."""
+    from rmtl.metrics import mean_metric
     from rmtl.train import fit, load_data
     from rmtl.weighting.rmtl_critic import RMTLStrategy
 
@@ -121,48 +186,53 @@ def run_pipeline(cfg: RunConfig, *, prepared=None, model: nn.Module | None = Non
     pre = fit(replace(cfg, strategy=ew), prepared=log, model=model, run_dir=root, tag="pretrain")
     seconds["pretrain"] = time.perf_counter() - t
     say(f"pretrain (EW): {pre.steps} steps, {seconds['pretrain']:.0f}s")
-    pretrained_state = copy.deepcopy(pre.model.state_dict())
+    pretrained = pre.model.eval()
+    pre_val = mean_metric(pre.metrics["val"], "auc")
 
-    # the actor (and later the fine-tuned model) is a copy, so the pretrained weights stay intact
-    actor = copy.deepcopy(pre.model)
-    stage = train_agent(cfg, log, pre.model, run_dir=root, actor=actor, say=say)
+    # the actor is a copy, so the pretrained weights stay intact (the agent may update it)
+    actor = copy.deepcopy(pretrained)
+    stage = train_agent(cfg, log, pretrained, run_dir=root, actor=actor, say=say)
     seconds["agent"] = stage.seconds
     say(f"agent: {seconds['agent']:.0f}s, final TD loss {stage.history['td_loss'][-1]:.4f}, saved {stage.path}")
 
-    t = time.perf_counter()
-    strategy = RMTLStrategy(log.spec.num_tasks, agent=stage.agent, lam=cfg.agent.lam, twin=cfg.agent.twin)
-    ft_cfg = _finetune_cfg(cfg, StrategyConfig(name="rmtl", options={"lam": cfg.agent.lam}))
-    # fine-tuning continues pretraining's TensorBoard axis (the EW control runs beside it)
-    ft = fit(ft_cfg, prepared=log, model=actor, strategy=strategy, run_dir=root, tag="finetune",
-             step_offset=pre.steps)
-    seconds["finetune"] = time.perf_counter() - t
-    say(f"fine-tune (RMTL weights): {ft.steps} steps, {seconds['finetune']:.0f}s")
-
-    control = None
+    start = actor if cfg.agent.actor_update else pretrained
+    start_val = pre_val if start is pretrained else mean_metric(_val_metrics(cfg, start, log), "auc")
+    strategy = RMTLStrategy(log.spec.num_tasks, agent=stage.agent)  # lam / twin: the agent's (one source)
+    arms = {"rmtl": finetune_arm(cfg, log, start, start_val, "rmtl", StrategyConfig(name="rmtl", options={}),
+                                 strategy=strategy, run_dir=root, tag="finetune", step_offset=pre.steps)}
+    seconds["finetune"] = arms["rmtl"].seconds
+    say(f"fine-tune (RMTL weights): {arms['rmtl'].steps} steps, kept {arms['rmtl'].kept}, {seconds['finetune']:.0f}s")
     if cfg.agent.ew_control:
-        t = time.perf_counter()
-        ctrl_model = copy.deepcopy(pre.model)
-        ctrl_model.load_state_dict(pretrained_state)
-        ctrl = fit(_finetune_cfg(cfg, ew), prepared=log, model=ctrl_model, run_dir=root, tag="ew_control",
-                   step_offset=pre.steps)
-        control = ctrl.metrics["test"]
-        seconds["ew_control"] = time.perf_counter() - t
+        # fine-tuning continues pretraining's TensorBoard axis (the EW control runs beside it)
+        arms["ew"] = finetune_arm(cfg, log, pretrained, pre_val, "ew", ew, run_dir=root, tag="ew_control",
+                                  step_offset=pre.steps)
+        seconds["ew_control"] = arms["ew"].seconds
+        say(f"fine-tune (EW control): {arms['ew'].steps} steps, kept {arms['ew'].kept}, {seconds['ew_control']:.0f}s")
 
-    before, after = pre.metrics["test"], ft.metrics["test"]
+    before, _ = evaluate_full(pretrained, log, cfg.train.eval_batch_size)
+    after = arms["rmtl"].metrics
+    control = arms["ew"].metrics if "ew" in arms else None
     table = comparison_table(before, after, control)
     result = PipelineResult(before=before, after=after, table=table, run_dir=root, agent_path=stage.path,
-                            control=control, seconds=seconds)
+                            control=control, seconds=seconds, arms=arms)
     write_text(root / "comparison.txt", table + "\n")
     _write_json({"before": before, "after": after, "control": control, "seconds": seconds,
-                 "agent": str(stage.path)}, root / "pipeline.json")
+                 "kept": {k: a.kept for k, a in arms.items()}, "agent": str(stage.path)}, root / "pipeline.json")
     return result
+
+
+def _val_metrics(cfg: RunConfig, model: nn.Module, log: SessionLog) -> dict:
+    from rmtl.train import evaluate
+
+    return evaluate(model, log.split("val"), cfg.train.eval_batch_size)
 
 
 def comparison_table(before: dict, after: dict, control: dict | None = None,
                      metrics=TABLE_METRICS) -> str:
     """One row per (task, metric): before, after and the difference (after - before).
 
-    AUC: higher is better; logloss and session logloss: lower is better.
+    AUC, GAUC: higher is better; logloss, session logloss, Platt logloss: lower is better;
+    calibration (mean prediction / label rate): 1 is perfect.
     """
     head = ["task", "metric", "EW pretrained", "RMTL fine-tuned", "diff"]
     if control is not None:
@@ -177,7 +247,8 @@ def comparison_table(before: dict, after: dict, control: dict | None = None,
                 row += [f"{c:.4f}", f"{a - c:+.4f}"]
             rows.append(row)
     return (text_table(rows, label_columns=2, rule="line")
-            + "\n(test split; AUC higher is better, logloss and session logloss lower is better)")
+            + "\n(test split; AUC, GAUC higher is better; logloss, session logloss lower is better; calibration = "
+              "mean prediction / label rate, 1 is perfect; platt_logloss = logloss after Platt scaling fitted on val)")
 
 
 def _write_json(obj: dict, path: Path) -> None:

@@ -138,6 +138,8 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
     model = model if model is not None else build_model(cfg.model, log.spec)
     if strategy is None:
         strategy = build_strategy(cfg.strategy, len(task_columns(model, log.spec.num_tasks)))
+    if hasattr(strategy, "bind_log"):  # rmtl: each train row's leak-free critic set and session context
+        strategy.bind_log(log.split("train"), model)
 
     root = Path(run_dir if run_dir is not None else _resolved(cfg.run_dir))
     trainer = Trainer(tc, model, strategy, log, out_dir=_mkdir(root / tag), run_dir=root, device=device,

@@ -56,7 +56,7 @@ def test_pipeline_end_to_end_with_a_users_module(tmp_path):
             assert np.isfinite(result.after[task][metric]) and np.isfinite(result.before[task][metric])
     lines = result.table.splitlines()
     assert "EW pretrained" in lines[0] and "RMTL fine-tuned" in lines[0] and "EW fine-tuned" in lines[0]
-    assert sum(line.startswith(("ctr ", "ctcvr ")) for line in lines) == 6
+    assert sum(line.startswith(("ctr ", "ctcvr ")) for line in lines) == 12  # 6 metrics x 2 tasks
     saved = json.loads((tmp_path / "pipeline.json").read_text())
     assert saved["after"]["ctr"]["auc"] == pytest.approx(result.after["ctr"]["auc"])
     assert (tmp_path / "comparison.txt").read_text().strip() == result.table.strip()

@@ -63,7 +63,7 @@ def test_critic_learns_the_known_value_of_a_chain():
     # behaviour: p plus noise, so the critic sees actions around the one it is evaluated at
     tr = build_transitions(log, np.full((log.num_rows, 2), p, np.float32), noise_std=0.2, seed=0)
     cfg = AgentConfig(gamma=gamma, steps=1000, batch_size=128, lr=3e-3, tau=0.1, policy_delay=1, policy_noise=0.0,
-                      critic_hidden=[32, 32], embed_dim=8, device="cpu")
+                      critic_hidden=[32, 32], embed_dim=8, device="cpu", cross_fit=False, context=[])
     agent = RMTLAgent(log.spec, cfg, ConstantActor(p), seed=0)
     rows = torch.arange(length)
     sparse, dense = torch.from_numpy(log.sparse[:length]), torch.from_numpy(log.dense[:length])
@@ -94,8 +94,12 @@ def test_save_load_roundtrip_and_weights(tmp_path, log):
     again = RMTLAgent.load(path)
     b = gather_batch(log, np.arange(50))
     probs = torch.rand(50, 2)
-    torch.testing.assert_close(agent.q_values(b.sparse, b.dense, probs), again.q_values(b.sparse, b.dense, probs))
-    w = again.loss_weights(b.sparse, b.dense, probs)
+    ctx = torch.from_numpy(agent.context_of(log)[:50])
+    fold = torch.from_numpy(agent.fold_of_rows(log)[:50])
+    torch.testing.assert_close(agent.q_values(b.sparse, b.dense, probs, context=ctx, fold=fold),
+                               again.q_values(b.sparse, b.dense, probs, context=ctx, fold=fold))
+    np.testing.assert_array_equal(again.session_fold, agent.session_fold)
+    w = again.loss_weights(b.sparse, b.dense, probs, context=ctx, fold=fold)
     assert torch.isfinite(w).all() and (w >= 1).all() and w.shape == (50, 2)
     assert not list(tmp_path.glob(".agent.pt.*"))  # no temporary left behind
     with pytest.raises(DataError, match="missing.pt"):
@@ -142,6 +146,7 @@ def test_rmtl_strategy_weights_the_losses(log):
     agent = RMTLAgent(log.spec, cfg, seed=0)
     agent.train(log, build_transitions(log, seed=0))
     strategy = build_strategy("rmtl", 2, agent=agent, lam=0.7)
+    strategy.bind_log(log)
     assert list(strategy.parameters()) == []  # frozen critics stay out of the optimizer
     model = TinyBackbone(log.spec)
     batch = gather_batch(log, np.arange(40))
@@ -149,7 +154,9 @@ def test_rmtl_strategy_weights_the_losses(log):
     losses = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
     w = strategy.backward(losses, model, context={"step": 0, "batch": batch, "logits": logits})
     assert w.shape == (40, 2) and torch.isfinite(w).all() and (w >= 1).all()
-    q = agent.q_values(batch.sparse, batch.dense, torch.sigmoid(logits.detach()))
+    q = agent.q_values(batch.sparse, batch.dense, torch.sigmoid(logits.detach()),
+                       fold=torch.from_numpy(agent.fold_of_rows(log)[:40]),
+                       context=torch.from_numpy(agent.context_of(log)[:40]))
     torch.testing.assert_close(w, 1 - 0.7 * q)
     assert all(p.grad is not None for p in model.parameters())
     # the gradient is that of mean_k mean_i w_ik * BCE_ik
@@ -172,6 +179,8 @@ def test_rmtl_strategy_weights_the_losses(log):
     losses = nn.functional.binary_cross_entropy_with_logits(logits, b2.labels, reduction="none")
     with pytest.raises(ConfigError, match="feature layout"):
         build_strategy("rmtl", 2, agent=agent).backward(losses, foreign, context={"batch": b2, "logits": logits})
+    with pytest.raises(ValueError, match="bind_log"):  # an unbound strategy cannot pick leak-free critics
+        build_strategy("rmtl", 2, agent=agent).backward(losses.detach(), model, context={"batch": batch, "logits": logits})
 
 
 def test_rmtl_strategy_with_every_builtin_backbone(log):
@@ -181,6 +190,7 @@ def test_rmtl_strategy_with_every_builtin_backbone(log):
     agent = RMTLAgent(log.spec, cfg, seed=0)
     agent.train(log, build_transitions(log, seed=0))
     strategy = build_strategy("rmtl", 2, agent=agent)
+    strategy.bind_log(log)
     batch = gather_batch(log, np.arange(32))
     for name in backbones.available():
         torch.manual_seed(0)

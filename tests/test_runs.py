@@ -48,7 +48,7 @@ def test_pipeline_takes_run_dir_and_writes_config_yaml(tmp_path, capsys):
     import json
 
     pre_steps = json.loads((run / "pretrain" / "metrics.json").read_text())["steps"]
-    assert ft == [pre_steps + s for s in pre[:len(ft)]] and min(ft) > max(pre)
+    assert ft[:len(pre)] == [pre_steps + s for s in pre[:len(ft)]] and min(ft) > max(pre)
     # no second copy of the weights under strategy/weight/*
     assert not read_scalars(run / "finetune", prefix="strategy/weight/")
     assert read_scalars(run / "finetune", prefix="weights/")

@@ -16,6 +16,10 @@ Planted structure (all vectorised, deterministic per seed):
 * Users have a gamma-Poisson number of sessions over 2022-04-08 .. 2022-05-08 (Beijing
   time), started at daytime / evening hours and at least 31 minutes apart; a session is a
   geometric number of impressions separated by the play time plus a short swipe gap.
+* Session dynamics (``dynamics`` = s, default 1; rmtl.data.session_dynamics): a latent
+  intent moved by earlier clicks, fatigue with position, and leaving that depends on
+  intent and the last click (impressions after leaving are not written), scaled by s; a
+  long view leans on the intent (+0.5 s h). s = 0 writes the independent draws of before.
 * Intercepts are solved so the mean click probability equals ``click_rate`` and the mean
   long-view probability among clicks equals ``long_view_rate``.
 """
@@ -30,6 +34,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from rmtl.atomic import atomic_path
+from rmtl.data import session_dynamics as dyn
 from rmtl.errors import ConfigError, unknown_name
 
 RELEASES = ("pure", "1k", "27k")
@@ -63,7 +68,7 @@ DEFAULT_RATES = {  # unconditional positive rates of the rarer feedback
     "hate_rate": 0.001, "profile_enter_rate": 0.008,
 }
 KNOWN_OPTIONS = ("sessions_per_user", "session_length", "click_rate", "long_view_rate", "random_share",
-                 "missing_video_features", "factor_dim", "signal", *DEFAULT_RATES)
+                 "missing_video_features", "factor_dim", "signal", "dynamics", *DEFAULT_RATES)
 
 
 def kuairand_file_names(release: str = "1k") -> dict[str, list[str]]:
@@ -95,6 +100,7 @@ def write_kuairand(
     missing_video_features: float = 0.0,
     factor_dim: int = 8,
     signal: float = 1.2,
+    dynamics: float = 1.0,
     **rates: float,
 ) -> dict[str, Path]:
     """Write a synthetic KuaiRand release into ``out_dir``; returns file stem -> path.
@@ -105,7 +111,8 @@ def write_kuairand(
     random exposures (log_random_*.csv, is_rand = 1). ``missing_video_features`` leaves
     that share of videos out of video_features_basic (their rows keep unknown features).
     Rare-feedback rates: like_rate, follow_rate, comment_rate, forward_rate, hate_rate,
-    profile_enter_rate (unconditional).
+    profile_enter_rate (unconditional). ``dynamics`` in [0, 3] scales the session dynamics
+    (0 = independent draws).
     """
     unknown = sorted(set(rates) - set(DEFAULT_RATES))
     if unknown:
@@ -115,6 +122,7 @@ def write_kuairand(
     _check_options(users, items, task_correlation, sessions_per_user, session_length, click_rate,
                    long_view_rate, random_share, missing_video_features, factor_dim, rates)
     users, items, factor_dim = int(users), int(items), int(factor_dim)
+    dynamics = dyn.check_strength(dynamics)
     rng = np.random.default_rng(seed)
 
     user_lat = _latents(rng, users, factor_dim)
@@ -124,8 +132,12 @@ def write_kuairand(
     video_table, video_info = _video_features(rng, items, video_lat)
 
     events = _impressions(rng, n_sessions, items, session_length, random_share, video_info["popularity"])
-    labels = _labels(rng, events, user_lat, video_lat, video_info, float(task_correlation), factor_dim,
-                     float(signal), float(click_rate), float(long_view_rate), rates)
+    labels, keep = _labels(rng, events, user_lat, video_lat, video_info, float(task_correlation), factor_dim,
+                           float(signal), float(click_rate), float(long_view_rate), rates, dynamics)
+    if not keep.all():  # the user left: later impressions never happened
+        n_imp = len(keep)
+        events = {k: (v[keep] if len(v) == n_imp and k not in ("session_user", "session_start") else v)
+                  for k, v in events.items()}
     play = _play_times(rng, labels, video_info["duration_ms"][events["video"]])
     log = _timestamps(rng, events, play)
     log.update(labels)
@@ -313,7 +325,8 @@ def _bernoulli(rng, score: np.ndarray, target: float, among: np.ndarray | None =
 
 
 def _labels(rng, ev: dict, ul: dict, vl: dict, video_info: dict, rho: float, dim: int, signal: float,
-            click_rate: float, lv_rate: float, rates: dict) -> dict[str, np.ndarray]:
+            click_rate: float, lv_rate: float, rates: dict, strength: float = 0.0) -> tuple[dict, np.ndarray]:
+    """(labels of the kept impressions, keep mask over ``ev``'s impressions)."""
     u, v = ev["user"], ev["video"]
     norm = np.sqrt(2 * 0.7 ** 2 + 1.0)
     z1 = (ul["bias"][u] + vl["bias"][v] + np.einsum("ij,ij->i", ul["vec"][u], vl["vec"][v]) / np.sqrt(dim)) / norm
@@ -322,9 +335,16 @@ def _labels(rng, ev: dict, ul: dict, vl: dict, video_info: dict, rho: float, dim
     tab_effect = np.linspace(0.3, -0.4, 15)[ev["tab"]]
     hour_effect = 0.15 * np.cos((ev["start_hour"] - 21) / 24 * 2 * np.pi)
     duration = video_info["duration_ms"][v]
-    click = _bernoulli(rng, signal * z1 + tab_effect + hour_effect - 0.6 * video_info["is_ad"][v], click_rate)
+    score = signal * z1 + tab_effect + hour_effect - 0.6 * video_info["is_ad"][v]
+    a = _intercept(score, click_rate)
+    uniform = rng.random(len(score))  # the same draws _bernoulli made before the dynamics
+    dyn_seed = int(rng.integers(2**62)) if strength > 0 else 0  # only then: s = 0 keeps the old stream
+    drawn, keep, intent, _ = dyn.simulate_calibrated(uniform, score, ev["session"], strength, dyn_seed, click_rate, a)
+    click = drawn[keep].astype(np.int64)
+    z1, z2, duration, v, intent = z1[keep], z2[keep], duration[keep], v[keep], intent[keep]
     clicked = click == 1
-    long_view = _bernoulli(rng, signal * z2 - 0.5 * np.log(duration / 25_000.0), lv_rate, among=clicked)
+    long_view = _bernoulli(rng, signal * z2 - 0.5 * np.log(duration / 25_000.0) + 0.5 * strength * intent, lv_rate,
+                           among=clicked)
     engaged = 0.8 * signal * (z1 + z2) + 1.0 * long_view
     cond = {k: min(rates[k] / max(clicked.mean(), 1e-9), 0.9) for k in rates}
     profile = _bernoulli(rng, engaged, cond["profile_enter_rate"], among=clicked)
@@ -337,7 +357,7 @@ def _labels(rng, ev: dict, ul: dict, vl: dict, video_info: dict, rho: float, dim
         "is_forward": _bernoulli(rng, engaged, cond["forward_rate"], among=clicked),
         "is_hate": _bernoulli(rng, -signal * z1, rates["hate_rate"]),
         "is_profile_enter": profile,
-    }
+    }, keep
 
 
 def _play_times(rng, labels: dict, duration: np.ndarray) -> np.ndarray:

@@ -18,6 +18,12 @@ Planted structure (see docs/retailrocket.md for the figures):
   rho = ``task_correlation``; a_b is
   calibrated so that P(buy | cart) = ``buy_rate``. So CTR ~ cart_rate and
   CTCVR ~ cart_rate * buy_rate per impression.
+* Session dynamics (``dynamics`` = s, default 1; rmtl.data.session_dynamics): a latent
+  intent moved by earlier carts, fatigue with position and leaving that depends on intent
+  and the last outcome (rows after leaving are not written), all scaled by s; a cart is
+  also likelier (+0.6 s) when the session viewed the same category before, and a purchase
+  leans on the intent at cart time (+0.5 s h). s = 0 writes exactly the independent draws
+  of before (the negative control).
 * Noise the reader must skip: repeat views (``repeat_rate`` of impressions) and
   carts / purchases with no earlier view in their session (``orphan_rate`` of sessions).
 Everything is drawn with numpy from one seeded generator: same seed, same bytes.
@@ -33,6 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from rmtl.atomic import atomic_path
+from rmtl.data import session_dynamics as dyn
 from rmtl.errors import ConfigError
 
 START_MS = 1_430_622_000_000  # 2015-05-03, where the public RetailRocket log begins
@@ -57,6 +64,7 @@ DEFAULTS = dict(
     filler_properties=20,
     filler_rows_per_item=6.0,
     property_rows=None,  # total property rows wanted; sets the filler rows when given
+    dynamics=1.0,  # strength of the session dynamics; 0 = independent draws
 )
 
 HEADERS = {
@@ -137,6 +145,7 @@ def _check(users: int, items: int, rho: float, options: dict) -> dict:
     for key in ("gap_days", "days"):
         if not float(cfg[key]) > 0:
             raise ConfigError(f"expected a positive number of days, got {cfg[key]!r}", key=key)
+    cfg["dynamics"] = dyn.check_strength(cfg["dynamics"])
     if int(cfg["filler_properties"]) < 1 or float(cfg["filler_rows_per_item"]) < 0:
         raise ConfigError("expected filler_properties >= 1 and filler_rows_per_item >= 0", key="filler_properties")
     return cfg
@@ -253,9 +262,18 @@ def _decide(rng, users, items, item_leaf, sess, views, timeline, snap0, cfg, rho
     signal = float(cfg["signal"])
     x_cart = signal * z1 - 2.5 * unavailable
     a_c = _calibrate(x_cart, float(cfg["cart_rate"]))
-    cart = rng.random(len(vi)) < 1.0 / (1.0 + np.exp(-(a_c + x_cart)))
+    strength = float(cfg["dynamics"])
+    if strength > 0:  # carts come easier once the session has looked at the category
+        x_cart = x_cart + 0.6 * strength * dyn.earlier_in_session(views["session"], item_leaf[vi])
+    uniform = rng.random(len(vi))  # the same draws as without dynamics
+    dyn_seed = int(rng.integers(2**62)) if strength > 0 else 0  # only then: s = 0 keeps the old stream
+    cart, keep, intent, a_c = dyn.simulate_calibrated(uniform, x_cart, views["session"], strength, dyn_seed,
+                                                      float(cfg["cart_rate"]), a_c)
+    if not keep.all():  # the user left: later views never happened
+        views = {k: v[keep] for k, v in views.items()}
+        vi, vu, z2, cart, intent = vi[keep], vu[keep], z2[keep], cart[keep], intent[keep]
     price_z = (timeline["log_price0"] - timeline["log_price0"].mean()) / (timeline["log_price0"].std() + 1e-9)
-    x_buy = signal * z2[cart] - 0.3 * price_z[vi[cart]]
+    x_buy = signal * z2[cart] - 0.3 * price_z[vi[cart]] + 0.5 * strength * intent[cart]
     a_b = _calibrate(x_buy, float(cfg["buy_rate"]))
     buy_idx = np.flatnonzero(cart)[rng.random(len(x_buy)) < 1.0 / (1.0 + np.exp(-(a_b + x_buy)))]
 
