@@ -96,8 +96,8 @@ class FQESection:
     steps: int = 1000
     batch_size: int = 256
     gamma: float = 0.95
-    cql_alpha: float = 0.1  # CQL penalty weight of the conservative estimate
-    plain: bool = True  # also report plain FQE (cql_alpha = 0)
+    cql_alpha: float = 0.1  # CQL penalty of the default (conservative) estimate: a lower bound that ranks
+    plain: bool = True  # also report plain FQE (cql_alpha = 0) and its errors against the truth
     hidden: int = 64
     lr: float = 0.001
 
@@ -105,6 +105,7 @@ class FQESection:
 @dataclass
 class EvalSection:
     repeats: int = 3  # simulator passes over the test sessions per policy
+    truth_repeats: int = 20  # passes for each policy's true discounted value (the estimators' yardstick)
     label: str = "long_view"  # valid consumption for MTF-GAUC
     equal_alpha: float = 0.5  # the "equal" baseline's weight for every task
 
@@ -143,7 +144,7 @@ def validate(cfg: FusionConfig) -> None:
         raise ConfigError("expected at least one policy", key="policies")
     positive = {"bcq.steps": cfg.bcq.steps, "bcq.batch_size": cfg.bcq.batch_size, "fqe.steps": cfg.fqe.steps,
                 "fqe.batch_size": cfg.fqe.batch_size, "behaviour.passes": cfg.behaviour.passes,
-                "behaviour.heldout_passes": cfg.behaviour.heldout_passes, "eval.repeats": cfg.eval.repeats,
+                "behaviour.heldout_passes": cfg.behaviour.heldout_passes, "eval.repeats": cfg.eval.repeats, "eval.truth_repeats": cfg.eval.truth_repeats,
                 "user_model.epochs": cfg.user_model.epochs, "bcq.log_every": cfg.bcq.log_every}
     for key, value in positive.items():
         if value < 1:
