@@ -138,12 +138,17 @@ def test_numeric_config_fields_are_range_checked(override, key, expected, tmp_pa
     assert not run.exists()  # nothing written for a refused config
 
 
-def test_fusion_config_floats_must_be_finite():
+@pytest.mark.parametrize("override, expected", [
+    ("bcq.lr=nan", "finite"), ("bcq.lr=-1", "> 0"), ("bcq.gamma=1", "< 1"), ("fqe.cql_alpha=-0.1", ">= 0"),
+    ("cem.elite_frac=0", "> 0"), ("user_model.l2=-1", ">= 0"), ("behaviour.noise=-0.3", ">= 0"),
+])
+def test_fusion_config_numbers_are_range_checked(override, expected):
     from rmtl.errors import ConfigError
     from rmtl.fusion.config import load_fusion_config
 
-    with pytest.raises(ConfigError, match="finite"):
-        load_fusion_config("fusion", ["bcq.lr=nan"])
+    with pytest.raises(ConfigError) as info:
+        load_fusion_config("fusion", [override])
+    assert info.value.key == override.split("=")[0] and expected in str(info.value)
 
 
 @pytest.mark.parametrize("text, line", [
