@@ -27,8 +27,10 @@ Every process runs the same ``fit``; this module holds all that differs under N 
   parameters the per-task gradients themselves are all-reduced (share-weighted) before
   the Gram matrix is taken. Task losses given to the rule are global means too.
 
-Strategies that keep per-task state of their own outside this path (DRGrad's routing,
-GradNorm's norms) are refused under more than one process with a clear error.
+DRGrad routes the gradient of the summed loss per tower: it all-reduces that gradient
+(``all_reduce_gradients``) before routing, so its routing sees the global batch.
+GradNorm (per-task norms on a layer of its own choosing) is refused under more than one
+process with a clear error.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from rmtl.errors import ConfigError
 if TYPE_CHECKING:
     from rmtl.trainer import Trainer
 
-UNSUPPORTED = ("drgradstrategy", "gradnorm")  # class names: per-task state outside the Gram path
+UNSUPPORTED = ("gradnorm",)  # class names: per-task state outside the Gram path
 
 
 def active() -> bool:
@@ -169,8 +171,46 @@ def reduce_task_gradients(tg, task_losses: torch.Tensor) -> tuple[torch.Tensor, 
     return gram(tg.grads), flat[n:].to(task_losses)
 
 
-def _params(trainer: "Trainer") -> list[torch.nn.Parameter]:
-    return [p for g in trainer.optimizer.param_groups for p in g["params"]]
+def all_reduce_gradients(grads, params) -> list[torch.Tensor | None]:
+    """The global-batch gradients: sum over ranks of (local rows / global rows) x ``grads``
+    (one per parameter, None = no gradient here), in ONE all-reduce of a flat buffer.
+    Sparse (row-sparse table) gradients come back sparse over the rows present on any rank;
+    None stays None only if no rank had a gradient. Without torch.distributed: unchanged."""
+    grads = list(grads)
+    if not active():
+        return grads
+    s = current_share()
+    parts, kinds = [], []
+    for p, g in zip(params, grads):
+        if g is None:  # another rank may have one (e.g. a task head its rows never reached)
+            parts.append(torch.zeros(p.numel(), dtype=torch.float32, device=p.device))
+            kinds.append("none")
+        elif g.is_sparse:
+            g = g.coalesce()
+            present = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+            present[g.indices()[0]] = 1.0
+            parts += [g.to_dense().float().reshape(-1) * s, present]
+            kinds.append("sparse")
+        else:
+            parts.append(g.float().reshape(-1) * s)
+            kinds.append("dense")
+    flat = all_reduce_(torch.cat(parts))
+    out: list[torch.Tensor | None] = []
+    offset = 0
+    for kind, p in zip(kinds, params):
+        n = p.numel()
+        dense = flat[offset:offset + n].view_as(p).to(p.dtype)
+        offset += n
+        if kind == "sparse":  # the lazy-Adam rows: those of the whole global batch
+            rows = flat[offset:offset + p.shape[0]].nonzero().squeeze(1)
+            offset += p.shape[0]
+            out.append(torch.sparse_coo_tensor(rows.unsqueeze(0), dense.index_select(0, rows), p.shape,
+                                               is_coalesced=True, check_invariants=False))
+        elif kind == "dense" or bool(dense.ne(0).any()):
+            out.append(dense.clone())
+        else:
+            out.append(None)
+    return out
 
 
 class GradientReducer(Callback):
@@ -188,35 +228,9 @@ class GradientReducer(Callback):
         broadcast_module(trainer.strategy)
 
     def on_after_backward(self, trainer):
-        s = current_share()
-        parts, layout = [], []
-        for p in _params(trainer):
-            g = p.grad
-            if g is None:  # another rank may have one (e.g. a task head its rows never reached)
-                parts.append(torch.zeros(p.numel(), dtype=torch.float32, device=p.device))
-                layout.append(("none", p))
-            elif g.is_sparse:
-                g = g.coalesce()
-                present = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
-                present[g.indices()[0]] = 1.0
-                parts += [g.to_dense().float().reshape(-1) * s, present]
-                layout.append(("sparse", p))
-            else:
-                parts.append(g.float().reshape(-1) * s)
-                layout.append(("dense", p))
-        flat = all_reduce_(torch.cat(parts))
-        offset = 0
-        for kind, p in layout:
-            n = p.numel()
-            dense = flat[offset:offset + n].view_as(p).to(p.dtype)
-            offset += n
-            if kind == "sparse":  # the lazy-Adam rows: those of the whole global batch
-                rows = flat[offset:offset + p.shape[0]].nonzero().squeeze(1)
-                offset += p.shape[0]
-                p.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), dense.index_select(0, rows), p.shape,
-                                                 is_coalesced=True, check_invariants=False)
-            elif kind == "dense" or bool(dense.ne(0).any()):
-                p.grad = dense.clone()
+        params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+        for p, g in zip(params, all_reduce_gradients([p.grad for p in params], params)):
+            p.grad = g
 
 
 class RankSync(Callback):
