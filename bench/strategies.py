@@ -12,6 +12,7 @@ import tempfile
 import time
 
 from rmtl.config import load_config
+from rmtl.data.prepare import as_session_log
 from rmtl.train import fit, load_data
 
 DEFAULT = "ew,uw,dwa,gradnorm,rlw,pcgrad,gradvac,cagrad,mgda,imtl,nash_mtl"
@@ -31,7 +32,7 @@ def main() -> None:
     common = [f"train.epochs={args.epochs}", f"model.name={args.model}", "train.progress=false", *args.set]
     base = load_config(args.config, common)
     prepared = load_data(base.data, base.seed)
-    tasks = list(prepared.log.spec.tasks) if hasattr(prepared, "log") else list(prepared.spec.tasks)
+    tasks = list(as_session_log(prepared).spec.tasks)
     print(f"{args.config} {' '.join(args.set)}, {args.model}, {args.epochs} epochs, seed {base.seed}; test AUC per task")
     print(f"{'strategy':<10} " + " ".join(f"{t:>8}" for t in tasks) + f" {'mean':>8} {'seconds':>8}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -31,6 +31,7 @@ import numpy as np
 
 from rmtl.atomic import atomic_path, write_json, write_text
 from rmtl.config import RunConfig, StrategyConfig
+from rmtl.data.prepare import as_session_log
 from rmtl.errors import ConfigError
 from rmtl.tables import text_table
 
@@ -96,7 +97,7 @@ def run_seed(cfg: RunConfig, seed: int, arms: list[str], root: str | os.PathLike
     cfg = replace(cfg, seed=int(seed), data=replace(cfg.data, seed=data_seed),
                   train=replace(cfg.train, progress=False))
     prepared = load_data(cfg.data, cfg.seed)
-    log = prepared.log if hasattr(prepared, "log") else prepared
+    log = as_session_log(prepared)
     pre = fit(replace(cfg, strategy=StrategyConfig(name="ew", options={})), prepared=log, run_dir=root, tag="pretrain")
     pretrained = pre.model.eval()
     pre_val = mean_metric(pre.metrics["val"], "auc")
@@ -258,7 +259,7 @@ def run_compare(cfg: RunConfig, *, seeds: int = 10, arms=DEFAULT_ARMS, jobs: int
     t0 = time.perf_counter()
     data_seed = cfg.data.seed if cfg.data.seed is not None else cfg.seed
     prepared = load_data(replace(cfg.data, seed=data_seed), cfg.seed)  # once, so workers read the cache
-    log = prepared.log if hasattr(prepared, "log") else prepared
+    log = as_session_log(prepared)
     tasks = list(log.spec.tasks)
     seed_list = [cfg.seed + i for i in range(int(seeds))]
     say(f"compare: {len(arms)} arms ({', '.join(arms)}) x {seeds} seeds, {jobs} process(es) x {threads} thread(s)")

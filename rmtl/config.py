@@ -31,6 +31,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+# The agent section's dataclass lives with the agent it configures (as FusionConfig lives in
+# rmtl/fusion/); this module is the root of the run config tree that composes the sections.
 from rmtl.agents.config import AgentConfig
 from rmtl.atomic import write_text
 from rmtl.errors import ConfigError
@@ -311,8 +313,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"expected three non-negative fractions (train, val, test) summing to 1, got {ratios}",
                           key="data.split_ratios")
     check_numbers(cfg)  # ranges of the bounded fields (also checked on load; cfg may be edited since)
-    if hasattr(cfg.agent, "validate"):  # the agent section checks itself (agents/config.py)
-        cfg.agent.validate()
+    cfg.agent.validate()  # the agent section checks its own choices (agents/config.py)
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from rmtl import checkpoint as ckpt
+from rmtl import distributed
 from rmtl.atomic import read_json
 from rmtl.callbacks import Callback, default_callbacks
 from rmtl.config import DataConfig, ModelConfig, RunConfig, StrategyConfig
@@ -125,7 +126,8 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
     ckpt.seed_everything(cfg.seed)
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
-    device = resolve_device(tc.device)
+    device = distributed.local_device(resolve_device(tc.device))
+    distributed.init(device)  # torchrun: join the process group (no-op in one process)
     check_names(cfg, need_model=model is None, need_strategy=strategy is None)  # before a slow data load
     baseline = _baseline_metrics(cfg.baseline_run, tag)  # a missing baseline fails before training, not after
 
@@ -145,6 +147,7 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
     trainer = Trainer(tc, model, strategy, log, out_dir=_mkdir(root / tag), run_dir=root, device=device,
                       seed=cfg.seed, callbacks=[*default_callbacks(tc), *callbacks], tag=tag,
                       step_offset=step_offset, config=cfg, baseline=baseline)
+    distributed.setup(trainer)  # under torchrun: this rank's slices of the global batches, gradient all-reduce
     return trainer.fit(resume=resume)
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rmtl import checkpoint as ckpt
+from rmtl import distributed
 from rmtl.backbones.base import HasAuxiliaryLoss, ReportsGateUsage, check_logits, forward_with_shared
 from rmtl.callbacks import Callback, CallbackList, EvalOutput, StepOutput, TrainWindow
 from rmtl.config import TrainConfig
@@ -217,8 +218,9 @@ class Trainer:
 
     def end_epoch(self) -> None:
         st = self.state
-        if self.epoch_end_hook is not None:
-            self.epoch_end_hook(torch.tensor(st.epoch_loss_sum, dtype=torch.float32) / max(st.epoch_rows, 1))
+        if self.epoch_end_hook is not None:  # the epoch's mean losses over all processes
+            sums, rows = distributed.all_reduce_epoch(st.epoch_loss_sum, st.epoch_rows)
+            self.epoch_end_hook(torch.tensor(sums, dtype=torch.float32) / max(rows, 1))
         self.callbacks.call("on_epoch_end", self)
         st.epoch += 1
         st.batch_in_epoch = 0

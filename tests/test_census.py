@@ -87,12 +87,18 @@ def test_builds_into_a_random_split_session_log(tmp_path):
     assert summary6["splits"]["train"]["rows"] == 18
 
 
-def test_train_on_data_test_on_test_when_both_files_exist(tmp_path):
-    """The MMoE paper's protocol: .test is the test split, val is carved from .data."""
+def census_folder(tmp_path: Path, **rows: int) -> Path:
+    """A folder with census-income.<part> of ``rows[part]`` small rows per given part."""
     folder = tmp_path / "census"
     folder.mkdir()
-    write(folder / "census-income.data", small_rows(40))
-    write(folder / "census-income.test", small_rows(20))
+    for part, n in rows.items():
+        write(folder / f"census-income.{part}", small_rows(n))
+    return folder
+
+
+def test_train_on_data_test_on_test_when_both_files_exist(tmp_path):
+    """The MMoE paper's protocol: .test is the test split, val is carved from .data."""
+    folder = census_folder(tmp_path, data=40, test=20)
     raw = read_census(folder)
     assert raw.test_column == "from_test_file" and raw.warnings == []
     log, summary = build_session_log(raw, split_ratios=(0.5, 0.25, 0.25))
@@ -109,9 +115,7 @@ def test_train_on_data_test_on_test_when_both_files_exist(tmp_path):
 
 
 def test_a_folder_with_one_census_file_warns_and_strict_fails(tmp_path):
-    folder = tmp_path / "census"
-    folder.mkdir()
-    write(folder / "census-income.test", small_rows(20))
+    folder = census_folder(tmp_path, test=20)
     raw = read_census(folder)
     assert raw.test_column is None and any("census-income.data" in w for w in raw.warnings)
     with pytest.raises(DataError, match="strict"):
@@ -125,9 +129,7 @@ def test_prepare_cli_and_census_yaml_agree_on_the_split(tmp_path, capsys):
     from rmtl.config import load_config
     from rmtl.train import load_data
 
-    folder = tmp_path / "census"
-    folder.mkdir()
-    write(folder / "census-income.test", small_rows(40))
+    folder = census_folder(tmp_path, test=40)
     cache = tmp_path / "cache"
     assert main(["prepare", "--source", "census", "--data-dir", str(folder), "--out", str(cache)]) == 0
     out = capsys.readouterr().out

@@ -279,7 +279,7 @@ def test_dataset_save_load_roundtrip(world, tmp_path):
 TINY_RUN = ["data.synthetic.users=40", "data.synthetic.items=80", "user_model.epochs=2",
             "behaviour.passes=1", "behaviour.heldout_passes=1", "bcq.steps=15", "bcq.log_every=5",
             "bcq.batch_size=32", "cem.iterations=1", "cem.population=4", "cem.sessions=4",
-            "td3.timesteps=120", "td3.learning_starts=60", "fqe.steps=10", "eval.repeats=1"]
+            "td3.timesteps=120", "td3.learning_starts=60", "fqe.steps=10", "eval.repeats=1", "eval.truth_repeats=2"]
 
 
 def test_rmtl_fusion_end_to_end(tmp_path, capsys):
@@ -292,13 +292,33 @@ def test_rmtl_fusion_end_to_end(tmp_path, capsys):
     results = json.loads((run_dir / "results.json").read_text())
     assert list(results["table"]) == ["equal", "behaviour", "cem", "bcq", "td3"]
     for row in results["table"].values():
-        assert np.isfinite([row["fqe_value"], row["fqe_plain"], row["sim_reward"], row["sim_depth"]]).all()
+        assert np.isfinite([row["true_value"], row["fqe"], row["fqe_cql"], row["sim_reward"],
+                            row["sim_depth"]]).all()
         assert row["sim_depth"] >= 1
     for name in ("equal", "bcq", "td3"):
         assert any(line.startswith(name) for line in out.splitlines())
-    assert "fqe_value" in out and "mtf_gauc" in out
+    assert "true_value" in out and "mtf_gauc" in out and "rank correlation" in out
+    for col in ("fqe", "fqe_cql"):  # estimate - truth per policy, and the rank correlation
+        errors = results["estimators"]["errors"][col]
+        assert errors["bcq"] == pytest.approx(results["table"]["bcq"][col] - results["table"]["bcq"]["true_value"])
+        assert -1 <= results["estimators"]["rank_corr"][col] <= 1
+    assert out.count("stage ") >= 6  # not a terminal: one line per stage
     assert any(p.name.startswith("events") for p in (run_dir / "tb").iterdir())
     assert (run_dir / "logged_train.npz").exists() and (run_dir / "config.yaml").exists()
+    # the trained policies and critics are kept, and reload to the same actions
+    from rmtl.fusion.fqe import ConservativeFQE
+    from rmtl.fusion.policies import load_policy
+
+    held = FusionDataset.load(run_dir / "logged_heldout.npz")
+    for name in results["table"]:
+        act = load_policy(run_dir / "policies" / f"{name}.pt")
+        torch.manual_seed(0)  # BCQ samples its proposals
+        mean_alpha = np.asarray(act(held.initial_obs), np.float64).mean(0)
+        if name != "bcq":
+            np.testing.assert_allclose(mean_alpha, list(results["alphas"][name].values()), atol=1e-4)
+        fqe = ConservativeFQE.load(run_dir / "fqe" / f"{name}_fqe.pt")
+        assert fqe.value(held.initial_obs, act) == pytest.approx(results["table"][name]["fqe"], rel=1e-5) or \
+            name == "bcq"
 
 
 def test_rmtl_fusion_config_typo_names_the_key(tmp_path, capsys):

@@ -138,12 +138,17 @@ def test_numeric_config_fields_are_range_checked(override, key, expected, tmp_pa
     assert not run.exists()  # nothing written for a refused config
 
 
-def test_fusion_config_floats_must_be_finite():
+@pytest.mark.parametrize("override, expected", [
+    ("bcq.lr=nan", "finite"), ("bcq.lr=-1", "> 0"), ("bcq.gamma=1", "< 1"), ("fqe.cql_alpha=-0.1", ">= 0"),
+    ("cem.elite_frac=0", "> 0"), ("user_model.l2=-1", ">= 0"), ("behaviour.noise=-0.3", ">= 0"),
+])
+def test_fusion_config_numbers_are_range_checked(override, expected):
     from rmtl.errors import ConfigError
     from rmtl.fusion.config import load_fusion_config
 
-    with pytest.raises(ConfigError, match="finite"):
-        load_fusion_config("fusion", ["bcq.lr=nan"])
+    with pytest.raises(ConfigError) as info:
+        load_fusion_config("fusion", [override])
+    assert info.value.key == override.split("=")[0] and expected in str(info.value)
 
 
 @pytest.mark.parametrize("text, line", [
@@ -428,3 +433,18 @@ def test_a_legal_40_mb_property_value_is_accepted(tmp_path):
         fh.write(f"1433221332117,1,description,{'n1 ' * (40 * 1024 * 1024 // 3)}\n")
     raw = read_retailrocket(root)
     assert len(raw.frame) > 0
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_resume_from_a_corrupt_last_pt_is_one_line(tmp_path, capsys, damage):
+    run = tmp_path / "run"
+    argv = ["train", "-c", "quickstart", "--run-dir", str(run), "train.max_steps=2", "train.epochs=1",
+            "data.synthetic.users=60", "data.synthetic.items=40", "--no-progress"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    last = run / "train" / "last.pt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 3] if damage == "truncated" else b"\x00garbage" * 10)
+    assert main(argv + ["--resume"]) == 2
+    _one_error_line(capsys, "last.pt")
+    assert (run / "config.yaml").exists()  # a resumable run's files stay

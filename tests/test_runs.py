@@ -105,3 +105,13 @@ def test_report_labels_by_model_strategy_seed_and_groups_seeds(log, tmp_path):
     fit(cfg, prepared=log)
     grouped = group_seeds([*runs, other])
     assert len(grouped) == 3 and any(k.startswith("mmoe/ew [") for k in grouped)
+
+
+def test_compare_takes_run_dir_and_a_rejected_start_leaves_nothing(tmp_path, capsys):
+    bad = tmp_path / "cmp"
+    assert main(["compare", "--run-dir", str(bad), "--seeds", "1", "model.name=nosuch"]) == 2
+    assert "model.name" in capsys.readouterr().err and not bad.exists()
+    from rmtl.cli import build_parser
+
+    args = build_parser().parse_args(["compare", "--run-dir", "x"])
+    assert args.out == "x"  # --run-dir and the older --out name the same folder

@@ -14,15 +14,9 @@ from torch import nn
 from rmtl.errors import ConfigError
 from rmtl.weighting import build_strategy
 
+from test_weighting import one_thread  # noqa: F401  (autouse fixture: one torch thread)
+
 optimize = pytest.importorskip("scipy.optimize", reason="scipy (the `test` extra) solves the reference problems")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def random_grads(k: int, d: int, scale: float, seed: int) -> np.ndarray:

@@ -33,12 +33,19 @@ def started_run(config: str, overrides: list[str], run_dir: str | None = None, *
 
 
 def _start(config, overrides, run_dir, need_strategy):
+    from rmtl import distributed
     from rmtl.config import load_config, save_config
+    from rmtl.device import resolve_device
     from rmtl.train import check_names
 
     overrides = list(overrides) + ([f"run_dir={run_dir}"] if run_dir else [])
     cfg = load_config(config, overrides)  # every key, type and numeric range checked
     check_names(cfg, need_model=True, need_strategy=need_strategy)
+    if distributed.requested():  # under torchrun: rank 0's run_dir (its ${now:...}) for every process
+        distributed.init(resolve_device(cfg.train.device))
+        cfg.run_dir = distributed.from_rank0(cfg.run_dir)
+        if not distributed.is_main():
+            return cfg, []
     path = Path(cfg.run_dir) / "config.yaml"
     created = [p for p in [path, *path.parents] if not p.exists()]  # deepest first
     save_config(cfg, path)  # before the run: a killed run resumes from it

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from rmtl.config import load_config
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -25,21 +23,23 @@ def register(subparsers) -> None:
                    help="parallel processes (default: one per core, at most one per seed)")
     p.add_argument("--bootstrap", type=int, default=200, metavar="B",
                    help="session-level bootstrap draws per seed (0 = none; default 200)")
-    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: the config's run_dir)")
+    p.add_argument("--run-dir", "--out", dest="out", default=None, metavar="DIR",
+                   help="output folder (default: the config's run_dir); gets config.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. agent.lam=0.5")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from rmtl.commands import started_run
     from rmtl.compare import check_arms, check_counts, run_compare
 
     check_counts(args.seeds, args.jobs, args.bootstrap)  # bad counts and arms fail before any data is read
     arms = check_arms(args.arms.split(","))
-    cfg = load_config(args.config, args.overrides)
-    result = run_compare(cfg, seeds=args.seeds, arms=arms, jobs=args.jobs, out_dir=args.out,
-                         bootstrap=args.bootstrap)
+    with started_run(args.config, args.overrides, args.out, need_strategy=False) as cfg:
+        result = run_compare(cfg, seeds=args.seeds, arms=arms, jobs=args.jobs, out_dir=cfg.run_dir,
+                             bootstrap=args.bootstrap)
     print()
     print(result["table"])
-    out = args.out or cfg.run_dir
+    out = cfg.run_dir
     print(f"\n{out}/compare.json, compare.png; {result['seconds']:.0f}s with {result['jobs']} process(es)")
     return 0

@@ -34,6 +34,7 @@ def format_metrics(metrics: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rmtl import distributed
     from rmtl.commands import started_run
     from rmtl.train import fit
 
@@ -47,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["train.progress=false"] if args.no_progress else [])
     with started_run(config, overrides, args.run_dir) as cfg:
         result = fit(cfg, run_dir=Path(cfg.run_dir), resume=args.resume)
+    if not distributed.is_main():  # under torchrun: rank 0 reports
+        return 0
     print(f"{result.steps} steps, {result.epochs} epochs, best at step {result.best_step}"
           + (" (stopped early)" if result.stopped_early else ""))
     print(format_metrics(result.metrics))

@@ -52,11 +52,20 @@ def cem_policy(sim: FusionSimulator, **options) -> Policy:
 
 
 def train_td3(sim: FusionSimulator, *, timesteps: int = 3000, learning_starts: int = 500, seed: int = 0,
-              hidden: int = 64, action_noise: float = 0.2, learning_rate: float = 1e-3) -> Policy:
-    """SB3 TD3 trained online on a FusionEnv over ``sim``; returns its deterministic policy."""
+              hidden: int = 64, action_noise: float = 0.2, learning_rate: float = 1e-3,
+              on_step: Callable[[int], None] | None = None) -> Policy:
+    """SB3 TD3 trained online on a FusionEnv over ``sim``; returns its deterministic policy.
+    ``on_step(n)`` is told every 50 environment steps (progress)."""
     import torch
     from stable_baselines3 import TD3
+    from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.noise import NormalActionNoise
+
+    class Progress(BaseCallback):
+        def _on_step(self) -> bool:
+            if on_step is not None and self.num_timesteps % 50 == 0:
+                on_step(50)
+            return True
 
     from rmtl.fusion.env import FusionEnv
 
@@ -67,7 +76,7 @@ def train_td3(sim: FusionSimulator, *, timesteps: int = 3000, learning_starts: i
                 batch_size=128, gamma=0.95, action_noise=noise, seed=seed, verbose=0, device="cpu",
                 policy_kwargs={"net_arch": [hidden, hidden]})
     threads = torch.get_num_threads()
-    model.learn(total_timesteps=int(timesteps))
+    model.learn(total_timesteps=int(timesteps), callback=Progress())
     torch.set_num_threads(threads)
 
     def act(obs: np.ndarray) -> np.ndarray:

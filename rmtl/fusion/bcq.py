@@ -76,12 +76,19 @@ class TwinQ(nn.Module):
 
 
 class BCQ:
-    """Batch-constrained Q-learning over continuous fusion weights in [low, high]^K."""
+    """Batch-constrained Q-learning over continuous fusion weights in [low, high]^K.
+    Save and load with rmtl.fusion.policies.save_policy / load_policy."""
+
+    NETWORKS = ("vae", "actor", "critic", "actor_target", "critic_target")  # what a saved BCQ holds
 
     def __init__(self, obs_dim: int, act_dim: int, low: float = -1.0, high: float = 1.0, *, rho: float = 0.15,
                  gamma: float = 0.95, tau: float = 0.005, lmbda: float = 0.75, hidden: int = 128,
                  latent_dim: int | None = None, lr: float = 1e-3, n_samples: int = 10, seed: int = 0,
                  device: str = "cpu"):
+        self._config = {"obs_dim": int(obs_dim), "act_dim": int(act_dim), "low": float(low), "high": float(high),
+                        "rho": float(rho), "gamma": float(gamma), "tau": float(tau), "lmbda": float(lmbda),
+                        "hidden": int(hidden), "latent_dim": latent_dim, "lr": float(lr),
+                        "n_samples": int(n_samples), "seed": int(seed)}
         if not 0 < rho <= 1:
             raise ConfigError(f"expected 0 < rho <= 1, got {rho}", key="bcq.rho")
         if not 0 <= gamma < 1:
@@ -105,6 +112,10 @@ class BCQ:
         self.obs_mean = torch.zeros(obs_dim, device=self.device)
         self.obs_std = torch.ones(obs_dim, device=self.device)
         self.gen = np.random.default_rng(seed)
+
+    def config(self) -> dict:
+        """The constructor arguments (plain numbers): enough to rebuild the networks."""
+        return dict(self._config)
 
     # ------------------------------------------------------------------ helpers
 

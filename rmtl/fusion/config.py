@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from rmtl.config import load_structured  # also registers the ${now:} resolver
+from rmtl.config import bounded, load_structured  # also registers the ${now:} resolver
 from rmtl.errors import ConfigError
 from rmtl.fusion.env import DEFAULT_SYNTHETIC
 from rmtl.fusion.simulator import FUSION_TASKS, FusionEnvConfig
@@ -25,7 +25,7 @@ RANKERS = ("user_model", "backbone")
 class FusionDataSection:
     data_dir: Optional[str] = None  # None = the embedded synthetic KuaiRand logs
     cache_dir: Optional[str] = None  # None = the data core's default cache
-    session_gap: Optional[float] = 1800.0
+    session_gap: Optional[float] = bounded(1800.0, low=0, low_open=True)
     tasks: List[str] = field(default_factory=lambda: list(FUSION_TASKS))  # KuaiRand task aliases
     synthetic: Dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SYNTHETIC))
     use_cache: bool = True
@@ -33,12 +33,12 @@ class FusionDataSection:
 
 @dataclass
 class UserModelSection:
-    dim: int = 8  # training user model (also the ranker whose predictions are fused)
-    epochs: int = 15
-    lr: float = 0.03
-    l2: float = 0.01
-    heldout_dim: int = 16  # held-out user model: other size, seed and rows (train + val)
-    heldout_seed_offset: int = 101
+    dim: int = bounded(8, low=1)  # training user model (also the ranker whose predictions are fused)
+    epochs: int = bounded(15, low=1)
+    lr: float = bounded(0.03, low=0, low_open=True)
+    l2: float = bounded(0.01, low=0)
+    heldout_dim: int = bounded(16, low=1)  # held-out user model: other size, seed and rows (train + val)
+    heldout_seed_offset: int = bounded(101, low=0)
 
 
 @dataclass
@@ -46,65 +46,66 @@ class RankerSection:
     kind: str = "user_model"  # user_model (the training user model's predictions) | backbone
     backbone: str = "mmoe"  # with kind=backbone: any rmtl.backbones name, fitted on the train split
     options: Dict[str, Any] = field(default_factory=dict)
-    epochs: int = 3
-    batch_size: int = 512
-    lr: float = 0.001
+    epochs: int = bounded(3, low=1)
+    batch_size: int = bounded(512, low=1)
+    lr: float = bounded(0.001, low=0, low_open=True)
 
 
 @dataclass
 class BehaviourSection:
     default_alpha: Dict[str, float] = field(default_factory=lambda: {
         "ctr": 0.3, "long_view": 1.0, "like": 0.5, "follow": 0.5, "comment": 0.5, "forward": 0.5, "hate": -1.0})
-    noise: float = 0.3  # std of the Gaussian noise per task and request (then clipped to the action box)
-    passes: int = 3  # logged rollouts over the train sessions
-    heldout_passes: int = 2  # logged rollouts over the test sessions (FQE / MTF-GAUC data)
+    noise: float = bounded(0.3, low=0)  # std of the Gaussian noise per task and request (then clipped to the action box)
+    passes: int = bounded(3, low=1)  # logged rollouts over the train sessions
+    heldout_passes: int = bounded(2, low=1)  # logged rollouts over the test sessions (FQE / MTF-GAUC data)
 
 
 @dataclass
 class BCQSection:
-    steps: int = 1000
-    batch_size: int = 128
-    rho: float = 0.15
-    gamma: float = 0.95
-    tau: float = 0.005
-    lmbda: float = 0.75
-    hidden: int = 64
-    lr: float = 0.001
-    n_samples: int = 10
-    log_every: int = 50
+    steps: int = bounded(1000, low=1)
+    batch_size: int = bounded(128, low=1)
+    rho: float = bounded(0.15, low=0)
+    gamma: float = bounded(0.95, low=0, high=1, high_open=True)
+    tau: float = bounded(0.005, low=0, high=1, low_open=True)
+    lmbda: float = bounded(0.75, low=0, high=1)
+    hidden: int = bounded(64, low=1)
+    lr: float = bounded(0.001, low=0, low_open=True)
+    n_samples: int = bounded(10, low=1)
+    log_every: int = bounded(50, low=1)
 
 
 @dataclass
 class CEMSection:
-    iterations: int = 5
-    population: int = 16
-    sessions: int = 32
-    elite_frac: float = 0.25
-    init_std: float = 0.5
+    iterations: int = bounded(5, low=1)
+    population: int = bounded(16, low=1)
+    sessions: int = bounded(32, low=1)
+    elite_frac: float = bounded(0.25, low=0, high=1, low_open=True)
+    init_std: float = bounded(0.5, low=0)
 
 
 @dataclass
 class TD3Section:
-    timesteps: int = 2000  # 0 = skip TD3
-    learning_starts: int = 300
-    hidden: int = 64
-    action_noise: float = 0.2
+    timesteps: int = bounded(2000, low=0)  # 0 = skip TD3
+    learning_starts: int = bounded(300, low=0)
+    hidden: int = bounded(64, low=1)
+    action_noise: float = bounded(0.2, low=0)
 
 
 @dataclass
 class FQESection:
-    steps: int = 1000
-    batch_size: int = 256
-    gamma: float = 0.95
-    cql_alpha: float = 0.1  # CQL penalty weight of the conservative estimate
-    plain: bool = True  # also report plain FQE (cql_alpha = 0)
-    hidden: int = 64
-    lr: float = 0.001
+    steps: int = bounded(1000, low=1)
+    batch_size: int = bounded(256, low=1)
+    gamma: float = bounded(0.95, low=0, high=1, high_open=True)
+    cql_alpha: float = bounded(0.1, low=0)  # CQL penalty of the conservative estimate, reported as a lower bound
+    lower_bound: bool = True  # also fit conservative FQE (cql_alpha); plain FQE is the default estimate
+    hidden: int = bounded(64, low=1)
+    lr: float = bounded(0.001, low=0, low_open=True)
 
 
 @dataclass
 class EvalSection:
-    repeats: int = 3  # simulator passes over the test sessions per policy
+    repeats: int = bounded(3, low=1)  # simulator passes over the test sessions per policy
+    truth_repeats: int = bounded(20, low=1)  # passes for each policy's true discounted value (the estimators' yardstick)
     label: str = "long_view"  # valid consumption for MTF-GAUC
     equal_alpha: float = 0.5  # the "equal" baseline's weight for every task
 
@@ -122,8 +123,8 @@ class FusionConfig:
     fqe: FQESection = field(default_factory=FQESection)
     eval: EvalSection = field(default_factory=EvalSection)
     policies: List[str] = field(default_factory=lambda: list(POLICIES))
-    seed: int = 0
-    num_threads: Optional[int] = 1  # torch threads; None = torch's default
+    seed: int = bounded(0, low=0)
+    num_threads: Optional[int] = bounded(1, low=1)  # torch threads; None = torch's default
     run_dir: str = "runs/fusion-${now:%Y%m%d-%H%M%S}"
 
 
@@ -143,7 +144,7 @@ def validate(cfg: FusionConfig) -> None:
         raise ConfigError("expected at least one policy", key="policies")
     positive = {"bcq.steps": cfg.bcq.steps, "bcq.batch_size": cfg.bcq.batch_size, "fqe.steps": cfg.fqe.steps,
                 "fqe.batch_size": cfg.fqe.batch_size, "behaviour.passes": cfg.behaviour.passes,
-                "behaviour.heldout_passes": cfg.behaviour.heldout_passes, "eval.repeats": cfg.eval.repeats,
+                "behaviour.heldout_passes": cfg.behaviour.heldout_passes, "eval.repeats": cfg.eval.repeats, "eval.truth_repeats": cfg.eval.truth_repeats,
                 "user_model.epochs": cfg.user_model.epochs, "bcq.log_every": cfg.bcq.log_every}
     for key, value in positive.items():
         if value < 1:

@@ -18,7 +18,7 @@ import numpy as np
 from rmtl.fusion.simulator import FusionSimulator
 
 from rmtl.atomic import atomic_path
-from rmtl.errors import ConfigError
+from rmtl.errors import ConfigError, DataError
 
 Policy = Callable[[np.ndarray], np.ndarray]
 
@@ -35,6 +35,11 @@ class FusionDataset:
     user: np.ndarray  # int64 [N]
     req_rows: np.ndarray  # int64 [N, W]: logged rows offered in the request (-1 = none)
     req_o: np.ndarray  # float32 [N, W, K]: ranker predictions of those rows
+    truncated: np.ndarray | None = None  # bool [N]: ended by max_depth, not by the user (None: no truncations)
+
+    def __post_init__(self) -> None:
+        if self.truncated is None:
+            self.truncated = np.zeros(len(self.reward), dtype=bool)
 
     def __len__(self) -> int:
         return int(len(self.reward))
@@ -49,9 +54,17 @@ class FusionDataset:
             np.savez_compressed(tmp, **{f.name: getattr(self, f.name) for f in fields(self)})
         return Path(path)
 
+    @property
+    def terminated(self) -> np.ndarray:
+        """bool [N]: the user left (a true end), as opposed to a truncation at max_depth."""
+        return self.done & ~self.truncated
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FusionDataset":
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [f.name for f in fields(cls) if f.name not in data.files]
+            if missing:
+                raise DataError(f"not a FusionDataset file: missing array(s) {', '.join(missing)}", path=path)
             return cls(**{f.name: data[f.name] for f in fields(cls)})
 
 
@@ -62,6 +75,7 @@ def constant_policy(alpha) -> Policy:
     def act(obs: np.ndarray) -> np.ndarray:
         return np.tile(alpha, (len(obs), 1))
 
+    act.alpha = alpha  # type: ignore[attr-defined]  (what rmtl.fusion.policies saves)
     return act
 
 
@@ -78,8 +92,9 @@ def behaviour_policy(default_alpha, noise: float, low: float, high: float, seed:
     return act
 
 
-def rollout(sim: FusionSimulator, act: Policy, sessions: np.ndarray, *, record: bool = False):
-    """Run one episode per session (all at once). Returns (returns [B], depth [B], dataset or None)."""
+def rollout(sim: FusionSimulator, act: Policy, sessions: np.ndarray, *, record: bool = False, gamma: float = 1.0):
+    """Run one episode per session (all at once). Returns (returns [B], depth [B], dataset or None);
+    ``gamma`` < 1 discounts the returns (sum_t gamma^t r_t: the value FQE estimates)."""
     obs = sim.reset(sessions)
     b = len(sessions)
     returns = np.zeros(b, dtype=np.float64)
@@ -90,7 +105,7 @@ def rollout(sim: FusionSimulator, act: Policy, sessions: np.ndarray, *, record: 
         rows, o = sim.cand_rows[:, :sim.cfg.window], sim.cand_o[:, :sim.cfg.window]
         action = np.asarray(act(obs), np.float32).reshape(b, sim.num_tasks)
         next_obs, reward, terminated, truncated, _ = sim.step(action)
-        returns += reward
+        returns += float(gamma) ** step * reward
         if record:
             idx = np.flatnonzero(active)
             parts["obs"].append(obs[idx])
@@ -98,6 +113,7 @@ def rollout(sim: FusionSimulator, act: Policy, sessions: np.ndarray, *, record: 
             parts["reward"].append(reward[idx])
             parts["next_obs"].append(next_obs[idx])
             parts["done"].append((terminated | truncated)[idx])
+            parts["truncated"].append(truncated[idx])
             parts["first"].append(np.full(len(idx), step == 0))
             parts["episode"].append(idx.astype(np.int64))
             parts["user"].append(sim.user[idx])

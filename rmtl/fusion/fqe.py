@@ -20,6 +20,8 @@ weighted by their number of impressions.
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -28,10 +30,12 @@ import torch.nn.functional as F
 
 from rmtl.fusion.bcq import mlp
 from rmtl.fusion.data import FusionDataset
-from rmtl.errors import ConfigError
+from rmtl.checkpoint import load_user_file, save_atomic
+from rmtl.errors import ConfigError, DataError
 from rmtl.fusion.functions import fuse
 
 Policy = Callable[[np.ndarray], np.ndarray]
+FQE_FORMAT = "rmtl-fqe/1"
 
 
 class ConservativeFQE:
@@ -41,6 +45,9 @@ class ConservativeFQE:
             raise ConfigError(f"expected 0 <= gamma < 1, got {gamma}", key="fqe.gamma")
         if cql_alpha < 0:
             raise ConfigError(f"expected a non-negative penalty, got {cql_alpha}", key="fqe.cql_alpha")
+        self._config = {"obs_dim": int(obs_dim), "act_dim": int(act_dim), "gamma": float(gamma),
+                        "cql_alpha": float(cql_alpha), "hidden": int(hidden), "lr": float(lr), "tau": float(tau),
+                        "seed": int(seed)}
         torch.manual_seed(seed)
         self.q = mlp(obs_dim + act_dim, 1, hidden)
         self.q_target = copy.deepcopy(self.q)
@@ -98,6 +105,25 @@ class ConservativeFQE:
             if on_log is not None and (step % log_every == 0 or step == steps):
                 on_log(step, {"loss": float(loss.detach()), "q_mean": float(q_data.detach().mean())})
         return self
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the fitted critic (tensors and numbers only: loads with weights_only=True)."""
+        return save_atomic({"format": FQE_FORMAT, "config": dict(self._config), "q": self.q.state_dict(),
+                            "q_target": self.q_target.state_dict(), "obs_mean": self.obs_mean,
+                            "obs_std": self.obs_std, "q_bounds": [float(self.q_low), float(self.q_high)]}, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ConservativeFQE":
+        path = Path(path)
+        state = load_user_file(path, "FQE critic file")
+        if not isinstance(state, dict) or state.get("format") != FQE_FORMAT:
+            raise DataError(f"not an FQE critic file (format {FQE_FORMAT} expected)", path=path)
+        fqe = cls(**state["config"])
+        fqe.q.load_state_dict(state["q"])
+        fqe.q_target.load_state_dict(state["q_target"])
+        fqe.obs_mean, fqe.obs_std = state["obs_mean"], state["obs_std"]
+        fqe.q_low, fqe.q_high = state["q_bounds"]
+        return fqe
 
     @torch.no_grad()
     def value(self, obs: np.ndarray, policy: Policy) -> float:

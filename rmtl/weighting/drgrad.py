@@ -46,6 +46,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from rmtl.distributed import all_reduce_gradients
 from rmtl.errors import ConfigError
 from rmtl.weighting.common import (WeightingStrategy, check_choice, check_int, check_positive, option_error,
                                   reduce_losses)
@@ -236,6 +237,7 @@ class DRGradStrategy(WeightingStrategy):
 
         params = [p for p in model.parameters() if p.requires_grad]
         grads = torch.autograd.grad(total, params, allow_unused=True)
+        grads = all_reduce_gradients(grads, params)  # under torch.distributed: route the global batch's
         grad_of = {id(p): g for p, g in zip(params, grads)}
 
         def flat(group: list[nn.Parameter]) -> torch.Tensor:

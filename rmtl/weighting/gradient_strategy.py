@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from rmtl.distributed import reduce_task_gradients
 from rmtl.weighting.common import WeightingStrategy, check_choice, pair_keys, reduce_losses
 from rmtl.weighting.gradients import MODES, cosines, gram, task_gradients, warn_if_untouched
 
@@ -63,9 +64,10 @@ class GradientStrategy(WeightingStrategy):
         task_losses = reduce_losses(losses)
         tg = task_gradients(task_losses, model, shared, self.on, keep_own_per_task=self.weights_task_heads)
         self.last_mode = tg.mode
-        gram_matrix = gram(tg.grads)
+        # under torch.distributed: the global batch's Gram matrix and losses (rmtl.distributed)
+        gram_matrix, global_losses = reduce_task_gradients(tg, task_losses.detach())
         self.check_finite(gram_matrix, self.names_for(model))
-        weights = self.weights_from_gram(gram_matrix, task_losses.detach(), context)
+        weights = self.weights_from_gram(gram_matrix, global_losses, context)
         combined = weights.to(tg.grads.dtype) @ tg.grads
         tg.apply(self.postprocess(combined), weights if self.weights_task_heads else None)
         if not self._checked_untouched:

@@ -1,0 +1,283 @@
+"""Data-parallel training with torch.distributed (launched by ``torchrun``).
+
+    torchrun --nproc_per_node 2 -m rmtl train -c configs/quickstart.yaml
+    torchrun --nnodes 2 --node_rank R --master_addr HOST --master_port 29500 \\
+             --nproc_per_node 8 -m rmtl train -c my.yaml
+
+Every process runs the same ``fit``; this module holds all that differs under N processes:
+
+- ``init()``: the process group from torchrun's environment (gloo on CPU, NCCL on GPU).
+- ``ShardedBatchIterator``: the SAME global batches as one process (same seed, same
+  permutation, same ``train.batch_size``); rank r takes the r-th of N contiguous slices of
+  every global batch. So a run means the same thing for any process count, and a
+  checkpoint (steps count global batches) resumes with another count.
+- ``GradientReducer`` (the first Trainer callback): after the strategy's backward, every
+  gradient becomes the global-batch gradient: sum over ranks of (local rows / global
+  rows) x local gradient, in one all-reduce. Row-sparse embedding gradients (rmtl.optim)
+  travel densified with a row-presence mask, so the lazy-Adam rows are exactly the global
+  batch's. ``RankSync`` (the last callback) broadcasts rank 0's stop decision and, at the
+  end, rank 0's restored best weights; files are written by rank 0 only (rmtl.callbacks).
+- ``reduce_task_gradients``: gradient strategies that combine per-task gradients
+  non-linearly (PCGrad, CAGrad, MGDA, Nash-MTL, GradVac, IMTL) must see the GLOBAL
+  batch's task gradients. On the representation cut every rank holds the gradients of its
+  own rows, so the global Gram matrix is the share-weighted sum of the local ones
+  (sum_r s_r^2 G_r G_r^T, s_r = local rows / global rows): one all-reduce of K x K
+  numbers; the combination weights are then identical on every rank, each rank sends
+  w @ G_r down its trunk, and the reducer sums the share-weighted results. On the
+  parameters the per-task gradients themselves are all-reduced (share-weighted) before
+  the Gram matrix is taken. Task losses given to the rule are global means too.
+
+DRGrad routes the gradient of the summed loss per tower: it all-reduces that gradient
+(``all_reduce_gradients``) before routing, so its routing sees the global batch.
+GradNorm (per-task norms on a layer of its own choosing) is refused under more than one
+process with a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from rmtl.callbacks import Callback
+from rmtl.data.batches import BatchIterator, gather_batch
+from rmtl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rmtl.trainer import Trainer
+
+UNSUPPORTED = ("gradnorm",)  # class names: per-task state outside the Gram path
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def from_rank0(value):
+    """Rank 0's value of a picklable object, on every rank (itself without torch.distributed)."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def requested() -> bool:
+    """torchrun (or another launcher) asked for more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: torch.device) -> bool:
+    """Joins the process group torchrun describes (env://); True when running distributed."""
+    if not requested():
+        return active()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return active()
+
+
+def local_device(device: torch.device) -> torch.device:
+    """cuda -> this process's GPU (LOCAL_RANK); anything else unchanged."""
+    if device.type == "cuda" and requested():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+# ----------------------------------------------------------------------------- data
+
+_share = 1.0  # local rows / global rows of the batch being trained on (set by the iterator)
+
+
+def current_share() -> float:
+    return _share
+
+
+class ShardedBatchIterator(BatchIterator):
+    """The single-process global batches; this rank yields its contiguous slice of each.
+
+    A global batch with fewer rows than processes is skipped by every rank (it would leave
+    a rank with no rows); that happens only when ``rows % batch_size < world size``.
+    """
+
+    def __init__(self, log, batch_size: int, *, rank: int, world_size: int, **kwargs):
+        if batch_size < world_size:
+            raise ConfigError(f"train.batch_size {batch_size} is smaller than the {world_size} processes; "
+                              "every process needs rows of every global batch", key="train.batch_size")
+        super().__init__(log, batch_size, **kwargs)
+        self.rank, self.world = int(rank), int(world_size)
+
+    def __iter__(self):
+        global _share
+        n = self.log.num_rows
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle
+                 else np.arange(n, dtype=np.int64))
+        for b in range(len(self)):
+            rows = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if len(rows) < self.world:
+                continue
+            bounds = np.linspace(0, len(rows), self.world + 1).astype(np.int64)
+            mine = rows[bounds[self.rank]:bounds[self.rank + 1]]
+            _share = len(mine) / len(rows)
+            batch = gather_batch(self.log, mine, self._session_of_row)
+            yield batch if self.device.type == "cpu" else batch.to(self.device)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (gloo has no bool / int16 sums: callers send floats)."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def reduce_task_gradients(tg, task_losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global Gram matrix [K, K] float64, global task losses [K]) of the local TaskGradients
+    ``tg``; in parameters mode ``tg.grads`` itself becomes the global per-task gradient.
+    Without torch.distributed: the local ones, untouched."""
+    from rmtl.weighting.gradients import gram
+
+    if not active():
+        return gram(tg.grads), task_losses
+    s = current_share()
+    losses = task_losses.detach().double().reshape(-1)
+    if tg.mode == "representation":
+        local = gram(tg.grads) * (s * s)
+        packed = all_reduce_(torch.cat([local.reshape(-1), losses * s]).cpu())
+        k = local.shape[0]
+        return packed[:k * k].view(k, k).to(local.device), packed[k * k:].to(task_losses)
+    grads = tg.grads.mul_(s)
+    flat = torch.cat([grads.reshape(-1).double(), losses * s]).cpu()
+    all_reduce_(flat)
+    n = grads.numel()
+    tg.grads.copy_(flat[:n].view_as(grads))
+    return gram(tg.grads), flat[n:].to(task_losses)
+
+
+def all_reduce_gradients(grads, params) -> list[torch.Tensor | None]:
+    """The global-batch gradients: sum over ranks of (local rows / global rows) x ``grads``
+    (one per parameter, None = no gradient here), in ONE all-reduce of a flat buffer.
+    Sparse (row-sparse table) gradients come back sparse over the rows present on any rank;
+    None stays None only if no rank had a gradient. Without torch.distributed: unchanged."""
+    grads = list(grads)
+    if not active():
+        return grads
+    s = current_share()
+    parts, kinds = [], []
+    for p, g in zip(params, grads):
+        if g is None:  # another rank may have one (e.g. a task head its rows never reached)
+            parts.append(torch.zeros(p.numel(), dtype=torch.float32, device=p.device))
+            kinds.append("none")
+        elif g.is_sparse:
+            g = g.coalesce()
+            present = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+            present[g.indices()[0]] = 1.0
+            parts += [g.to_dense().float().reshape(-1) * s, present]
+            kinds.append("sparse")
+        else:
+            parts.append(g.float().reshape(-1) * s)
+            kinds.append("dense")
+    flat = all_reduce_(torch.cat(parts))
+    out: list[torch.Tensor | None] = []
+    offset = 0
+    for kind, p in zip(kinds, params):
+        n = p.numel()
+        dense = flat[offset:offset + n].view_as(p).to(p.dtype)
+        offset += n
+        if kind == "sparse":  # the lazy-Adam rows: those of the whole global batch
+            rows = flat[offset:offset + p.shape[0]].nonzero().squeeze(1)
+            offset += p.shape[0]
+            out.append(torch.sparse_coo_tensor(rows.unsqueeze(0), dense.index_select(0, rows), p.shape,
+                                               is_coalesced=True, check_invariants=False))
+        elif kind == "dense" or bool(dense.ne(0).any()):
+            out.append(dense.clone())
+        else:
+            out.append(None)
+    return out
+
+
+class GradientReducer(Callback):
+    """The global-batch gradient on every rank (see the module docstring). Runs first among
+    the callbacks, so clipping and every later hook see the reduced gradients."""
+
+    name = "distributed_gradients"
+
+    def on_fit_start(self, trainer):
+        strategy = type(trainer.strategy).__name__
+        if strategy.lower() in UNSUPPORTED:
+            raise ConfigError(f"strategy {strategy} is not supported under torch.distributed yet (its per-task "
+                              "state is not reduced across processes); run it in one process", key="strategy.name")
+        broadcast_module(trainer.model)  # the same start everywhere, whatever each rank's RNG did
+        broadcast_module(trainer.strategy)
+
+    def on_after_backward(self, trainer):
+        params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+        for p, g in zip(params, all_reduce_gradients([p.grad for p in params], params)):
+            p.grad = g
+
+
+class RankSync(Callback):
+    """Runs last: rank 0's stop decision for all, a barrier once rank 0 has written last.pt,
+    and rank 0's restored best weights broadcast (other nodes may not see best.pt)."""
+
+    name = "distributed_sync"
+
+    def on_step_end(self, trainer, step):
+        flag = torch.tensor([float(trainer.should_stop), float(trainer.state.stopped_early)])
+        dist.broadcast(flag, src=0)
+        trainer.should_stop, trainer.state.stopped_early = bool(flag[0]), bool(flag[1])
+        if trainer.should_stop:
+            dist.barrier()
+
+    def on_train_end(self, trainer):
+        broadcast_module(trainer.model)
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Every parameter and buffer as on rank 0."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        data = t.data
+        if data.device.type == "cpu" and data.dtype == torch.bool:
+            tmp = data.float()
+            dist.broadcast(tmp, src=0)
+            data.copy_(tmp.bool())
+        else:
+            dist.broadcast(data, src=0)
+
+
+def all_reduce_epoch(loss_sums: list[float], rows: int) -> tuple[list[float], int]:
+    """Per-task loss sums and rows of the epoch over all ranks (for strategy.epoch_end)."""
+    if not active():
+        return loss_sums, rows
+    t = torch.tensor([*loss_sums, float(rows)], dtype=torch.float64)
+    all_reduce_(t)
+    return t[:-1].tolist(), int(t[-1])
+
+
+def setup(trainer: "Trainer") -> None:
+    """Makes a Trainer data-parallel when torch.distributed is running (no-op otherwise):
+    the sharded iterator and the gradient reducer."""
+    if not active():
+        return
+    tc = trainer.tc
+    trainer.iterator = ShardedBatchIterator(trainer.train_log, tc.batch_size, rank=rank(), world_size=world_size(),
+                                            shuffle=True, seed=trainer.iterator.seed, device=trainer.device)
+    trainer.callbacks.callbacks.insert(0, GradientReducer())
+    trainer.callbacks.callbacks.append(RankSync())

@@ -1,0 +1,116 @@
+"""Offline estimators checked against the simulator's truth, inside the fusion run.
+
+Every estimator of a policy's value (FQE, conservative FQE) targets the expected
+discounted return from the held-out sessions' initial states. The evaluation simulator
+(test sessions, held-out user model) can measure that directly by rolling the policy
+out; ``true_value`` does so. ``estimator_report`` puts each estimate next to the truth
+(error per policy) and gives each estimator's Spearman rank correlation with the truth
+across policies: an evaluator whose ranking disagrees with the truth should not pick a
+policy. MTF-GAUC is no value estimate, so it enters the rank correlation only.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from rmtl.fusion.data import rollout
+from rmtl.fusion.simulator import FusionSimulator
+from rmtl.tables import text_table
+
+Policy = Callable[[np.ndarray], np.ndarray]
+
+
+def true_value(sim: FusionSimulator, act: Policy, sessions: np.ndarray, *, gamma: float, repeats: int = 1,
+               seed: int = 0) -> np.ndarray:
+    """Discounted returns sum_t gamma^t r_t of ``act`` from ``sessions``, ``repeats`` passes
+    ([repeats * len(sessions)], in a fixed order); the simulator's random stream is reset to
+    ``seed`` first, so every policy meets the same draws (common random numbers: differences
+    between policies are paired, and far less noisy than each value)."""
+    sim.rng = np.random.default_rng(seed)
+    return np.concatenate([rollout(sim, act, sessions, gamma=gamma)[0] for _ in range(int(repeats))])
+
+
+def distinguishable_pairs(returns: dict[str, np.ndarray], z: float = 2.0) -> list[tuple[str, str]]:
+    """Pairs (better, worse) of policies whose paired mean difference in true value exceeds
+    ``z`` standard errors: the order the truth actually establishes."""
+    names = list(returns)
+    out = []
+    for i, a in enumerate(names):  # a handful of policies: pairs, not samples
+        for b in names[i + 1:]:
+            diff = returns[a] - returns[b]
+            se = diff.std() / np.sqrt(len(diff))
+            if abs(diff.mean()) > z * max(se, 1e-12):
+                out.append((a, b) if diff.mean() > 0 else (b, a))
+    return out
+
+
+def rank(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n with ties sharing their mean rank."""
+    values = np.asarray(values, np.float64)
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    for v in np.unique(values):  # ties: loop over distinct tied values only (a handful of policies)
+        tied = values == v
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation (NaN with fewer than 2 policies or a constant side)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = rank(x), rank(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def estimator_report(table: dict, estimators: dict[str, str], *, truth: str = "true_value",
+                     rank_only: tuple[str, ...] = ("mtf_gauc",), pairs: list[tuple[str, str]] | None = None) -> dict:
+    """For the value ``estimators`` (column -> label) and the ``rank_only`` columns over the
+    policies of ``table``: {"errors": {col: {policy: estimate - truth}}, "rank_corr": {col: rho},
+    "same_order": {col: bool}, "pairs": [[better, worse], ...] (the truth's significant order),
+    "concordant": {col: share of those pairs the estimator orders the same way}}."""
+    names = list(table)
+    t = np.asarray([table[p][truth] for p in names], np.float64)
+    pairs = list(pairs or [])
+    report: dict = {"errors": {}, "rank_corr": {}, "same_order": {}, "pairs": [list(x) for x in pairs],
+                    "concordant": {}}
+    for col in [*estimators, *rank_only]:
+        est = np.asarray([table[p].get(col, np.nan) for p in names], np.float64)
+        if not np.isfinite(est).all():
+            continue
+        if col in estimators:
+            report["errors"][col] = {p: float(e - v) for p, e, v in zip(names, est, t)}
+        report["rank_corr"][col] = spearman(est, t)
+        report["same_order"][col] = bool(np.array_equal(rank(est), rank(t)))
+        if pairs:
+            report["concordant"][col] = float(np.mean([table[a][col] > table[b][col] for a, b in pairs]))
+    return report
+
+
+def format_report(table: dict, report: dict, estimators: dict[str, str], truth: str = "true_value") -> str:
+    """Per policy: the truth, then estimate and error of each value estimator; then each
+    estimator's rank correlation with the truth."""
+    cols = [c for c in estimators if c in report["errors"]]
+    head = ["policy", truth] + [h for c in cols for h in (estimators[c], "error")]
+    rows = [head]
+    for p, r in table.items():
+        rows.append([p, f"{r[truth]:.3f}"] + [v for c in cols for v in (f"{r[c]:.3f}",
+                                                                      f"{report['errors'][c][p]:+.3f}")])
+    pairs = report.get("pairs", [])
+    shown = ", ".join(f"{a} > {b}" for a, b in pairs) or "none"
+    lines = [text_table(rows, label_columns=1),
+             f"order the truth establishes (paired difference > 2 s.e.): {shown}",
+             "rank correlation with the simulator truth (Spearman) and share of those pairs ordered right:"]
+    for c, rho in report["rank_corr"].items():
+        label = estimators.get(c, c)
+        same = "  same order" if report["same_order"][c] else ""
+        conc = f"  pairs {report['concordant'][c]:.0%}" if c in report.get("concordant", {}) else ""
+        lines.append(f"  {label:22s} {rho:+.3f}{conc}{same}")
+    return "\n".join(lines)

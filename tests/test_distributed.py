@@ -1,0 +1,105 @@
+"""Data-parallel training (rmtl.distributed): 2 gloo processes on CPU equal one process on
+the same global batches (EW, PCGrad on the cut and on the parameters, DRGrad), and a
+2-process checkpoint resumes in one process.
+
+One spawn of 2 processes runs every distributed case (a process costs seconds to start).
+Tolerance: the per-step gradients after reduction match the single process's to rtol 1e-4
+/ atol 1e-6 (float32 sums in another order: 2 shares x local means vs one global mean),
+and the weights after the run to atol 1e-4. Dropout is 0: masks are drawn per process.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_train import small_cfg, tiny_log  # noqa: E402
+
+from rmtl import checkpoint as ckpt  # noqa: E402
+from rmtl.callbacks import Callback  # noqa: E402
+from rmtl.train import fit  # noqa: E402
+
+CASES = {
+    "ew": ["strategy.name=ew"],
+    "pcgrad": ["strategy.name=pcgrad"],
+    "pcgrad_parameters": ["strategy.name=pcgrad", "strategy.options.on=parameters"],
+    "drgrad": ["model.name=split_mmoe", "strategy.name=drgrad"],
+}
+COMMON = ["model.options.dropout=0", "train.max_steps=4", "train.eval_every=2", "train.batch_size=60"]
+
+
+class RecordGradients(Callback):
+    """The (reduced) gradient of every step, densified and flattened."""
+
+    name = "record_gradients"
+
+    def __init__(self):
+        self.steps = []
+
+    def on_after_backward(self, trainer):
+        grads = []
+        for g in trainer.optimizer.param_groups:
+            for p in g["params"]:
+                grad = torch.zeros_like(p) if p.grad is None else (p.grad.to_dense() if p.grad.is_sparse else p.grad)
+                grads.append(grad.reshape(-1).clone())
+        self.steps.append(torch.cat(grads))
+
+
+def run_case(name: str, root: Path, extra=()) -> dict:
+    cfg = small_cfg(root, *COMMON, *CASES[name], *extra)
+    recorder = RecordGradients()
+    result = fit(cfg, prepared=tiny_log(), run_dir=root / name, callbacks=[recorder])
+    last = ckpt.load_user_file(root / name / "train" / "last.pt", "test")
+    return {"grads": torch.stack(recorder.steps), "weights": last["model"], "steps": result.steps,
+            "val": result.metrics["val"]}
+
+
+def _worker(rank: int, world: int, init_file: str, root: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        out = {name: run_case(name, Path(root)) for name in CASES}
+        if rank == 0:
+            torch.save(out, Path(root) / "ddp.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(2, str(root / "init"), str(root)), nprocs=2, join=True)
+    return root, torch.load(root / "ddp.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_processes_equal_one_on_the_same_global_batches(ddp_runs, tmp_path, name):
+    root, ddp = ddp_runs
+    single = run_case(name, tmp_path)
+    assert ddp[name]["steps"] == single["steps"] == 4
+    torch.testing.assert_close(ddp[name]["grads"], single["grads"], rtol=1e-4, atol=1e-6)
+    for key, value in single["weights"].items():
+        torch.testing.assert_close(ddp[name]["weights"][key], value, rtol=0, atol=1e-4, msg=key)
+    for task, mets in single["val"].items():
+        assert ddp[name]["val"][task]["auc"] == pytest.approx(mets["auc"], abs=1e-3)
+
+
+def test_resume_a_two_process_checkpoint_in_one_process(ddp_runs, tmp_path):
+    """The 2-process EW run stopped at step 4; one process continues it to step 8 and ends
+    where one process that ran all 8 steps ends."""
+    root, _ = ddp_runs
+    import shutil
+
+    shutil.copytree(root / "ew", tmp_path / "ew")
+    cfg = small_cfg(tmp_path, *COMMON, *CASES["ew"], "train.max_steps=8")
+    resumed = fit(cfg, prepared=tiny_log(), run_dir=tmp_path / "ew", resume=True)
+    straight = fit(cfg, prepared=tiny_log(), run_dir=tmp_path / "straight")
+    assert resumed.steps == straight.steps == 8
+    a = ckpt.load_user_file(tmp_path / "ew" / "train" / "last.pt", "test")["model"]
+    b = ckpt.load_user_file(tmp_path / "straight" / "train" / "last.pt", "test")["model"]
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4, msg=key)
