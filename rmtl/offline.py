@@ -12,7 +12,8 @@ user left / the session ended) told apart from truncations (max_depth reached).
   (observations, actions, rewards [N, 1], terminals, timeouts), plus the arrays d3rlpy
   does not keep (next observations, episode ids, extras), so ``save_d3rlpy_npz`` /
   ``load_d3rlpy_npz`` round-trip without loss and without d3rlpy installed;
-  ``to_d3rlpy(table)`` builds the MDPDataset where d3rlpy is installed.
+  ``to_d3rlpy(table)`` builds the MDPDataset where d3rlpy is installed and ``from_d3rlpy``
+  reads one back (d3rlpy itself drops each episode's final next observation).
 - ``fusion_steps`` / ``steps_to_fusion`` and ``session_steps`` convert.
 
 Session transitions: observation = the row's sparse codes (as float32, exact below 2^24)
@@ -152,6 +153,27 @@ def to_d3rlpy(table: StepTable):
                           "save_d3rlpy_npz writes the same arrays without it", key="d3rlpy") from None
     arrays = d3rlpy_arrays(table)
     return MDPDataset(**{k: arrays[k] for k in MDP_KEYS})
+
+
+def from_d3rlpy(dataset) -> StepTable:
+    """A StepTable from a d3rlpy MDPDataset (its episodes; a non-terminated episode ends truncated).
+    d3rlpy keeps no observation after an episode's last step: that step's next_obs repeats its obs,
+    and extras are not in MDPDataset (``load_d3rlpy_npz`` keeps both)."""
+    parts: dict[str, list] = {k: [] for k in ("obs", "action", "reward", "next_obs", "terminated", "truncated",
+                                              "episode")}
+    for e, ep in enumerate(dataset.episodes):  # one entry per episode, d3rlpy's unit
+        obs = np.asarray(ep.observations, np.float32)
+        t = len(obs)
+        end = np.zeros(t, bool)
+        end[-1] = True
+        parts["obs"].append(obs)
+        parts["next_obs"].append(np.concatenate([obs[1:], obs[-1:]]))
+        parts["action"].append(np.asarray(ep.actions, np.float32))
+        parts["reward"].append(np.asarray(ep.rewards, np.float32).reshape(t))
+        parts["terminated"].append(end & bool(ep.terminated))
+        parts["truncated"].append(end & (not bool(ep.terminated)))
+        parts["episode"].append(np.full(t, e, np.int64))
+    return StepTable(**{k: np.concatenate(v) for k, v in parts.items()}).check()
 
 
 # ----------------------------------------------------------------------------- Minari

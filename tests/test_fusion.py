@@ -292,13 +292,13 @@ def test_rmtl_fusion_end_to_end(tmp_path, capsys):
     results = json.loads((run_dir / "results.json").read_text())
     assert list(results["table"]) == ["equal", "behaviour", "cem", "bcq", "td3"]
     for row in results["table"].values():
-        assert np.isfinite([row["true_value"], row["fqe_cql"], row["fqe_plain"], row["sim_reward"],
+        assert np.isfinite([row["true_value"], row["fqe"], row["fqe_cql"], row["sim_reward"],
                             row["sim_depth"]]).all()
         assert row["sim_depth"] >= 1
     for name in ("equal", "bcq", "td3"):
         assert any(line.startswith(name) for line in out.splitlines())
     assert "true_value" in out and "mtf_gauc" in out and "rank correlation" in out
-    for col in ("fqe_cql", "fqe_plain"):  # estimate - truth per policy, and the rank correlation
+    for col in ("fqe", "fqe_cql"):  # estimate - truth per policy, and the rank correlation
         errors = results["estimators"]["errors"][col]
         assert errors["bcq"] == pytest.approx(results["table"]["bcq"][col] - results["table"]["bcq"]["true_value"])
         assert -1 <= results["estimators"]["rank_corr"][col] <= 1
@@ -316,8 +316,8 @@ def test_rmtl_fusion_end_to_end(tmp_path, capsys):
         mean_alpha = np.asarray(act(held.initial_obs), np.float64).mean(0)
         if name != "bcq":
             np.testing.assert_allclose(mean_alpha, list(results["alphas"][name].values()), atol=1e-4)
-        fqe = ConservativeFQE.load(run_dir / "fqe" / f"{name}_fqe_cql.pt")
-        assert fqe.value(held.initial_obs, act) == pytest.approx(results["table"][name]["fqe_cql"], rel=1e-5) or \
+        fqe = ConservativeFQE.load(run_dir / "fqe" / f"{name}_fqe.pt")
+        assert fqe.value(held.initial_obs, act) == pytest.approx(results["table"][name]["fqe"], rel=1e-5) or \
             name == "bcq"
 
 

@@ -446,3 +446,13 @@ def test_synthetic_release_prepares_into_a_session_log(synth_dir, tmp_path):
     train = p.log.split("train")
     assert abs(train.labels[:, 0].mean() - 0.3) < 0.03 and (train.labels[:, 1] <= train.labels[:, 0]).all()
     assert np.isfinite(p.log.dense).all()
+
+
+def test_duplicate_rows_keeps_the_first_of_each_identical_row():
+    from rmtl.data.kuairand import duplicate_rows
+
+    log = {"user_id": np.array([1, 2, 1, 1, 3, 1]), "video_id": np.array([5, 5, 6, 5, 5, 5]),
+           "time_ms": np.array([10, 10, 10, 10, 11, 10]), "is_click": np.array([0, 0, 0, 0, 1, 1])}
+    # row 3 repeats row 0; row 5 differs from it in a label; rows 1 and 2 only share the time
+    np.testing.assert_array_equal(duplicate_rows(log), [False, False, False, True, False, False])
+    assert not duplicate_rows({k: v[[0, 4]] for k, v in log.items()}).any()

@@ -11,7 +11,7 @@ import pytest
 from rmtl.envs.synthetic_log import random_session_log
 from rmtl.envs.transitions import build_transitions
 from rmtl.fusion.data import FusionDataset, collect, constant_policy
-from rmtl.offline import (d3rlpy_arrays, from_minari, fusion_steps, load_d3rlpy_npz, save_d3rlpy_npz,
+from rmtl.offline import (d3rlpy_arrays, from_d3rlpy, from_minari, fusion_steps, load_d3rlpy_npz, save_d3rlpy_npz,
                           session_steps, steps_to_fusion, to_d3rlpy, to_minari)
 
 from test_fusion import TASKS, _one_torch_thread, world  # noqa: F401  (fixtures)
@@ -55,8 +55,15 @@ def test_d3rlpy_arrays_round_trip_without_d3rlpy(logged, tmp_path):
 @pytest.mark.skipif(not HAS_D3RLPY, reason="d3rlpy not installed (optional; 2.8.1 would downgrade gymnasium "
                                            "1.4 -> 1.0, so it is not in any extra)")
 def test_d3rlpy_mdpdataset_groups_the_episodes(logged):
-    dataset = to_d3rlpy(fusion_steps(logged))
+    steps = fusion_steps(logged)
+    dataset = to_d3rlpy(steps)
     assert len(dataset.episodes) == len(np.unique(logged.episode))
+    back = from_d3rlpy(dataset)
+    for name in ("obs", "action", "reward", "terminated", "truncated"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(steps, name), err_msg=name)
+    inner = ~(steps.terminated | steps.truncated)  # d3rlpy keeps no next observation after the last step
+    np.testing.assert_array_equal(back.next_obs[inner], steps.next_obs[inner])
+    np.testing.assert_array_equal(back.bounds(), steps.bounds())
 
 
 @pytest.mark.skipif(not HAS_MINARI, reason="minari not installed (optional: pip install -e '.[offline]')")

@@ -10,7 +10,8 @@ def register(subparsers) -> None:
         "fusion", help="train and evaluate multi-task fusion policies (BatchRL-MTF)",
         description="Fit user-response models on KuaiRand-schema logs, log fusion decisions, train fusion "
                     "policies (equal weights, behaviour default, CEM, BCQ, SB3 TD3), save them, and print one table of "
-                    "simulator truth, FQE value (and its conservative lower bound), MTF-GAUC and simulator reward / "
+                    "simulator truth, FQE (the default estimate), conservative FQE (a lower bound), "
+                    "MTF-GAUC and simulator reward / "
                     "depth under a held-out user model, then each estimator's error and rank correlation with the truth.")
     p.add_argument("-c", "--config", default="fusion",
                    help="a YAML file or a packaged config name (default: the packaged 'fusion')")

@@ -245,10 +245,15 @@ def read_kuairand(
 
 def duplicate_rows(log: dict[str, np.ndarray]) -> np.ndarray:
     """True for every row identical in all read columns to an earlier row. Candidates are
-    found on (user_id, time_ms) alone (cheap, and rare), then compared on every column."""
-    ut = pd.DataFrame({"u": log["user_id"], "t": log["time_ms"]}, copy=False)
-    candidates = np.flatnonzero(ut.duplicated(keep=False).to_numpy())
-    out = np.zeros(len(ut), dtype=bool)
+    the rows whose time_ms another row shares (one sort; rare), then compared on every column."""
+    t = log["time_ms"]
+    out = np.zeros(len(t), dtype=bool)
+    ts = np.sort(t)
+    shared = np.unique(ts[1:][ts[1:] == ts[:-1]])
+    if len(shared) == 0:
+        return out
+    slot = np.minimum(np.searchsorted(shared, t), len(shared) - 1)
+    candidates = np.flatnonzero(shared[slot] == t)
     if len(candidates):
         sub = pd.DataFrame({c: v[candidates] for c, v in log.items()})
         out[candidates] = sub.duplicated(keep="first").to_numpy()

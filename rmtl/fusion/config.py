@@ -96,8 +96,8 @@ class FQESection:
     steps: int = bounded(1000, low=1)
     batch_size: int = bounded(256, low=1)
     gamma: float = bounded(0.95, low=0, high=1, high_open=True)
-    cql_alpha: float = bounded(0.1, low=0)  # CQL penalty of the default (conservative) estimate: a lower bound that ranks
-    plain: bool = True  # also report plain FQE (cql_alpha = 0) and its errors against the truth
+    cql_alpha: float = bounded(0.1, low=0)  # CQL penalty of the conservative estimate, reported as a lower bound
+    lower_bound: bool = True  # also fit conservative FQE (cql_alpha); plain FQE is the default estimate
     hidden: int = bounded(64, low=1)
     lr: float = bounded(0.001, low=0, low_open=True)
 
