@@ -14,8 +14,8 @@ Every process runs the same ``fit``; this module holds all that differs under N 
 - ``GradientReducer`` (the first Trainer callback): after the strategy's backward, every
   gradient becomes the global-batch gradient: sum over ranks of (local rows / global
   rows) x local gradient, in one all-reduce. Row-sparse embedding gradients (rmtl.optim)
-  travel densified with a row-presence mask, so the lazy-Adam rows are exactly the global
-  batch's. ``RankSync`` (the last callback) broadcasts rank 0's stop decision and, at the
+  travel as their touched rows (all-gather), so the lazy-Adam rows are exactly the global
+  batch's and a table costs its batch's rows, not its size. ``RankSync`` (the last callback) broadcasts rank 0's stop decision and, at the
   end, rank 0's restored best weights; files are written by rank 0 only (rmtl.callbacks).
 - ``reduce_task_gradients``: gradient strategies that combine per-task gradients
   non-linearly (PCGrad, CAGrad, MGDA, Nash-MTL, GradVac, IMTL) must see the GLOBAL
@@ -140,6 +140,13 @@ class ShardedBatchIterator(BatchIterator):
 
 # ----------------------------------------------------------------------------- gradients
 
+def comm_device() -> torch.device:
+    """Where small messages live: NCCL only moves CUDA tensors, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks (gloo has no bool / int16 sums: callers send floats)."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -158,11 +165,11 @@ def reduce_task_gradients(tg, task_losses: torch.Tensor) -> tuple[torch.Tensor, 
     losses = task_losses.detach().double().reshape(-1)
     if tg.mode == "representation":
         local = gram(tg.grads) * (s * s)
-        packed = all_reduce_(torch.cat([local.reshape(-1), losses * s]).cpu())
+        packed = all_reduce_(torch.cat([local.reshape(-1), losses.to(local.device) * s]).to(comm_device()))
         k = local.shape[0]
         return packed[:k * k].view(k, k).to(local.device), packed[k * k:].to(task_losses)
     grads = tg.grads.mul_(s)
-    flat = torch.cat([grads.reshape(-1).double(), losses * s]).cpu()
+    flat = torch.cat([grads.reshape(-1).double(), losses.to(grads.device) * s]).to(comm_device())
     all_reduce_(flat)
     n = grads.numel()
     tg.grads.copy_(flat[:n].view_as(grads))
@@ -176,49 +183,64 @@ def share_weighted_sum(values: torch.Tensor, power: int = 1) -> torch.Tensor:
     if not active():
         return values
     s = current_share() ** power
-    return all_reduce_(values.detach().double().cpu() * s).to(values)
+    return all_reduce_(values.detach().double().to(comm_device()) * s).to(values)
 
 
 def all_reduce_gradients(grads, params) -> list[torch.Tensor | None]:
     """The global-batch gradients: sum over ranks of (local rows / global rows) x ``grads``
-    (one per parameter, None = no gradient here), in ONE all-reduce of a flat buffer.
-    Sparse (row-sparse table) gradients come back sparse over the rows present on any rank;
-    None stays None only if no rank had a gradient. Without torch.distributed: unchanged."""
+    (one per parameter, None = no gradient here). Dense ones in ONE all-reduce of a flat
+    buffer; sparse (row-sparse table) ones by gathering every rank's touched rows, so a
+    table costs its batch's rows, not its size, and the result holds exactly the rows of
+    the global batch. None stays None only if no rank had a gradient. Without
+    torch.distributed: unchanged."""
     grads = list(grads)
     if not active():
         return grads
     s = current_share()
     parts, kinds = [], []
     for p, g in zip(params, grads):
-        if g is None:  # another rank may have one (e.g. a task head its rows never reached)
+        if g is not None and g.is_sparse:
+            kinds.append("sparse")  # the same code path, hence the same kind, on every rank
+        elif g is None:  # another rank may have one (e.g. a task head its rows never reached)
             parts.append(torch.zeros(p.numel(), dtype=torch.float32, device=p.device))
             kinds.append("none")
-        elif g.is_sparse:
-            g = g.coalesce()
-            present = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
-            present[g.indices()[0]] = 1.0
-            parts += [g.to_dense().float().reshape(-1) * s, present]
-            kinds.append("sparse")
         else:
             parts.append(g.float().reshape(-1) * s)
             kinds.append("dense")
-    flat = all_reduce_(torch.cat(parts))
+    flat = all_reduce_(torch.cat(parts)) if parts else None
     out: list[torch.Tensor | None] = []
     offset = 0
-    for kind, p in zip(kinds, params):
+    for kind, p, g in zip(kinds, params, grads):
+        if kind == "sparse":
+            out.append(_gather_rows(g, s))
+            continue
         n = p.numel()
         dense = flat[offset:offset + n].view_as(p).to(p.dtype)
         offset += n
-        if kind == "sparse":  # the lazy-Adam rows: those of the whole global batch
-            rows = flat[offset:offset + p.shape[0]].nonzero().squeeze(1)
-            offset += p.shape[0]
-            out.append(torch.sparse_coo_tensor(rows.unsqueeze(0), dense.index_select(0, rows), p.shape,
-                                               is_coalesced=True, check_invariants=False))
-        elif kind == "dense" or bool(dense.ne(0).any()):
-            out.append(dense.clone())
-        else:
-            out.append(None)
+        out.append(dense.clone() if kind == "dense" or bool(dense.ne(0).any()) else None)
     return out
+
+
+def _gather_rows(grad: torch.Tensor, share: float) -> torch.Tensor:
+    """sum_r share_r x grad_r of a row-sparse gradient: every rank's (rows, values) gathered
+    (padded to the longest), summed per row by coalescing."""
+    g = grad.coalesce()
+    rows, values = g.indices()[0], g.values() * share
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=rows.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([rows.numel()], dtype=torch.int64, device=rows.device))
+    longest = int(max(int(x) for x in sizes))
+    pad = longest - rows.numel()
+    rows_p = torch.cat([rows, rows.new_zeros(pad)])
+    values_p = torch.cat([values, values.new_zeros(pad, *values.shape[1:])])
+    all_rows = [torch.empty_like(rows_p) for _ in range(world)]
+    all_values = [torch.empty_like(values_p) for _ in range(world)]
+    dist.all_gather(all_rows, rows_p)
+    dist.all_gather(all_values, values_p)
+    keep = [slice(0, int(n)) for n in sizes]
+    rows_all = torch.cat([r[k] for r, k in zip(all_rows, keep)])
+    values_all = torch.cat([v[k] for v, k in zip(all_values, keep)])
+    return torch.sparse_coo_tensor(rows_all.unsqueeze(0), values_all, g.shape, check_invariants=False).coalesce()
 
 
 class GradientReducer(Callback):
@@ -244,7 +266,7 @@ class RankSync(Callback):
     name = "distributed_sync"
 
     def on_step_end(self, trainer, step):
-        flag = torch.tensor([float(trainer.should_stop), float(trainer.state.stopped_early)])
+        flag = torch.tensor([float(trainer.should_stop), float(trainer.state.stopped_early)], device=comm_device())
         dist.broadcast(flag, src=0)
         trainer.should_stop, trainer.state.stopped_early = bool(flag[0]), bool(flag[1])
         if trainer.should_stop:
@@ -270,7 +292,7 @@ def all_reduce_epoch(loss_sums: list[float], rows: int) -> tuple[list[float], in
     """Per-task loss sums and rows of the epoch over all ranks (for strategy.epoch_end)."""
     if not active():
         return loss_sums, rows
-    t = torch.tensor([*loss_sums, float(rows)], dtype=torch.float64)
+    t = torch.tensor([*loss_sums, float(rows)], dtype=torch.float64, device=comm_device())
     all_reduce_(t)
     return t[:-1].tolist(), int(t[-1])
 
