@@ -28,9 +28,10 @@ Every process runs the same ``fit``; this module holds all that differs under N 
   the Gram matrix is taken. Task losses given to the rule are global means too.
 
 DRGrad routes the gradient of the summed loss per tower: it all-reduces that gradient
-(``all_reduce_gradients``) before routing, so its routing sees the global batch.
-GradNorm (per-task norms on a layer of its own choosing) is refused under more than one
-process with a clear error.
+(``all_reduce_gradients``) before routing, so its routing sees the global batch. GradNorm
+takes global task losses (``share_weighted_sum``) and global per-task gradient norms: on
+the cut the squared norms are summed with share^2, on a parameter the per-task gradients
+are all-reduced first.
 """
 
 from __future__ import annotations
@@ -48,9 +49,6 @@ from rmtl.errors import ConfigError
 
 if TYPE_CHECKING:
     from rmtl.trainer import Trainer
-
-UNSUPPORTED = ("gradnorm",)  # class names: per-task state outside the Gram path
-
 
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -171,6 +169,16 @@ def reduce_task_gradients(tg, task_losses: torch.Tensor) -> tuple[torch.Tensor, 
     return gram(tg.grads), flat[n:].to(task_losses)
 
 
+def share_weighted_sum(values: torch.Tensor, power: int = 1) -> torch.Tensor:
+    """sum over ranks of share^power x ``values`` (a small tensor): power 1 turns local batch
+    means into global ones; power 2 turns squared norms of gradients w.r.t. this rank's rows
+    of the cut into the global squared norm. Without torch.distributed: ``values``."""
+    if not active():
+        return values
+    s = current_share() ** power
+    return all_reduce_(values.detach().double().cpu() * s).to(values)
+
+
 def all_reduce_gradients(grads, params) -> list[torch.Tensor | None]:
     """The global-batch gradients: sum over ranks of (local rows / global rows) x ``grads``
     (one per parameter, None = no gradient here), in ONE all-reduce of a flat buffer.
@@ -220,10 +228,6 @@ class GradientReducer(Callback):
     name = "distributed_gradients"
 
     def on_fit_start(self, trainer):
-        strategy = type(trainer.strategy).__name__
-        if strategy.lower() in UNSUPPORTED:
-            raise ConfigError(f"strategy {strategy} is not supported under torch.distributed yet (its per-task "
-                              "state is not reduced across processes); run it in one process", key="strategy.name")
         broadcast_module(trainer.model)  # the same start everywhere, whatever each rank's RNG did
         broadcast_module(trainer.strategy)
 

@@ -1,5 +1,6 @@
 """Data-parallel training (rmtl.distributed): 2 gloo processes on CPU equal one process on
-the same global batches (EW, PCGrad on the cut and on the parameters, DRGrad), and a
+the same global batches (EW, PCGrad and GradNorm on the cut and on the parameters,
+DRGrad), and a
 2-process checkpoint resumes in one process.
 
 One spawn of 2 processes runs every distributed case (a process costs seconds to start).
@@ -28,6 +29,8 @@ CASES = {
     "pcgrad": ["strategy.name=pcgrad"],
     "pcgrad_parameters": ["strategy.name=pcgrad", "strategy.options.on=parameters"],
     "drgrad": ["model.name=split_mmoe", "strategy.name=drgrad"],
+    "gradnorm": ["strategy.name=gradnorm"],
+    "gradnorm_parameters": ["strategy.name=gradnorm", "strategy.options.on=parameters"],
 }
 COMMON = ["model.options.dropout=0", "train.max_steps=4", "train.eval_every=2", "train.batch_size=60"]
 
