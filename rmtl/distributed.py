@@ -297,13 +297,37 @@ def all_reduce_epoch(loss_sums: list[float], rows: int) -> tuple[list[float], in
     return t[:-1].tolist(), int(t[-1])
 
 
+def predict_sharded(model: torch.nn.Module, log_split, batch_size: int = 8192) -> np.ndarray:
+    """rmtl.predict.predict with the rows split over the processes: rank r predicts its
+    contiguous share, and the shares are gathered (padded to the longest) in row order,
+    so every process gets all N rows' probabilities at 1/N of the cost."""
+    from rmtl.predict import predict, predict_arrays, task_columns
+
+    if not active():
+        return predict(model, log_split, batch_size)
+    n, world, me = log_split.num_rows, world_size(), rank()
+    bounds = np.linspace(0, n, world + 1).astype(np.int64)
+    lo, hi = int(bounds[me]), int(bounds[me + 1])
+    k = len(task_columns(model, log_split.spec.num_tasks))
+    local = predict_arrays(model, log_split.sparse[lo:hi], log_split.dense[lo:hi], batch_size)
+    local = local if len(local) else np.zeros((0, k), dtype=np.float32)
+    longest = int(np.diff(bounds).max())
+    dev = comm_device()
+    mine = torch.zeros(longest, k, dtype=torch.float32, device=dev)
+    mine[:hi - lo] = torch.from_numpy(local).to(dev)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine)
+    return torch.cat([p[:int(b - a)] for p, a, b in zip(parts, bounds[:-1], bounds[1:])]).cpu().numpy()
+
+
 def setup(trainer: "Trainer") -> None:
     """Makes a Trainer data-parallel when torch.distributed is running (no-op otherwise):
-    the sharded iterator and the gradient reducer."""
+    the sharded iterator, sharded val / test prediction, the gradient reducer."""
     if not active():
         return
     tc = trainer.tc
     trainer.iterator = ShardedBatchIterator(trainer.train_log, tc.batch_size, rank=rank(), world_size=world_size(),
                                             shuffle=True, seed=trainer.iterator.seed, device=trainer.device)
+    trainer.predictor = predict_sharded
     trainer.callbacks.callbacks.insert(0, GradientReducer())
     trainer.callbacks.callbacks.append(RankSync())
