@@ -226,7 +226,9 @@ def main() -> None:
             if have_rechub:
                 ratio = f"  ratio {rates[f'rmtl {name}'] / rates[f'torch-rechub {name}']:.2f}x"
             print(f"{name:5s} {tag}  {row}{ratio}", flush=True)
-    if args.quality_steps > 0:
+    if args.quality_steps > 0 and not (has_bf16 or args.bf16):
+        print("bf16-vs-fp32 quality check skipped: no native bf16 here (--bf16 runs it anyway)")
+    elif args.quality_steps > 0:
         for name in args.models.split(","):
             q = quality(name, args.quality_steps, args.levels, args.quality_batch)
             diff = [b - f for f, b in zip(q["fp32"], q["bf16"])]

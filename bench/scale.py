@@ -91,12 +91,14 @@ def main() -> None:
           "the machine may be shared: noisy, compare within this run", flush=True)
     with tempfile.TemporaryDirectory(prefix="rmtl-scale-") as tmp:
         for n in (int(x) for x in args.procs.split(",")):
-            if n == 1:
-                rate = run(args, str(Path(tmp) / "single"), args.threads)
-            else:
-                mp.spawn(_worker, args=(n, str(Path(tmp) / f"init{n}"), args, tmp), nprocs=n, join=True)
-                rate = float(Path(tmp, f"rate{n}").read_text())
-            print(f"DDP {n} process(es) x {max(args.threads // n, 1)} thread(s): {rate:8.0f} samples/s", flush=True)
+            if n == 1:  # also 1 thread: a 2-thread process suffers most from busy cores (OpenMP barriers)
+                for threads in sorted({args.threads, max(args.threads // 2, 1)}, reverse=True):
+                    rate = run(args, str(Path(tmp) / f"single{threads}"), threads)
+                    print(f"1 process x {threads} thread(s): {rate:8.0f} samples/s", flush=True)
+                continue
+            mp.spawn(_worker, args=(n, str(Path(tmp) / f"init{n}"), args, tmp), nprocs=n, join=True)
+            rate = float(Path(tmp, f"rate{n}").read_text())
+            print(f"DDP {n} processes x {max(args.threads // n, 1)} thread(s): {rate:8.0f} samples/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ Every process runs the same ``fit``; this module holds all that differs under N 
 - ``GradientReducer`` (the first Trainer callback): after the strategy's backward, every
   gradient becomes the global-batch gradient: sum over ranks of (local rows / global
   rows) x local gradient, in one all-reduce. Row-sparse embedding gradients (rmtl.optim)
-  travel densified with a row-presence mask, so the lazy-Adam rows are exactly the global
-  batch's. ``RankSync`` (the last callback) broadcasts rank 0's stop decision and, at the
+  travel as their touched rows (all-gather), so the lazy-Adam rows are exactly the global
+  batch's and a table costs its batch's rows, not its size. ``RankSync`` (the last callback) broadcasts rank 0's stop decision and, at the
   end, rank 0's restored best weights; files are written by rank 0 only (rmtl.callbacks).
 - ``reduce_task_gradients``: gradient strategies that combine per-task gradients
   non-linearly (PCGrad, CAGrad, MGDA, Nash-MTL, GradVac, IMTL) must see the GLOBAL
@@ -28,9 +28,10 @@ Every process runs the same ``fit``; this module holds all that differs under N 
   the Gram matrix is taken. Task losses given to the rule are global means too.
 
 DRGrad routes the gradient of the summed loss per tower: it all-reduces that gradient
-(``all_reduce_gradients``) before routing, so its routing sees the global batch.
-GradNorm (per-task norms on a layer of its own choosing) is refused under more than one
-process with a clear error.
+(``all_reduce_gradients``) before routing, so its routing sees the global batch. GradNorm
+takes global task losses (``share_weighted_sum``) and global per-task gradient norms: on
+the cut the squared norms are summed with share^2, on a parameter the per-task gradients
+are all-reduced first.
 """
 
 from __future__ import annotations
@@ -48,9 +49,6 @@ from rmtl.errors import ConfigError
 
 if TYPE_CHECKING:
     from rmtl.trainer import Trainer
-
-UNSUPPORTED = ("gradnorm",)  # class names: per-task state outside the Gram path
-
 
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -142,6 +140,13 @@ class ShardedBatchIterator(BatchIterator):
 
 # ----------------------------------------------------------------------------- gradients
 
+def comm_device() -> torch.device:
+    """Where small messages live: NCCL only moves CUDA tensors, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks (gloo has no bool / int16 sums: callers send floats)."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -160,57 +165,82 @@ def reduce_task_gradients(tg, task_losses: torch.Tensor) -> tuple[torch.Tensor, 
     losses = task_losses.detach().double().reshape(-1)
     if tg.mode == "representation":
         local = gram(tg.grads) * (s * s)
-        packed = all_reduce_(torch.cat([local.reshape(-1), losses * s]).cpu())
+        packed = all_reduce_(torch.cat([local.reshape(-1), losses.to(local.device) * s]).to(comm_device()))
         k = local.shape[0]
         return packed[:k * k].view(k, k).to(local.device), packed[k * k:].to(task_losses)
     grads = tg.grads.mul_(s)
-    flat = torch.cat([grads.reshape(-1).double(), losses * s]).cpu()
+    flat = torch.cat([grads.reshape(-1).double(), losses.to(grads.device) * s]).to(comm_device())
     all_reduce_(flat)
     n = grads.numel()
     tg.grads.copy_(flat[:n].view_as(grads))
     return gram(tg.grads), flat[n:].to(task_losses)
 
 
+def share_weighted_sum(values: torch.Tensor, power: int = 1) -> torch.Tensor:
+    """sum over ranks of share^power x ``values`` (a small tensor): power 1 turns local batch
+    means into global ones; power 2 turns squared norms of gradients w.r.t. this rank's rows
+    of the cut into the global squared norm. Without torch.distributed: ``values``."""
+    if not active():
+        return values
+    s = current_share() ** power
+    return all_reduce_(values.detach().double().to(comm_device()) * s).to(values)
+
+
 def all_reduce_gradients(grads, params) -> list[torch.Tensor | None]:
     """The global-batch gradients: sum over ranks of (local rows / global rows) x ``grads``
-    (one per parameter, None = no gradient here), in ONE all-reduce of a flat buffer.
-    Sparse (row-sparse table) gradients come back sparse over the rows present on any rank;
-    None stays None only if no rank had a gradient. Without torch.distributed: unchanged."""
+    (one per parameter, None = no gradient here). Dense ones in ONE all-reduce of a flat
+    buffer; sparse (row-sparse table) ones by gathering every rank's touched rows, so a
+    table costs its batch's rows, not its size, and the result holds exactly the rows of
+    the global batch. None stays None only if no rank had a gradient. Without
+    torch.distributed: unchanged."""
     grads = list(grads)
     if not active():
         return grads
     s = current_share()
     parts, kinds = [], []
     for p, g in zip(params, grads):
-        if g is None:  # another rank may have one (e.g. a task head its rows never reached)
+        if g is not None and g.is_sparse:
+            kinds.append("sparse")  # the same code path, hence the same kind, on every rank
+        elif g is None:  # another rank may have one (e.g. a task head its rows never reached)
             parts.append(torch.zeros(p.numel(), dtype=torch.float32, device=p.device))
             kinds.append("none")
-        elif g.is_sparse:
-            g = g.coalesce()
-            present = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
-            present[g.indices()[0]] = 1.0
-            parts += [g.to_dense().float().reshape(-1) * s, present]
-            kinds.append("sparse")
         else:
             parts.append(g.float().reshape(-1) * s)
             kinds.append("dense")
-    flat = all_reduce_(torch.cat(parts))
+    flat = all_reduce_(torch.cat(parts)) if parts else None
     out: list[torch.Tensor | None] = []
     offset = 0
-    for kind, p in zip(kinds, params):
+    for kind, p, g in zip(kinds, params, grads):
+        if kind == "sparse":
+            out.append(_gather_rows(g, s))
+            continue
         n = p.numel()
         dense = flat[offset:offset + n].view_as(p).to(p.dtype)
         offset += n
-        if kind == "sparse":  # the lazy-Adam rows: those of the whole global batch
-            rows = flat[offset:offset + p.shape[0]].nonzero().squeeze(1)
-            offset += p.shape[0]
-            out.append(torch.sparse_coo_tensor(rows.unsqueeze(0), dense.index_select(0, rows), p.shape,
-                                               is_coalesced=True, check_invariants=False))
-        elif kind == "dense" or bool(dense.ne(0).any()):
-            out.append(dense.clone())
-        else:
-            out.append(None)
+        out.append(dense.clone() if kind == "dense" or bool(dense.ne(0).any()) else None)
     return out
+
+
+def _gather_rows(grad: torch.Tensor, share: float) -> torch.Tensor:
+    """sum_r share_r x grad_r of a row-sparse gradient: every rank's (rows, values) gathered
+    (padded to the longest), summed per row by coalescing."""
+    g = grad.coalesce()
+    rows, values = g.indices()[0], g.values() * share
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=rows.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([rows.numel()], dtype=torch.int64, device=rows.device))
+    longest = int(max(int(x) for x in sizes))
+    pad = longest - rows.numel()
+    rows_p = torch.cat([rows, rows.new_zeros(pad)])
+    values_p = torch.cat([values, values.new_zeros(pad, *values.shape[1:])])
+    all_rows = [torch.empty_like(rows_p) for _ in range(world)]
+    all_values = [torch.empty_like(values_p) for _ in range(world)]
+    dist.all_gather(all_rows, rows_p)
+    dist.all_gather(all_values, values_p)
+    keep = [slice(0, int(n)) for n in sizes]
+    rows_all = torch.cat([r[k] for r, k in zip(all_rows, keep)])
+    values_all = torch.cat([v[k] for v, k in zip(all_values, keep)])
+    return torch.sparse_coo_tensor(rows_all.unsqueeze(0), values_all, g.shape, check_invariants=False).coalesce()
 
 
 class GradientReducer(Callback):
@@ -220,10 +250,6 @@ class GradientReducer(Callback):
     name = "distributed_gradients"
 
     def on_fit_start(self, trainer):
-        strategy = type(trainer.strategy).__name__
-        if strategy.lower() in UNSUPPORTED:
-            raise ConfigError(f"strategy {strategy} is not supported under torch.distributed yet (its per-task "
-                              "state is not reduced across processes); run it in one process", key="strategy.name")
         broadcast_module(trainer.model)  # the same start everywhere, whatever each rank's RNG did
         broadcast_module(trainer.strategy)
 
@@ -240,7 +266,7 @@ class RankSync(Callback):
     name = "distributed_sync"
 
     def on_step_end(self, trainer, step):
-        flag = torch.tensor([float(trainer.should_stop), float(trainer.state.stopped_early)])
+        flag = torch.tensor([float(trainer.should_stop), float(trainer.state.stopped_early)], device=comm_device())
         dist.broadcast(flag, src=0)
         trainer.should_stop, trainer.state.stopped_early = bool(flag[0]), bool(flag[1])
         if trainer.should_stop:
@@ -266,18 +292,42 @@ def all_reduce_epoch(loss_sums: list[float], rows: int) -> tuple[list[float], in
     """Per-task loss sums and rows of the epoch over all ranks (for strategy.epoch_end)."""
     if not active():
         return loss_sums, rows
-    t = torch.tensor([*loss_sums, float(rows)], dtype=torch.float64)
+    t = torch.tensor([*loss_sums, float(rows)], dtype=torch.float64, device=comm_device())
     all_reduce_(t)
     return t[:-1].tolist(), int(t[-1])
 
 
+def predict_sharded(model: torch.nn.Module, log_split, batch_size: int = 8192) -> np.ndarray:
+    """rmtl.predict.predict with the rows split over the processes: rank r predicts its
+    contiguous share, and the shares are gathered (padded to the longest) in row order,
+    so every process gets all N rows' probabilities at 1/N of the cost."""
+    from rmtl.predict import predict, predict_arrays, task_columns
+
+    if not active():
+        return predict(model, log_split, batch_size)
+    n, world, me = log_split.num_rows, world_size(), rank()
+    bounds = np.linspace(0, n, world + 1).astype(np.int64)
+    lo, hi = int(bounds[me]), int(bounds[me + 1])
+    k = len(task_columns(model, log_split.spec.num_tasks))
+    local = predict_arrays(model, log_split.sparse[lo:hi], log_split.dense[lo:hi], batch_size)
+    local = local if len(local) else np.zeros((0, k), dtype=np.float32)
+    longest = int(np.diff(bounds).max())
+    dev = comm_device()
+    mine = torch.zeros(longest, k, dtype=torch.float32, device=dev)
+    mine[:hi - lo] = torch.from_numpy(local).to(dev)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine)
+    return torch.cat([p[:int(b - a)] for p, a, b in zip(parts, bounds[:-1], bounds[1:])]).cpu().numpy()
+
+
 def setup(trainer: "Trainer") -> None:
     """Makes a Trainer data-parallel when torch.distributed is running (no-op otherwise):
-    the sharded iterator and the gradient reducer."""
+    the sharded iterator, sharded val / test prediction, the gradient reducer."""
     if not active():
         return
     tc = trainer.tc
     trainer.iterator = ShardedBatchIterator(trainer.train_log, tc.batch_size, rank=rank(), world_size=world_size(),
                                             shuffle=True, seed=trainer.iterator.seed, device=trainer.device)
+    trainer.predictor = predict_sharded
     trainer.callbacks.callbacks.insert(0, GradientReducer())
     trainer.callbacks.callbacks.append(RankSync())

@@ -56,9 +56,11 @@ def predict(model: nn.Module, log_split: SessionLog, batch_size: int = 8192) -> 
     return probs
 
 
-def evaluate(model: nn.Module, log_split: SessionLog, batch_size: int = 8192) -> dict[str, dict[str, float]]:
-    """{task: {auc, logloss, session_logloss, gauc}} of the model on one split."""
-    probs = predict(model, log_split, batch_size=batch_size)
+def evaluate(model: nn.Module, log_split: SessionLog, batch_size: int = 8192, *,
+             predictor=predict) -> dict[str, dict[str, float]]:
+    """{task: {auc, logloss, session_logloss, gauc}} of the model on one split; ``predictor``
+    has predict's signature (rmtl.distributed.predict_sharded splits the rows over processes)."""
+    probs = predictor(model, log_split, batch_size=batch_size)
     cols = task_columns(model, log_split.spec.num_tasks)
     return evaluate_predictions(log_split.labels[:, cols], probs, log_split.session_of_row(), log_split.user,
                                 [log_split.spec.tasks[c] for c in cols])

@@ -42,7 +42,7 @@ from rmtl.errors import ConfigError, DataError
 from rmtl.device import choose_bf16
 from rmtl.metrics import mean_metric, mtl_gain
 from rmtl.optim import clip_grad_norm_, make_optimizer, row_sparse_enabled, row_sparse_gradients
-from rmtl.predict import evaluate, task_columns
+from rmtl.predict import evaluate, predict, task_columns
 from rmtl.weighting.base import EpochAware, LogsScalars
 
 
@@ -124,6 +124,7 @@ class Trainer:
         self.logs_hook = strategy.last_logs if isinstance(strategy, LogsScalars) else None
         self.reports_gates = isinstance(model, ReportsGateUsage)
 
+        self.predictor = predict  # how val / test rows are predicted (rmtl.distributed shards them)
         self.iterator = BatchIterator(self.train_log, train_cfg.batch_size, shuffle=True, seed=seed,
                                       device=self.device)
         self.state = LoopState(epoch_loss_sum=[0.0] * self.num_tasks)
@@ -244,7 +245,7 @@ class Trainer:
     def validate(self, *, scheduled: bool = True) -> EvalOutput:
         """Metrics on val; tracks the best mean AUC (a NaN score never beats a number)."""
         st = self.state
-        metrics = evaluate(self.model, self.val_log, self.tc.eval_batch_size)
+        metrics = evaluate(self.model, self.val_log, self.tc.eval_batch_size, predictor=self.predictor)
         score = mean_metric(metrics, "auc")
         st.last_eval_step = st.step
         improved = (not math.isnan(score) and score > st.best_score) or st.best_step < 0
@@ -257,8 +258,8 @@ class Trainer:
 
     def final_result(self) -> TrainResult:
         """Val and test metrics of the model as it is now (the best weights, when a callback restored them)."""
-        metrics = {"val": evaluate(self.model, self.val_log, self.tc.eval_batch_size),
-                   "test": evaluate(self.model, self.test_log, self.tc.eval_batch_size)}
+        metrics = {"val": evaluate(self.model, self.val_log, self.tc.eval_batch_size, predictor=self.predictor),
+                   "test": evaluate(self.model, self.test_log, self.tc.eval_batch_size, predictor=self.predictor)}
         gain = mtl_gain(metrics["test"], self.baseline["test"]) if self.baseline else None
         st = self.state
         return TrainResult(model=self.model, metrics=metrics, run_dir=self.run_dir,

@@ -1,5 +1,6 @@
 """Data-parallel training (rmtl.distributed): 2 gloo processes on CPU equal one process on
-the same global batches (EW, PCGrad on the cut and on the parameters, DRGrad), and a
+the same global batches (EW, PCGrad and GradNorm on the cut and on the parameters,
+DRGrad), and a
 2-process checkpoint resumes in one process.
 
 One spawn of 2 processes runs every distributed case (a process costs seconds to start).
@@ -11,6 +12,7 @@ and the weights after the run to atol 1e-4. Dropout is 0: masks are drawn per pr
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -20,6 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train import small_cfg, tiny_log  # noqa: E402
 
 from rmtl import checkpoint as ckpt  # noqa: E402
+from rmtl.backbones import build  # noqa: E402
+from rmtl.distributed import predict_sharded  # noqa: E402
+from rmtl.predict import predict  # noqa: E402
 from rmtl.callbacks import Callback  # noqa: E402
 from rmtl.train import fit  # noqa: E402
 
@@ -28,6 +33,8 @@ CASES = {
     "pcgrad": ["strategy.name=pcgrad"],
     "pcgrad_parameters": ["strategy.name=pcgrad", "strategy.options.on=parameters"],
     "drgrad": ["model.name=split_mmoe", "strategy.name=drgrad"],
+    "gradnorm": ["strategy.name=gradnorm"],
+    "gradnorm_parameters": ["strategy.name=gradnorm", "strategy.options.on=parameters"],
 }
 COMMON = ["model.options.dropout=0", "train.max_steps=4", "train.eval_every=2", "train.batch_size=60"]
 
@@ -63,6 +70,10 @@ def _worker(rank: int, world: int, init_file: str, root: str) -> None:
     try:
         torch.set_num_threads(1)
         out = {name: run_case(name, Path(root)) for name in CASES}
+        torch.manual_seed(0)  # the same model on both ranks: sharded prediction = plain prediction
+        log = tiny_log()
+        model = build("mmoe", log.spec, embed_dim=8, num_experts=3, expert_dims=[32], tower_dims=[16])
+        out["predict"] = (predict_sharded(model, log.split("val"), batch_size=64), predict(model, log.split("val")))
         if rank == 0:
             torch.save(out, Path(root) / "ddp.pt")
     finally:
@@ -86,6 +97,13 @@ def test_two_processes_equal_one_on_the_same_global_batches(ddp_runs, tmp_path, 
         torch.testing.assert_close(ddp[name]["weights"][key], value, rtol=0, atol=1e-4, msg=key)
     for task, mets in single["val"].items():
         assert ddp[name]["val"][task]["auc"] == pytest.approx(mets["auc"], abs=1e-3)
+
+
+def test_sharded_prediction_equals_one_process(ddp_runs):
+    _, ddp = ddp_runs
+    sharded, plain = ddp["predict"]
+    assert sharded.shape == plain.shape and sharded.shape[0] > 2
+    np.testing.assert_allclose(sharded, plain, rtol=1e-5, atol=1e-6)
 
 
 def test_resume_a_two_process_checkpoint_in_one_process(ddp_runs, tmp_path):

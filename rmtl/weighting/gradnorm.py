@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from rmtl.backbones.base import SplitsParameters
+from rmtl.distributed import all_reduce_gradients, share_weighted_sum
 from rmtl.errors import ConfigError
 from rmtl.weighting.common import LossWeighting, check_choice, check_positive, reduce_losses
 from rmtl.weighting.gradients import MODES, resolve_mode, split_parameters
@@ -93,22 +94,27 @@ class GradNorm(LossWeighting):
         self.check_losses(losses)
         self._logs = {}
         task_losses = reduce_losses(losses)
+        global_losses = share_weighted_sum(task_losses.detach())  # under torch.distributed: the global batch's
         with torch.no_grad():  # the paper's renormalisation, done before use
             w = self.task_weights
             w.clamp_(min=1e-6)
             w.mul_(self.num_tasks / w.sum())
             if not bool(self.has_initial):
-                self.initial_losses.copy_(task_losses.detach().clamp_min(1e-12))
+                self.initial_losses.copy_(global_losses.clamp_min(1e-12))
                 self.has_initial.fill_(True)
         target = self._norm_target(model, shared, task_losses)
-        norms = torch.zeros(self.num_tasks, dtype=torch.float64)
+        on_cut = shared is not None and len(target) == 1 and target[0] is shared
+        squared = torch.zeros(self.num_tasks, dtype=torch.float64)
         for k in range(self.num_tasks):
             got = torch.autograd.grad(task_losses[k], target, retain_graph=True, allow_unused=True)
+            if not on_cut:  # a parameter: its global gradient first (rmtl.distributed; no-op in one process)
+                got = all_reduce_gradients(got, target)
             squares = [g.detach().double().pow(2).sum().cpu() for g in got if g is not None]
-            norms[k] = torch.stack(squares).sum().sqrt() if squares else 0.0
+            squared[k] = torch.stack(squares).sum() if squares else 0.0
+        norms = (share_weighted_sum(squared, power=2) if on_cut else squared).sqrt()
         w = self.task_weights.detach().double().cpu()
         g_norms = w * norms
-        ratio = task_losses.detach().double().cpu() / self.initial_losses.double().cpu()
+        ratio = global_losses.double().cpu() / self.initial_losses.double().cpu()
         inverse_rate = ratio / ratio.mean()
         goal = g_norms.mean() * inverse_rate.pow(self.alpha)
         grad_w = torch.sign(g_norms - goal) * norms  # d/dw_k sum_j |w_j n_j - goal_j|
