@@ -36,6 +36,13 @@ class AgentConfig:
     drop_fields: List[str] = field(default_factory=list)  # sparse fields the critics read as "unknown" (e.g. ids)
     critic_dropout: float = 0.0
     critic_weight_decay: float = 0.0
+    # early stopping of critic training on held-out TD error: a critic set evaluates every
+    # critic_eval_every updates the mean TD error on critic_holdout of its own training
+    # sessions (left out of its updates; never the fold it weights), keeps the best critics
+    # and stops after critic_patience evaluations without a lower error. null = fixed steps
+    critic_eval_every: Optional[int] = None
+    critic_patience: int = 3
+    critic_holdout: float = 0.1
     # session context in the critics' state (rmtl.envs.context): position, elapsed, gap, history, last
     context: List[str] = field(default_factory=lambda: ["position", "elapsed", "gap", "history", "last"])
     # optional TD3+BC actor update with the backbone as the actor
@@ -90,6 +97,9 @@ class AgentConfig:
             "agent.finetune_eval_every": self.finetune_eval_every is None or self.finetune_eval_every > 0,
             "agent.finetune_patience": self.finetune_patience is None or self.finetune_patience >= 0,
             "agent.folds": self.folds >= 2,
+            "agent.critic_eval_every": self.critic_eval_every is None or self.critic_eval_every > 0,
+            "agent.critic_patience": self.critic_patience >= 1,
+            "agent.critic_holdout": 0.0 < self.critic_holdout < 1.0,
             "agent.critic_dropout": 0.0 <= self.critic_dropout < 1.0,
             "agent.critic_weight_decay": self.critic_weight_decay >= 0,
         }

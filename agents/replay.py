@@ -52,6 +52,10 @@ class RowReplay:
         idx = torch.randint(len(self), (batch_size,), generator=generator)
         if self.pool is not None:
             idx = self.pool.index_select(0, idx)
+        return self.batch(idx)
+
+    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The minibatch of transitions ``idx`` (int64, any rows of the log, pool or not)."""
         rows = self.state_row.index_select(0, idx)
         nxt = self.next_row.index_select(0, idx)
         sparse, dense = self.gather(rows)

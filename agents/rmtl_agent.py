@@ -74,6 +74,32 @@ def session_folds(num_sessions: int, folds: int, seed: int) -> np.ndarray:
     return fold
 
 
+class _EarlyStop:
+    """Held-out TD error of one critic set: remembers the best critics (and targets) and
+    says when ``patience`` evaluations in a row brought no lower error."""
+
+    def __init__(self, rows: torch.Tensor, patience: int):
+        self.rows, self.patience = rows, patience
+        self.best, self.best_step, self.best_state, self.bad, self.history = float("inf"), 0, None, 0, []
+
+    def observe(self, td: float, step: int, agent: "RMTLAgent") -> None:
+        self.history.append(td)
+        if td < self.best:
+            self.best, self.best_step, self.bad = td, step, 0
+            self.best_state = copy.deepcopy((agent.critic.state_dict(), agent.critic_target.state_dict()))
+        else:
+            self.bad += 1
+
+    @property
+    def done(self) -> bool:
+        return self.bad >= self.patience
+
+    def restore(self, agent: "RMTLAgent") -> None:
+        if self.best_state is not None:
+            agent.critic.load_state_dict(self.best_state[0])
+            agent.critic_target.load_state_dict(self.best_state[1])
+
+
 class RMTLAgent:
     """Twin per-task critics (+ targets) and optionally the backbone as a TD3+BC actor."""
 
@@ -275,9 +301,16 @@ class RMTLAgent:
                                 column="actor_probs")
             self._frozen_probs = torch.as_tensor(np.asarray(actor_probs, dtype=np.float32), device=self.device)
         self.trained_rows = []
+        held = self._heldout_rows(log)  # bool [N] or None (fixed steps)
+        history["stopped_at"] = []  # per set: updates taken (< steps when early stopping stopped it)
         for k in range(self.num_sets):
             self._set = k
-            rows = None if self.num_sets == 1 else np.flatnonzero(row_fold != k)
+            mine = np.ones(log.num_rows, bool) if self.num_sets == 1 else row_fold != k
+            if held is None:
+                rows, stopper = (None if self.num_sets == 1 else np.flatnonzero(mine)), None
+            else:
+                rows = np.flatnonzero(mine & ~held)
+                stopper = _EarlyStop(torch.from_numpy(np.flatnonzero(mine & held)), cfg.critic_patience)
             buffer = RowReplay(log, transitions, self.device, rows=rows)
             seen = torch.zeros(log.num_rows, dtype=torch.bool)
             gen = torch.Generator().manual_seed(self.seed + self.steps_done)
@@ -310,9 +343,57 @@ class RMTLAgent:
                     count = 0
                 if progress is not None:
                     progress(1)
+                if stopper is not None and ((i + 1) % cfg.critic_eval_every == 0 or last):
+                    stopper.observe(self._heldout_td(buffer, stopper.rows, ips), i + 1, self)
+                    for key, value in (("set", k), ("step", i + 1), ("td", stopper.history[-1])):
+                        history.setdefault(f"heldout/{key}", []).append(value)
+                    if stopper.done:
+                        if progress is not None:
+                            progress(steps - i - 1)
+                        break
+            if stopper is not None:
+                stopper.restore(self)
+            history["stopped_at"].append(i + 1 if steps else 0)
             self.trained_rows.append(seen.numpy())
         self._set = 0
         return history
+
+    def _heldout_rows(self, log: SessionLog) -> np.ndarray | None:
+        """bool [N]: rows of the sessions held out for early stopping (None: early stopping off).
+        One seeded draw per session, so every set holds out the same sessions of its folds."""
+        cfg = self.config
+        if cfg.critic_eval_every is None:
+            return None
+        held = np.random.default_rng([int(self.seed), 11]).random(log.num_sessions) < cfg.critic_holdout
+        if not held.any():
+            raise DataError(f"agent.critic_holdout={cfg.critic_holdout} of {log.num_sessions} sessions holds out none: "
+                            "raise it or turn early stopping off (agent.critic_eval_every: null)", column="session")
+        return held[log.session_of_row()]
+
+    @torch.no_grad()
+    def _heldout_td(self, buffer: RowReplay, rows: torch.Tensor, ips: torch.Tensor | None,
+                    chunk: int = 8192) -> float:
+        """Mean TD error (over rows, twins and tasks; IPS-weighted as in training) of the
+        current critic set on transitions ``rows``, against its target without target noise."""
+        cfg = self.config
+        self.critic.eval()
+        total, n = 0.0, 0
+        for start in range(0, len(rows), chunk):
+            b = buffer.batch(rows[start:start + chunk])
+            if self.actor_target is None:
+                nxt = b["next_action"]
+            elif self._frozen_probs is not None:
+                nxt = self._frozen_probs.index_select(0, b["next_rows"].to(self.device))
+            else:
+                nxt = self._actor_probs(self.actor_target, b["next_sparse"], b["next_dense"])
+            q_next = self.critic_target(b["next_sparse"], b["next_dense"], nxt, b.get("next_context")).min(dim=1).values
+            target = b["reward"] + cfg.gamma * (1.0 - b["done"]).unsqueeze(1) * q_next
+            err = (self.critic(b["sparse"], b["dense"], b["action"], b.get("context")) - target.unsqueeze(1)).pow(2)
+            if ips is not None:
+                err = err * torch.where(b["labels"] > 0.5, ips[1], ips[0]).unsqueeze(1)
+            total += float(err.mean(dim=(1, 2)).sum())
+            n += err.shape[0]
+        return total / max(n, 1)
 
     def _critic_step(self, b: dict, ips: torch.Tensor | None, noise_gen: torch.Generator) -> torch.Tensor:
         cfg = self.config

@@ -194,7 +194,10 @@ def run_pipeline(cfg: RunConfig, *, prepared=None, model: nn.Module | None = Non
     actor = copy.deepcopy(pretrained)
     stage = train_agent(cfg, log, pretrained, run_dir=root, actor=actor, say=say)
     seconds["agent"] = stage.seconds
-    say(f"agent: {seconds['agent']:.0f}s, final TD loss {stage.history['td_loss'][-1]:.4f}, saved {stage.path}")
+    stopped = ""
+    if cfg.agent.critic_eval_every is not None:
+        stopped = f", early stop after {'+'.join(map(str, stage.history['stopped_at']))} updates"
+    say(f"agent: {seconds['agent']:.0f}s, final TD loss {stage.history['td_loss'][-1]:.4f}{stopped}, saved {stage.path}")
 
     start = actor if cfg.agent.actor_update else pretrained
     start_val = pre_val if start is pretrained else mean_metric(_val_metrics(cfg, start, log), "auc")

@@ -200,3 +200,35 @@ def test_rmtl_strategy_with_every_builtin_backbone(log):
         w = strategy.backward(losses, model, context={"step": 0, "batch": batch, "logits": logits})
         assert torch.isfinite(w).all() and (w >= 1).all(), name
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters()), name
+
+
+def test_critic_early_stop_stops_and_keeps_the_best_critics(log):
+    """With a learning rate that makes held-out TD error climb, each critic set stops
+    `patience` evaluations after its best one, and the critics it keeps are that best ones."""
+    tr = build_transitions(log, seed=0)
+    cfg = AgentConfig(steps=400, batch_size=32, device="cpu", critic_hidden=[8], lr=0.05,
+                      critic_eval_every=5, critic_patience=2, critic_holdout=0.3)
+    agent = RMTLAgent(log.spec, cfg, seed=0)
+    h = agent.train(log, tr)
+    held = agent._heldout_rows(log)
+    fold = agent.fold_of_rows(log)
+    ips = None
+    from rmtl.agents.replay import RowReplay
+
+    buffer = RowReplay(log, build_transitions(log, seed=0, context=cfg.context))
+    for k in range(agent.num_sets):
+        mine = [i for i, s in enumerate(h["heldout/set"]) if s == k]
+        tds = [h["heldout/td"][i] for i in mine]
+        best = int(np.argmin(tds))
+        assert h["stopped_at"][k] < 200  # stopped before its budget of 400 / 2 updates
+        assert h["stopped_at"][k] == h["heldout/step"][mine[best]] + 2 * 5
+        agent._set = k
+        rows = torch.from_numpy(np.flatnonzero(held & (fold != k)))
+        assert agent._heldout_td(buffer, rows, ips) == pytest.approx(tds[best], rel=1e-5)
+    # the held-out sessions were never trained on by the set that judged them
+    for k in range(agent.num_sets):
+        assert not (agent.trained_rows[k] & held & (fold != k)).any()
+    agent._set = 0
+    # off by default: the fixed budget, no held-out rows
+    plain = RMTLAgent(log.spec, AgentConfig(steps=40, batch_size=32, device="cpu", critic_hidden=[8]), seed=0)
+    assert plain.train(log, tr)["stopped_at"] == [20, 20] and plain._heldout_rows(log) is None
