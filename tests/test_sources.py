@@ -161,3 +161,20 @@ def test_strict_reaches_only_readers_registered_as_taking_it(monkeypatch, tmp_pa
     for name in builtin:
         params = inspect.signature(sources.reader(name)).parameters
         assert sources.get_source(name).reader_takes_strict == ("strict" in params), name
+
+
+def test_writer_version_names_the_loaded_code_not_the_file_on_disk(tmp_path, monkeypatch):
+    """A long-lived process holding an old writer must not tag its output with the version
+    of a newer file on disk: the digest is taken when the writer module is imported."""
+    import importlib
+    from pathlib import Path
+
+    from rmtl.data import synthetic
+
+    for schema in synthetic.schemas():
+        module = importlib.import_module(synthetic.writer(schema).__module__)
+        before = synthetic.writer_version(schema)
+        copy = tmp_path / f"{schema}.py"
+        copy.write_bytes(Path(module.__file__).read_bytes() + b"\n# edited after import\n")
+        monkeypatch.setattr(module, "__file__", str(copy))
+        assert synthetic.writer_version(schema) == before  # the file changed, the loaded writer did not
