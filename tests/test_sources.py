@@ -138,3 +138,20 @@ def test_the_docs_examples_run(tmp_path, monkeypatch):
         weighting.registry._REGISTRY.pop("my_method", None)
         backbones.registry._REGISTRY.pop("two_tower", None)
     assert result.steps == 3 and set(result.metrics["test"]) == {"ctr", "ctcvr"}
+
+
+def test_writer_version_names_the_loaded_code_not_the_file_on_disk(tmp_path, monkeypatch):
+    """A long-lived process holding an old writer must not tag its output with the version
+    of a newer file on disk: the digest is taken when the writer module is imported."""
+    import importlib
+    from pathlib import Path
+
+    from rmtl.data import synthetic
+
+    for schema in synthetic.schemas():
+        module = importlib.import_module(synthetic.writer(schema).__module__)
+        before = synthetic.writer_version(schema)
+        copy = tmp_path / f"{schema}.py"
+        copy.write_bytes(Path(module.__file__).read_bytes() + b"\n# edited after import\n")
+        monkeypatch.setattr(module, "__file__", str(copy))
+        assert synthetic.writer_version(schema) == before  # the file changed, the loaded writer did not

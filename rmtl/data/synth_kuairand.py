@@ -35,7 +35,12 @@ import pyarrow.csv as pacsv
 
 from rmtl.atomic import atomic_path
 from rmtl.data import session_dynamics as dyn
+from rmtl.data.synthetic import source_digest
 from rmtl.errors import ConfigError, unknown_name
+
+# The cache tag of this writer's output (rmtl.data.synthetic.writer_version): taken at
+# import, so it names the code loaded here, session dynamics included.
+WRITER_DIGEST = source_digest(__file__, dyn.__file__)
 
 RELEASES = ("pure", "1k", "27k")
 SPANS = ("4_08_to_4_21", "4_22_to_5_08")

@@ -40,7 +40,12 @@ import pyarrow.csv as pacsv
 
 from rmtl.atomic import atomic_path
 from rmtl.data import session_dynamics as dyn
+from rmtl.data.synthetic import source_digest
 from rmtl.errors import ConfigError
+
+# The cache tag of this writer's output (rmtl.data.synthetic.writer_version): taken at
+# import, so it names the code loaded here, session dynamics included.
+WRITER_DIGEST = source_digest(__file__, dyn.__file__)
 
 START_MS = 1_430_622_000_000  # 2015-05-03, where the public RetailRocket log begins
 SECOND = 1_000

@@ -6,6 +6,8 @@ read unchanged, so the embedded default exercises exactly the code that real dat
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 from pathlib import Path
 
 from rmtl.data import sources
@@ -21,14 +23,28 @@ def writer(schema: str):
     return sources.synthetic_writer(schema)
 
 
-def writer_version(schema: str) -> str:
-    """A short digest of the writer's source: the embedded default is rewritten when the
-    writer changes, so an old cached copy never hides a new generator."""
-    import hashlib
-    import inspect
+def source_digest(*paths: str | Path) -> str:
+    """A short digest of source files' bytes. Writer modules call it at import time
+    (``WRITER_DIGEST``), so the tag names the code that is loaded, not the file on disk."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()[:8]
 
+
+_LATE_DIGESTS: dict[str, str] = {}  # writers without WRITER_DIGEST: taken on first ask, then fixed
+
+
+def writer_version(schema: str) -> str:
+    """A short digest of the writer's source as loaded: the embedded default is rewritten
+    when the writer changes, so an old cached copy never hides a new generator. A writer
+    edited on disk after import keeps its tag: a long-lived process still writes the old
+    data, so it must not claim the new version."""
     module = inspect.getmodule(writer(schema))
-    return hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:8]
+    digest = getattr(module, "WRITER_DIGEST", None)
+    if digest is None:
+        digest = _LATE_DIGESTS.setdefault(module.__name__, source_digest(module.__file__))
+    return digest
 
 
 def write_synthetic(schema: str, out_dir: str | Path, **kw) -> dict[str, Path]:
