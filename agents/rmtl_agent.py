@@ -43,6 +43,7 @@ from rmtl.data.spec import FeatureSpec
 from rmtl.device import resolve_device
 from rmtl.envs.transitions import Transitions
 from rmtl.errors import ConfigError, DataError
+from rmtl.predict import predict
 
 FORMAT_VERSION = 2  # 2: cross-fitted critic sets, session folds, session context
 
@@ -242,15 +243,6 @@ class RMTLAgent:
     def _actor_probs(self, actor: nn.Module, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(actor(sparse, dense))
 
-    @torch.no_grad()
-    def _predict_all(self, log: SessionLog, batch_size: int = 8192) -> np.ndarray:
-        out = []
-        for lo in range(0, log.num_rows, batch_size):
-            sparse = torch.from_numpy(log.sparse[lo:lo + batch_size]).to(self.device)
-            dense = torch.from_numpy(log.dense[lo:lo + batch_size]).to(self.device)
-            out.append(self._actor_probs(self.actor_target, sparse, dense).float().cpu())
-        return torch.cat(out).numpy() if out else np.zeros(log.labels.shape, np.float32)
-
     # -- training -------------------------------------------------------------------------
     def train(self, log: SessionLog, transitions: Transitions, *, steps: int | None = None, writer=None,
               progress=None, actor_probs: np.ndarray | None = None) -> dict[str, list[float]]:
@@ -295,7 +287,7 @@ class RMTLAgent:
         self._frozen_probs = None
         if self.actor is not None and not cfg.actor_update:
             if actor_probs is None:
-                actor_probs = self._predict_all(log)
+                actor_probs = predict(self.actor_target, log)  # the shared loop: eval mode, no grad
             elif actor_probs.shape != log.labels.shape:
                 raise DataError(f"actor_probs have shape {actor_probs.shape}, expected {log.labels.shape}",
                                 column="actor_probs")

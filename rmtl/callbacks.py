@@ -118,10 +118,6 @@ class CallbackList:
             if cb.key in states:
                 cb.load_state_dict(states[cb.key])
 
-    def find(self, cls: type) -> Any:
-        """The first callback of type ``cls`` (None when there is none)."""
-        return next((cb for cb in self.callbacks if isinstance(cb, cls)), None)
-
 
 # ----------------------------------------------------------------------------- the standard ones
 

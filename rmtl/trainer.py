@@ -74,13 +74,6 @@ class LoopState:
     epoch_rows: int = 0
 
 
-def _dist_rank_and_size() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class Trainer:
     """Trains ``model`` with ``strategy`` on ``log``'s train split, validating on val.
 
@@ -104,7 +97,7 @@ class Trainer:
         self.callbacks = CallbackList(callbacks)
         self.step_offset = int(step_offset)
         self.baseline = baseline
-        self.rank, self.world_size = _dist_rank_and_size()
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
 
         self.train_log, self.val_log, self.test_log = log.split("train"), log.split("val"), log.split("test")
         self.columns = task_columns(model, log.spec.num_tasks)

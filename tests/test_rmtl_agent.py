@@ -114,6 +114,21 @@ def test_training_is_deterministic_under_a_seed(log):
     assert a.train(log, tr)["td_loss"] == b.train(log, tr)["td_loss"]
 
 
+def test_frozen_actor_probs_come_from_the_shared_predict_loop_in_eval_mode(log):
+    from rmtl.predict import predict
+
+    class DropoutBackbone(TinyBackbone):
+        def forward(self, sparse, dense):
+            return nn.functional.dropout(super().forward(sparse, dense), 0.5, self.training)
+
+    actor = DropoutBackbone(log.spec).train()  # left in train mode by its caller
+    agent = RMTLAgent(log.spec, AgentConfig(steps=2, batch_size=16, device="cpu", critic_hidden=[8]), actor, seed=0)
+    agent.train(log, build_transitions(log, seed=0))
+    want = predict(actor, log)  # eval mode: deterministic, no dropout
+    np.testing.assert_array_equal(agent._frozen_probs.numpy(), want)
+    np.testing.assert_array_equal(predict(actor, log), want)
+
+
 def test_actor_update_moves_the_backbone_and_logs_bc(log, tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 

@@ -140,6 +140,29 @@ def test_the_docs_examples_run(tmp_path, monkeypatch):
     assert result.steps == 3 and set(result.metrics["test"]) == {"ctr", "ctcvr"}
 
 
+def test_strict_reaches_only_readers_registered_as_taking_it(monkeypatch, tmp_path):
+    import inspect
+
+    seen = []
+
+    def read_strict(data_dir, **options):
+        seen.append(options.get("strict"))
+        return read_toy(data_dir)
+
+    builtin = sources.source_names()
+    monkeypatch.setattr(sources, "_SOURCES", dict(sources._SOURCES))
+    for name, takes in (("toy_strict", True), ("toy_plain", False)):
+        sources.register_source(name, sources.DataSource(reader=read_strict, synthetic_writer=write_toy,
+                                                         synthetic_sizes={"users": 20, "items": 5},
+                                                         reader_takes_strict=takes))
+        assert main(["prepare", "--source", name, "--no-cache", "--strict", "--out", str(tmp_path)]) == 0
+    assert seen == [True, None]
+    # the built-in registrations say what their readers take
+    for name in builtin:
+        params = inspect.signature(sources.reader(name)).parameters
+        assert sources.get_source(name).reader_takes_strict == ("strict" in params), name
+
+
 def test_writer_version_names_the_loaded_code_not_the_file_on_disk(tmp_path, monkeypatch):
     """A long-lived process holding an old writer must not tag its output with the version
     of a newer file on disk: the digest is taken when the writer module is imported."""

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 
-from rmtl.data.prepare import format_summary, prepare, reader, sources
+from rmtl.data.prepare import format_summary, prepare, sources
+from rmtl.data.sources import get_source
 
 
 def _gap(text: str) -> float | None:
@@ -74,7 +74,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options = dict(args.reader_option)
-    if args.strict and "strict" in inspect.signature(reader(args.source)).parameters:
+    if args.strict and get_source(args.source).reader_takes_strict:  # others need every file anyway
         options["strict"] = True
     result = prepare(
         args.source, args.data_dir, cache_dir=args.out, session_gap=args.session_gap,

@@ -2,8 +2,8 @@
 
 A source is a reader (raw files -> RawEvents, see raw.py) plus a few facts: an optional
 synthetic writer in the same raw schema (the embedded default when no data_dir is
-given) with its default sizes, the default order of sessions before the split, and
-whether the reader cuts sessions itself. Readers and writers are "module:function"
+given) with its default sizes, the default order and fractions of the split, and
+what the reader takes (session_gap= when it cuts sessions itself, strict=). Readers and writers are "module:function"
 strings imported on first use, so listing the sources imports no reader.
 
 Adding a source is one new file (the reader) and one entry below, or at run time:
@@ -36,6 +36,7 @@ class DataSource:
     split_order: str = "time"  # default order of sessions before the 6:2:2 split: time | random
     split_ratios: tuple = (0.6, 0.2, 0.2)  # default train / val / test fractions of the rows
     reader_takes_session_gap: bool = False  # the reader cuts sessions itself (labels that must not cross them)
+    reader_takes_strict: bool = False  # the reader takes strict= (`rmtl prepare --strict`: a missing file is an error)
 
     def __post_init__(self):
         if self.split_order not in SPLIT_ORDERS:
@@ -53,9 +54,11 @@ _SOURCES: dict[str, DataSource] = {
                                synthetic_sizes={"users": 5000, "items": 1000}, reader_takes_session_gap=True),
     "kuairand": DataSource(reader="rmtl.data.kuairand:read_kuairand",
                            synthetic_writer="rmtl.data.synth_kuairand:write_kuairand",
-                           synthetic_sizes={"users": 1000, "items": 2000}, reader_takes_session_gap=True),
+                           synthetic_sizes={"users": 1000, "items": 2000}, reader_takes_session_gap=True,
+                           reader_takes_strict=True),
     # 50/25/25 as configs/census.yaml (with .data and .test both given, .test is the test split)
-    "census": DataSource(reader="rmtl.data.census:read_census", split_order="random", split_ratios=(0.5, 0.25, 0.25)),
+    "census": DataSource(reader="rmtl.data.census:read_census", split_order="random", split_ratios=(0.5, 0.25, 0.25),
+                         reader_takes_strict=True),
 }
 
 
