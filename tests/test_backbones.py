@@ -26,13 +26,7 @@ SMALL = dict(embed_dim=8, expert_dims=(32,), bottom_dims=(32,), tower_dims=(16,)
              shared_experts=2, specific_experts=1, levels=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread avoids OpenMP hand-offs that dominate on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def small(name: str, **extra) -> dict:

@@ -11,13 +11,7 @@ from rmtl.config import load_config
 from rmtl.envs.synthetic_log import random_session_log
 from rmtl.pipeline import comparison_table, run_pipeline
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: one intra-op thread is faster and steadier on a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 FAST = ["train.epochs=1", "train.batch_size=128", "train.device=cpu", "train.progress=false",

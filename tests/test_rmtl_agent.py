@@ -14,13 +14,7 @@ from rmtl.errors import ConfigError, DataError
 from rmtl.weighting import build_strategy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny networks: one intra-op thread is faster and steadier on a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def chain_log(sessions: int = 60, length: int = 4) -> SessionLog:

@@ -19,12 +19,7 @@ from rmtl.envs.synthetic_log import random_session_log
 from rmtl.weighting import build_strategy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def leaked_rows(agent: RMTLAgent, log: SessionLog) -> int:

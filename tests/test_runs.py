@@ -2,6 +2,7 @@
 names, one TensorBoard axis across the pipeline, no duplicate weight tags, report labels
 and seed groups."""
 
+import json
 import re
 from pathlib import Path
 
@@ -45,8 +46,6 @@ def test_pipeline_takes_run_dir_and_writes_config_yaml(tmp_path, capsys):
     # one step axis: fine-tuning continues where pretraining ended, the control beside it
     pre = read_scalars(run / "pretrain", prefix="train/loss/")["train/loss/ctr"][0]
     ft = read_scalars(run / "finetune", prefix="train/loss/")["train/loss/ctr"][0]
-    import json
-
     pre_steps = json.loads((run / "pretrain" / "metrics.json").read_text())["steps"]
     assert ft[:len(pre)] == [pre_steps + s for s in pre[:len(ft)]] and min(ft) > max(pre)
     # no second copy of the weights under strategy/weight/*

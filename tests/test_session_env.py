@@ -9,15 +9,7 @@ from rmtl.envs.synthetic_log import random_session_log
 from rmtl.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny networks (TD3 test): one intra-op thread is faster and steadier on a shared 2-core machine
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from torch import nn
 from rmtl.errors import ConfigError
 from rmtl.weighting import build_strategy
 
-from test_weighting import one_thread  # noqa: F401  (autouse fixture: one torch thread)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 optimize = pytest.importorskip("scipy.optimize", reason="scipy (the `test` extra) solves the reference problems")
 

@@ -31,13 +31,7 @@ SPEC = FeatureSpec(source="test", sparse_fields=["user", "item", "cat"], cardina
                    dense_fields=["price"], tasks=["ctr", "ctcvr"], user_field="user", item_field="item")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids thread hand-offs on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make(name: str, num_tasks: int = 2, **options) -> Strategy:
