@@ -66,7 +66,9 @@ def load_user_file(path: str | os.PathLike, what: str) -> Any:
         return load(path)
     except pickle.UnpicklingError as err:
         text = str(err)
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        # torch words it "Unsupported global: GLOBAL x.y" or, for a blocked module such as os,
+        # "Trying to load unsupported GLOBAL x.y whose module x is blocked"
+        found = re.search(r"unsupported global:? (?:GLOBAL )?(\S+)", text, re.IGNORECASE)
         if found:
             raise DataError(f"refused to load {what}: it names '{found.group(1)}', which is not a tensor, number, "
                             "container or numpy array (only weights and plain data are loaded, never code; "

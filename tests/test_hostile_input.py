@@ -56,6 +56,27 @@ def test_a_planted_pickle_is_refused_and_nothing_runs(tmp_path, wrap):
     assert not marker.exists()
 
 
+class _Shell:
+    """The classic payload: unpickling calls os.system (a module torch blocks by name)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_calling_os_system_is_refused_with_the_global_named(tmp_path):
+    marker = tmp_path / "pwned.txt"
+    torch.save({"model": _Shell(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(DataError, match=r"refused.*system") as info:
+        checkpoint.load_user_file(tmp_path / "evil.pt", "backbone checkpoint")
+    assert "weights_only" not in str(info.value)  # not torch's advice to turn the safety off
+    assert not marker.exists()
+
+
 def test_every_user_named_checkpoint_path_refuses_the_planted_pickle(tmp_path, capsys):
     """rmtl agent --backbone FILE, strategy.options.checkpoint=FILE and --resume."""
     from rmtl.agents.rmtl_agent import RMTLAgent
