@@ -48,15 +48,9 @@ def distinguishable_pairs(returns: dict[str, np.ndarray], z: float = 2.0) -> lis
 
 def rank(values: np.ndarray) -> np.ndarray:
     """Ranks 1..n with ties sharing their mean rank."""
-    values = np.asarray(values, np.float64)
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(1, len(values) + 1)
-    for v in np.unique(values):  # ties: loop over distinct tied values only (a handful of policies)
-        tied = values == v
-        if tied.sum() > 1:
-            ranks[tied] = ranks[tied].mean()
-    return ranks
+    from scipy.stats import rankdata
+
+    return rankdata(np.asarray(values, np.float64), method="average")
 
 
 def spearman(x, y) -> float:
