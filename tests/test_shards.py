@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from rmtl.data import shards as shards_mod
 from rmtl.data.kuairand import LOG_COLUMNS
 from rmtl.data.prepare import prepare
-from rmtl.data.shards import load_log, prepare_sharded, shard_of
+from rmtl.data.shards import load_log, prepare_sharded, rank_files, shard_of
 from rmtl.data.synth_kuairand import write_kuairand
 from rmtl.errors import ConfigError, DataError
 from shared_data import shared_path
@@ -94,9 +95,21 @@ def test_shard_layout_partitions_users_and_keeps_log_order(synth, tmp_path):
         total += table.num_rows
     assert total == meta["num_rows"]
     assert sorted(p.name for p in sp.path.iterdir()) == sorted(["meta.json", "vocab.parquet", *[s["file"] for s in meta["shards"]]])
-    # a subset of shards is the rows of their users, in the global order
-    part = load_log(sp.path, [meta["shards"][0]["file"]])
-    assert part.num_rows == meta["shards"][0]["rows"]
+    # each of 3 ranks reads its own shards (round-robin): together every row once, each in the global order
+    full = sp.load_log()
+    seen = []
+    for rank in range(3):
+        files = rank_files(meta, rank, 3)
+        assert files == [s["file"] for s in meta["shards"][rank::3]]
+        part = load_log(sp.path, files)
+        assert part.num_rows == sum(s["rows"] for s in meta["shards"][rank::3])
+        rows = np.concatenate([pq.read_table(sp.path / f, columns=["row"]).column("row").to_numpy() for f in files])
+        rows.sort()
+        np.testing.assert_array_equal(part.sparse, full.sparse[rows])
+        np.testing.assert_array_equal(part.time, full.time[rows])
+        assert sum(b - a for a, b in part.splits.values()) == part.num_sessions
+        seen.append(rows)
+    np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(full.num_rows))
 
 
 def test_shard_of_spreads_consecutive_ids():
@@ -140,6 +153,14 @@ def test_ties_across_shards_follow_the_builders_session_ids(tmp_path):
     for n in (1, 2, 3, 5):
         assert_same(ref, prepare_sharded(folder, shards=n, cache_dir=tmp_path / f"s{n}", workers=1, **opts))
     assert len(np.unique(shard_of(np.array([50, 3, 81, 1, 7]), 3))) > 1  # the tie spans shards
+    # a gzipped log is streamed alike
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    name = "log_standard_4_08_to_4_21_1k.csv"
+    with open(folder / name, "rb") as src, gzip.open(gz / f"{name}.gz", "wb") as dst:
+        dst.write(src.read())
+    sp = prepare_sharded(gz, shards=3, cache_dir=tmp_path / "gzc", workers=1, **opts)
+    np.testing.assert_array_equal(sp.load_log().sparse, ref.log.sparse)
 
 
 def test_a_broken_tie_break_or_vocab_merge_is_caught(tmp_path, monkeypatch):

@@ -532,7 +532,8 @@ def _pass_encode(s: int) -> dict:
     ctx = _CTX
     sparse, dense, tasks, _ = ctx["fields"]
     mid, frame, row, srank = _read_mid(s)
-    order = np.argsort(row, kind="stable")
+    # time order: the shard's session order is already the global one, rows need no move
+    order = slice(None) if (row[1:] > row[:-1]).all() else np.argsort(row, kind="stable")
     cols = {"row": row[order], "session": srank[order], "user": _lookup(ctx["user_code"], mid["user_id"][order]),
             "item": _lookup(ctx["item_code"], mid["video_id"][order]), "time": mid["time_ms"][order]}
     for j, name in enumerate(sparse):
@@ -807,6 +808,14 @@ def read_meta(path: str | Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"not a sharded KuaiRand entry ({err}); expected meta.json with 'shards'", path=path) from None
     return meta
+
+
+def rank_files(meta: dict, rank: int, world: int) -> list[str]:
+    """The shard files process ``rank`` of ``world`` reads: round-robin over the shard list
+    (shard i goes to rank i % world), so every user -- and every session -- has one reader."""
+    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+        raise ConfigError(f"expected 0 <= rank < world, got rank {rank!r} of {world!r}", key="rank")
+    return [s["file"] for i, s in enumerate(meta["shards"]) if i % world == rank]
 
 
 def load_log(path: str | Path, files: list[str] | None = None) -> SessionLog:
