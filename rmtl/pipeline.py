@@ -105,7 +105,7 @@ def train_agent(cfg: RunConfig, log: SessionLog, backbone: nn.Module, *, run_dir
     main = distributed.is_main()
     t0 = time.perf_counter()
     train_log = log.split("train") if "train" in log.splits and len(log.splits) > 1 else log
-    if resume and target.exists():
+    if distributed.from_rank0(resume and target.exists()):
         return _load_agent_stage(target, train_log, backbone if actor is None else actor, t0)
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -212,7 +212,8 @@ def finetune_arm(cfg: RunConfig, log: SessionLog, start: nn.Module, start_val_au
 
 
 def _resumable(resume: bool, run_dir, tag: str) -> bool:
-    return resume and (Path(run_dir) / tag / "last.pt").exists()
+    """Rank 0's answer for all (every rank then reads the file: run_dir must be shared)."""
+    return distributed.from_rank0(resume and (Path(run_dir) / tag / "last.pt").exists())
 
 
 def load_everywhere(cfg: RunConfig, prepared=None) -> SessionLog:
