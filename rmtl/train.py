@@ -144,7 +144,8 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
         strategy.bind_log(log.split("train"), model)
 
     root = Path(run_dir if run_dir is not None else _resolved(cfg.run_dir))
-    trainer = Trainer(tc, model, strategy, log, out_dir=_mkdir(root / tag), run_dir=root, device=device,
+    out_dir = _mkdir(root / tag) if distributed.is_main() else root / tag  # rank 0 writes the files
+    trainer = Trainer(tc, model, strategy, log, out_dir=out_dir, run_dir=root, device=device,
                       seed=cfg.seed, callbacks=[*default_callbacks(tc), *callbacks], tag=tag,
                       step_offset=step_offset, config=cfg, baseline=baseline)
     distributed.setup(trainer)  # under torchrun: this rank's slices of the global batches, gradient all-reduce
