@@ -54,7 +54,12 @@ from rmtl.data.sessions import assign_sessions, group_time_order
 from rmtl.data.spec import FeatureSpec
 from rmtl.errors import ConfigError, DataError
 
-DEFAULT_SHARDS = 64  # the one default of the shard count (CLI and API)
+DEFAULT_SHARDS = "auto"  # the one default of the shard count (API; the CLI's --shards names it)
+# "auto": one shard per this many bytes of raw log (~1.8 M rows of the published columns), so a
+# shard's rows -- hence a worker's memory -- stay the same whatever the log's size. A .gz
+# log counts GZ_RATIO times its size (KuaiRand's logs compress about that much).
+AUTO_SHARD_BYTES = 128 << 20
+GZ_RATIO = 5
 MAX_SHARDS = 4096  # one open Parquet writer per shard during pass 1
 SHARD_FORMAT = 1
 SOURCE = "kuairand"
@@ -92,10 +97,18 @@ class ShardedPrepared:
         return cache.load_vocabularies(self.path)
 
 
-def check_shards(shards) -> int:
+def check_shards(shards) -> int | str:
+    if shards == "auto":
+        return shards
     if isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or not 1 <= shards <= MAX_SHARDS:
-        raise ConfigError(f"expected a whole number of shards in 1..{MAX_SHARDS}, got {shards!r}", key="shards")
+        raise ConfigError(f"expected 'auto' or a whole number of shards in 1..{MAX_SHARDS}, got {shards!r}", key="shards")
     return int(shards)
+
+
+def auto_shards(log_files: list[Path]) -> int:
+    """The shard count of ``shards="auto"``: one per AUTO_SHARD_BYTES of raw log."""
+    size = sum(p.stat().st_size * (GZ_RATIO if p.suffix == ".gz" else 1) for p in log_files)
+    return int(min(max(-(-size // AUTO_SHARD_BYTES), 1), MAX_SHARDS))
 
 
 def check_workers(workers) -> int:
@@ -120,7 +133,7 @@ def shard_of(user_id: np.ndarray, shards: int) -> np.ndarray:
 def prepare_sharded(
     data_dir: str | Path,
     *,
-    shards: int = DEFAULT_SHARDS,
+    shards: int | str = DEFAULT_SHARDS,
     cache_dir: str | Path | None = None,
     session_gap: float | None = 1800.0,
     split_ratios=None,
@@ -136,6 +149,8 @@ def prepare_sharded(
 
     The entry lives in the cache root (``cache_dir``, default $RMTL_CACHE) as
     ``kuairand-shards-<key>/``, keyed like prepare()'s entries plus the shard count.
+    ``shards``: a number, or "auto" (one per AUTO_SHARD_BYTES of raw log: memory then does
+    not grow with the log's rows, only with its sessions and distinct values).
     ``block_bytes``: CSV block size of the streamed read (default kuairand.BLOCK_BYTES).
     ``workers``: processes for the per-shard passes (default: the CPU count, at most 4);
     each holds one shard at a time, so peak memory grows with it.
@@ -190,11 +205,13 @@ def prepare_sharded(
 
 # ----------------------------------------------------------------------------- the passes
 
-def _build(data_path: Path, out: Path, shards: int, options: dict, block_bytes, workers: int, progress) -> dict:
+def _build(data_path: Path, out: Path, shards: int | str, options: dict, block_bytes, workers: int, progress) -> dict:
     reader_options = dict(options["reader_options"])
     keep_duplicates = bool(reader_options.pop("keep_duplicates", False))
     reader_options.pop("session_gap", None)
     plan = kr.plan_read(data_path, **reader_options)
+    if shards == "auto":
+        shards = auto_shards(plan.files["log"])
     order_kind = check_split_order(options["split_order"], SOURCE)
     raw_dir, mid_dir = out / "raw", out / "mid"
     raw_dir.mkdir()
