@@ -119,9 +119,12 @@ def _prepare_child(data: str, cache_dir: str, shards: str, workers: int) -> None
     from rmtl.data.shards import prepare_sharded
 
     t = time.perf_counter()
-    sp = prepare_sharded(data, shards=shards if shards == "auto" else int(shards), cache_dir=cache_dir, workers=workers)
+    sp = prepare_sharded(data, shards=shards if shards == "auto" else int(shards), cache_dir=cache_dir, workers=workers,
+                         progress=lambda line: print(f"    {line}", file=sys.stderr, flush=True))
     seconds = time.perf_counter() - t
-    print(json.dumps({"seconds": seconds, "events": sp.summary["events_read"], "rows": sp.summary["rows"],
+    cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "events": sp.summary["events_read"], "rows": sp.summary["rows"],
                       "shards": sp.meta["layout"]["shards"],
                       "sessions": sp.summary["sessions"],
                       # Linux: KiB; the main process, and the largest of the forked shard workers
@@ -181,8 +184,8 @@ def bench_prepare(args) -> None:
         results.append(r)
         print(f"prepare {r['events']:>12,} events: {r['seconds']:7.1f} s  {r['events'] / r['seconds']:>10,.0f} events/s  "
               f"peak RSS {tree / 2**30:5.2f} GB (process tree; main {r['rss_main'] / 2**30:4.2f}, largest worker "
-              f"{r['rss_worker'] / 2**30:4.2f})  {r['shards']} shards, {r['rows']:,} rows kept, {r['sessions']:,} sessions",
-              flush=True)
+              f"{r['rss_worker'] / 2**30:4.2f})  {r['shards']} shards, {r['rows']:,} rows kept, {r['sessions']:,} sessions; "
+              f"CPU {r['cpu_seconds']:.0f} s = {r['events'] / r['cpu_seconds']:,.0f} events per CPU-second", flush=True)
         if not args.keep_data:
             shutil.rmtree(data, ignore_errors=True)
     big = results[-1]

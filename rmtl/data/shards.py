@@ -297,7 +297,9 @@ def _build(data_path: Path, out: Path, shards: int | str, options: dict, block_b
     user_code = _codes_by_first(*firsts_user.result())
     item_code = _codes_by_first(*firsts_item.result())
     del firsts_user, firsts_item
-    ctx.update(cards=cards, vocab_luts=vocab_luts, dense_stats=dense_stats, user_code=user_code, item_code=item_code)
+    encoders = {name: _encoder(vocab_luts[name], cards[j]) for j, name in enumerate(sparse)}
+    encoders.update(user=_encoder(user_code), item=_encoder(item_code))
+    ctx.update(encoders=encoders, dense_stats=dense_stats)
     progress(f"statistics  {len(sparse)} vocabularies, {len(dense)} dense columns  {time.perf_counter() - clock:.1f}s")
     clock = time.perf_counter()
 
@@ -551,14 +553,11 @@ def _pass_encode(s: int) -> dict:
     mid, frame, row, srank = _read_mid(s)
     # time order: the shard's session order is already the global one, rows need no move
     order = slice(None) if (row[1:] > row[:-1]).all() else np.argsort(row, kind="stable")
-    cols = {"row": row[order], "session": srank[order], "user": _lookup(ctx["user_code"], mid["user_id"][order]),
-            "item": _lookup(ctx["item_code"], mid["video_id"][order]), "time": mid["time_ms"][order]}
-    for j, name in enumerate(sparse):
-        v = _value_ids(frame[name])[order]
-        enc = np.zeros(len(v), dtype=np.int64)
-        ok = v != -1
-        enc[ok] = _lookup(ctx["vocab_luts"][name], v[ok])
-        cols[f"s:{name}"] = cache._narrow(enc, ctx["cards"][j])
+    enc = ctx["encoders"]
+    cols = {"row": row[order], "session": srank[order], "user": _encode(enc["user"], mid["user_id"][order]),
+            "item": _encode(enc["item"], mid["video_id"][order]), "time": mid["time_ms"][order]}
+    for name in sparse:
+        cols[f"s:{name}"] = _encode(enc[name], _value_ids(frame[name])[order])
     for name in dense:
         st = ctx["dense_stats"][name]
         z = (np.asarray(frame[name], dtype=np.float64)[order] - st["mean"]) / st["std"]
@@ -732,13 +731,28 @@ def _count(values: np.ndarray):
     return np.unique(values, return_counts=True)
 
 
-def _lookup(table, values: np.ndarray) -> np.ndarray:
+def _encoder(table, bound: int | None = None):
+    """(sorted ids, their numbers) -> what _encode applies, in the cache's narrow dtype for
+    ``bound``: a dense array over small ids (its extra last slot 0 is what id -1, missing,
+    reads), else the sorted ids for a binary search."""
     keys, out = table
-    if len(keys) and keys[0] >= 0 and keys[-1] < SMALL_IDS:  # every looked-up value is among the keys
-        dense = np.zeros(int(keys[-1]) + 1, dtype=out.dtype)
+    dtype = np.int64 if bound is None else cache._narrow(np.zeros(1, np.int64), bound).dtype
+    if len(keys) and keys[0] >= 0 and keys[-1] < SMALL_IDS:
+        dense = np.zeros(int(keys[-1]) + 2, dtype=dtype)
         dense[keys.astype(np.int64)] = out
-        return dense[values.astype(np.int64)]
-    return out[np.searchsorted(keys, values)]
+        return dense
+    return keys, out.astype(dtype)
+
+
+def _encode(encoder, values: np.ndarray) -> np.ndarray:
+    """The numbers of ``values`` (-1 = missing -> 0); every other value is among the ids."""
+    if isinstance(encoder, np.ndarray):
+        return encoder[values]
+    keys, out = encoder
+    result = np.zeros(len(values), dtype=out.dtype)
+    ok = values != -1
+    result[ok] = out[np.searchsorted(keys, values[ok])]
+    return result
 
 
 def _date_sums(acc: _Acc, frame: dict, dense: list, time_ms: np.ndarray) -> None:
