@@ -220,6 +220,7 @@ def _build(data_path: Path, out: Path, shards: int | str, options: dict, block_b
 
     # 1. partition
     part = _partition(plan, raw_dir, shards, block_bytes)
+    pa.default_memory_pool().release_unused()  # the CSV blocks' buffers, before the workers fork
     progress(f"partition   {part['rows']:,} rows into {shards} shards  {time.perf_counter() - clock:.1f}s")
     clock = time.perf_counter()
     ctx = _CTX
