@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from rmtl.data import shards as shards_mod
 from rmtl.data.kuairand import LOG_COLUMNS
 from rmtl.data.prepare import prepare
-from rmtl.data.shards import load_log, prepare_sharded, shard_of
+from rmtl.data.shards import load_log, prepare_sharded, rank_files, shard_of
 from rmtl.data.synth_kuairand import write_kuairand
 from rmtl.errors import ConfigError, DataError
 from shared_data import shared_path
@@ -57,29 +58,29 @@ def assert_same(ref, sp) -> None:
     assert {k: ref.summary[k] for k in keys} == {k: sp.summary[k] for k in keys}
 
 
-CASES = [
-    ({}, 5),
-    ({}, 1),
-    ({"min_count": 3, "reader_options": {"sessions": "user_day"}}, 4),
-    ({"split_order": "random", "seed": 3, "reader_options": {"sessions": "gap_keep_single", "include_random": True}}, 3),
+CASES = [  # (builder / reader options, shards, worker processes)
+    ({}, 5, 2),
+    ({}, 1, 1),
+    ({"min_count": 3, "reader_options": {"sessions": "user_day"}}, 4, 1),
+    ({"split_order": "random", "seed": 3, "reader_options": {"sessions": "gap_keep_single", "include_random": True}}, 3, 1),
     ({"session_gap": None, "reader_options": {"video_features": ["author_id", "tag", "upload_dt"],
-                                               "keep_duplicates": True}}, 6),
+                                               "keep_duplicates": True}}, 6, 1),
 ]
 
 
-@pytest.mark.parametrize("options, n_shards", CASES)
-def test_sharded_equals_in_memory_on_synthetic_files(synth, tmp_path, options, n_shards):
+@pytest.mark.parametrize("options, n_shards, workers", CASES)
+def test_sharded_equals_in_memory_on_synthetic_files(synth, tmp_path, options, n_shards, workers):
     ref = prepare("kuairand", synth, cache_dir=tmp_path / "mem", **options)
-    sp = prepare_sharded(synth, shards=n_shards, cache_dir=tmp_path / "shards", **options)
+    sp = prepare_sharded(synth, shards=n_shards, cache_dir=tmp_path / "shards", workers=workers, **options)
     assert not sp.from_cache
     assert_same(ref, sp)
-    again = prepare_sharded(synth, shards=n_shards, cache_dir=tmp_path / "shards", **options)
+    again = prepare_sharded(synth, shards=n_shards, cache_dir=tmp_path / "shards", workers=workers, **options)
     assert again.from_cache and again.path == sp.path
     assert not list((tmp_path / "shards").glob(".tmp-*"))
 
 
 def test_shard_layout_partitions_users_and_keeps_log_order(synth, tmp_path):
-    sp = prepare_sharded(synth, shards=4, cache_dir=tmp_path)
+    sp = prepare_sharded(synth, shards=4, cache_dir=tmp_path, workers=1)
     meta = json.loads((sp.path / "meta.json").read_text())
     users_seen = {}
     total = 0
@@ -94,9 +95,21 @@ def test_shard_layout_partitions_users_and_keeps_log_order(synth, tmp_path):
         total += table.num_rows
     assert total == meta["num_rows"]
     assert sorted(p.name for p in sp.path.iterdir()) == sorted(["meta.json", "vocab.parquet", *[s["file"] for s in meta["shards"]]])
-    # a subset of shards is the rows of their users, in the global order
-    part = load_log(sp.path, [meta["shards"][0]["file"]])
-    assert part.num_rows == meta["shards"][0]["rows"]
+    # each of 3 ranks reads its own shards (round-robin): together every row once, each in the global order
+    full = sp.load_log()
+    seen = []
+    for rank in range(3):
+        files = rank_files(meta, rank, 3)
+        assert files == [s["file"] for s in meta["shards"][rank::3]]
+        part = load_log(sp.path, files)
+        assert part.num_rows == sum(s["rows"] for s in meta["shards"][rank::3])
+        rows = np.concatenate([pq.read_table(sp.path / f, columns=["row"]).column("row").to_numpy() for f in files])
+        rows.sort()
+        np.testing.assert_array_equal(part.sparse, full.sparse[rows])
+        np.testing.assert_array_equal(part.time, full.time[rows])
+        assert sum(b - a for a, b in part.splits.values()) == part.num_sessions
+        seen.append(rows)
+    np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(full.num_rows))
 
 
 def test_shard_of_spreads_consecutive_ids():
@@ -138,8 +151,16 @@ def test_ties_across_shards_follow_the_builders_session_ids(tmp_path):
     opts = {"reader_options": {"user_features": [], "video_features": []}, "split_ratios": (0.5, 0.25, 0.25)}
     ref = prepare("kuairand", folder, use_cache=False, **opts)
     for n in (1, 2, 3, 5):
-        assert_same(ref, prepare_sharded(folder, shards=n, cache_dir=tmp_path / f"s{n}", **opts))
+        assert_same(ref, prepare_sharded(folder, shards=n, cache_dir=tmp_path / f"s{n}", workers=1, **opts))
     assert len(np.unique(shard_of(np.array([50, 3, 81, 1, 7]), 3))) > 1  # the tie spans shards
+    # a gzipped log is streamed alike
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    name = "log_standard_4_08_to_4_21_1k.csv"
+    with open(folder / name, "rb") as src, gzip.open(gz / f"{name}.gz", "wb") as dst:
+        dst.write(src.read())
+    sp = prepare_sharded(gz, shards=3, cache_dir=tmp_path / "gzc", workers=1, **opts)
+    np.testing.assert_array_equal(sp.load_log().sparse, ref.log.sparse)
 
 
 def test_a_broken_tie_break_or_vocab_merge_is_caught(tmp_path, monkeypatch):
@@ -157,7 +178,7 @@ def test_a_broken_tie_break_or_vocab_merge_is_caught(tmp_path, monkeypatch):
 
     monkeypatch.setattr(shards_mod, "_global_order", by_start_then_shard)
     with pytest.raises(AssertionError):
-        assert_same(ref, prepare_sharded(folder, shards=3, cache_dir=tmp_path / "a", **opts))
+        assert_same(ref, prepare_sharded(folder, shards=3, cache_dir=tmp_path / "a", workers=1, **opts))
     monkeypatch.setattr(shards_mod, "_global_order", real_order)
 
     real_result = shards_mod._Fold.result
@@ -173,7 +194,7 @@ def test_a_broken_tie_break_or_vocab_merge_is_caught(tmp_path, monkeypatch):
 
     monkeypatch.setattr(shards_mod._Fold, "result", last_not_first)
     with pytest.raises(AssertionError):
-        assert_same(ref, prepare_sharded(folder, shards=3, cache_dir=tmp_path / "b", **opts))
+        assert_same(ref, prepare_sharded(folder, shards=3, cache_dir=tmp_path / "b", workers=1, **opts))
 
 
 # ------------------------------------------------- the real KuaiRand-Pure sample
@@ -184,7 +205,7 @@ def test_sharded_equals_in_memory_on_the_real_pure_sample(tmp_path, sessions):
     sample = shared_path("kuairand-pure-sample")
     opts = {"reader_options": {"sessions": sessions}}
     ref = prepare("kuairand", sample, use_cache=False, **opts)
-    sp = prepare_sharded(sample, shards=8, cache_dir=tmp_path, **opts)
+    sp = prepare_sharded(sample, shards=8, cache_dir=tmp_path, workers=1, **opts)
     assert_same(ref, sp)
     assert sp.summary["dropped"]["reader"]  # the sample's duplicate impressions are dropped in both
 
@@ -196,6 +217,8 @@ def test_bad_shards_value_is_a_config_error(synth, tmp_path):
     for bad in (0, -1, 2.5, True, "8", 10**6):
         with pytest.raises(ConfigError, match="shards"):
             prepare_sharded(synth, shards=bad, cache_dir=tmp_path)
+    with pytest.raises(ConfigError, match="workers"):
+        prepare_sharded(synth, shards=2, workers=0, cache_dir=tmp_path)
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
@@ -208,7 +231,7 @@ def test_missing_column_fails_with_one_line_and_writes_nothing(synth, tmp_path):
     (folder / log_name).unlink()
     pd.read_csv(synth / log_name).drop(columns=["tab"]).to_csv(folder / log_name, index=False)
     with pytest.raises(DataError, match="tab") as err:
-        prepare_sharded(folder, shards=3, cache_dir=tmp_path / "cache")
+        prepare_sharded(folder, shards=3, cache_dir=tmp_path / "cache", workers=1)
     assert log_name in str(err.value)
     assert not any((tmp_path / "cache").iterdir())  # no entry, no temporary folder
 
@@ -230,3 +253,24 @@ def test_cli_shards_flag(synth, tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and "shards" in err
     assert main(["prepare", "--source", "retailrocket", "--shards", "3", "--out", str(tmp_path)]) == 2
     assert "KuaiRand" in capsys.readouterr().err
+
+
+def test_chunked_synthetic_writer_appends_user_blocks(tmp_path):
+    """The bench's 10^8-row logs are written in user blocks: same files and schema, users
+    numbered across blocks, each log sorted by (user_id, time_ms), deterministic."""
+    a = write_kuairand(tmp_path / "a", users=90, items=200, seed=4, users_per_chunk=40)
+    b = write_kuairand(tmp_path / "b", users=90, items=200, seed=4, users_per_chunk=40)
+    one = write_kuairand(tmp_path / "one", users=90, items=200, seed=4)
+    assert sorted(p.name for p in a.values()) == sorted(p.name for p in one.values())
+    for stem, path in a.items():
+        assert path.read_bytes() == b[stem].read_bytes()
+        frame = pd.read_csv(path)
+        assert list(frame.columns) == list(pd.read_csv(one[stem], nrows=0).columns)
+        if stem.startswith("log_"):
+            assert frame.set_index(["user_id", "time_ms"]).index.is_monotonic_increasing
+    users = pd.read_csv(a["user_features_1k"])
+    assert list(users["user_id"]) == list(range(90))
+    logs = pd.concat([pd.read_csv(p) for s, p in a.items() if s.startswith("log_standard")])
+    assert logs["user_id"].max() > 40  # later blocks have rows
+    with pytest.raises(ConfigError, match="users_per_chunk"):
+        write_kuairand(tmp_path / "c", users=10, users_per_chunk=0)

@@ -62,6 +62,8 @@ ENTRY_PREFIX = "kuairand-shards"
 SHARD_NAME = "shard-{:05d}.parquet"
 ROW_GROUP = 1 << 16  # rows per Parquet row group of an output shard: the unit a lazy reader loads
 FOLD_ROWS = 1 << 22  # fold the per-shard partial tables once this many rows pile up
+# the passes' own files are read once or twice and deleted: no dictionary pages, no compression
+TEMP_PARQUET = {"compression": "none", "use_dictionary": False, "write_statistics": False}
 DAY_REF = 19_000  # days since 1970 subtracted before the date-correlation sums (fewer lost digits)
 
 
@@ -96,6 +98,14 @@ def check_shards(shards) -> int:
     return int(shards)
 
 
+def check_workers(workers) -> int:
+    if workers is None:
+        return min(os.cpu_count() or 1, 4)
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ConfigError(f"expected a whole number of processes >= 1, got {workers!r}", key="workers")
+    return int(workers)
+
+
 def shard_of(user_id: np.ndarray, shards: int) -> np.ndarray:
     """The shard of each user id: splitmix64 of the id modulo ``shards`` (ids of a release
     are often consecutive; the mix spreads them evenly)."""
@@ -119,6 +129,7 @@ def prepare_sharded(
     seed: int = 0,
     reader_options: dict | None = None,
     block_bytes: int | None = None,
+    workers: int | None = None,
     progress=None,
 ) -> ShardedPrepared:
     """Build (or reuse) the sharded SessionLog of a KuaiRand release folder.
@@ -126,6 +137,8 @@ def prepare_sharded(
     The entry lives in the cache root (``cache_dir``, default $RMTL_CACHE) as
     ``kuairand-shards-<key>/``, keyed like prepare()'s entries plus the shard count.
     ``block_bytes``: CSV block size of the streamed read (default kuairand.BLOCK_BYTES).
+    ``workers``: processes for the per-shard passes (default: the CPU count, at most 4);
+    each holds one shard at a time, so peak memory grows with it.
     ``progress``: a callable taking one line of text (phase timings), or None.
     """
     from rmtl.data.prepare import check_options
@@ -154,7 +167,7 @@ def prepare_sharded(
                         "$RMTL_CACHE", path=root) from None
     try:
         os.chmod(tmp, 0o755)
-        meta = _build(data_path, tmp, shards, options, block_bytes, progress or (lambda line: None))
+        meta = _build(data_path, tmp, shards, options, block_bytes, check_workers(workers), progress or (lambda line: None))
         meta["key_material"] = material
         meta["summary"]["data_dir"] = str(data_path)
         meta["summary"]["options"] = options
@@ -177,7 +190,7 @@ def prepare_sharded(
 
 # ----------------------------------------------------------------------------- the passes
 
-def _build(data_path: Path, out: Path, shards: int, options: dict, block_bytes, progress) -> dict:
+def _build(data_path: Path, out: Path, shards: int, options: dict, block_bytes, workers: int, progress) -> dict:
     reader_options = dict(options["reader_options"])
     keep_duplicates = bool(reader_options.pop("keep_duplicates", False))
     reader_options.pop("session_gap", None)
@@ -192,24 +205,24 @@ def _build(data_path: Path, out: Path, shards: int, options: dict, block_bytes, 
     part = _partition(plan, raw_dir, shards, block_bytes)
     progress(f"partition   {part['rows']:,} rows into {shards} shards  {time.perf_counter() - clock:.1f}s")
     clock = time.perf_counter()
-    sides = kr.load_sides(plan, part["users"], part["videos"])
-    del part["users"], part["videos"]
+    ctx = _CTX
+    ctx.clear()
+    ctx.update(plan=plan, sides=kr.load_sides(plan, part.pop("users"), part.pop("videos")), raw_dir=raw_dir,
+               mid_dir=mid_dir, out=out, session_gap=options["session_gap"], keep_duplicates=keep_duplicates,
+               order_kind=order_kind, min_events=1 if plan.sessions == "gap_keep_single" else 2)
 
     # 2. sessions per shard
-    min_events = 1 if plan.sessions == "gap_keep_single" else 2
     first_pos: dict[str, _Fold] = {}
     keys, acc = [], _Acc()
     spec_fields = None
-    for s in range(shards):
-        got = _sessions_of_shard(raw_dir / SHARD_NAME.format(s), mid_dir / SHARD_NAME.format(s), plan, sides,
-                                 options["session_gap"], min_events, keep_duplicates, order_kind, acc)
-        (raw_dir / SHARD_NAME.format(s)).unlink(missing_ok=True)
+    for got in _map(_pass_sessions, range(shards), workers):
         if got is None:
             keys.append(None)
             continue
-        fields, key, firsts = got
+        fields, key, firsts, shard_acc = got
         spec_fields = spec_fields or fields
         keys.append(key)
+        acc.merge(shard_acc)
         for name, (values, pos) in firsts.items():
             first_pos.setdefault(name, _Fold("min")).add(values, pos)
     if spec_fields is None:
@@ -217,7 +230,7 @@ def _build(data_path: Path, out: Path, shards: int, options: dict, block_bytes, 
                         path=plan.files["log"][0].parent, column="user_id")
     where = f"{SOURCE} events"
     if acc.kept_rows == 0:
-        raise DataError(f"every session has fewer than {min_events} events; nothing to build", path=where)
+        raise DataError(f"every session has fewer than {ctx['min_events']} events; nothing to build", path=where)
     progress(f"sessions    {acc.kept_rows:,} rows kept in {sum(len(k['start']) for k in keys if k):,} sessions  "
              f"{time.perf_counter() - clock:.1f}s")
     clock = time.perf_counter()
@@ -227,37 +240,29 @@ def _build(data_path: Path, out: Path, shards: int, options: dict, block_bytes, 
     bounds = _split_bounds(session_ptr, tuple(options["split_ratios"]), where)
     splits = {name: (bounds[i], bounds[i + 1]) for i, name in enumerate(SPLITS)}
     del keys
+    sparse, dense, tasks, side_fields = spec_fields
+    ctx.update(rank=rank, session_ptr=session_ptr, splits=splits, fields=spec_fields)
+    present = [s for s in range(shards) if rank[s] is not None and len(rank[s])]
 
     # 3. merged statistics over the train rows
-    sparse, dense, tasks, side_fields = spec_fields
     counts = {name: _Fold("sum") for name in sparse}
     moments = {name: [0, 0.0, 0.0, 0] for name in dense}  # n, mean, M2, missing
     firsts_user, firsts_item = _Fold("min"), _Fold("min")
     split_acc = {name: {"rows": 0, "users": 0, "pos": np.zeros(len(tasks))} for name in SPLITS}
-    for s in range(shards):
-        if rank[s] is None or len(rank[s]) == 0:
-            continue
-        mid = _read_mid(mid_dir / SHARD_NAME.format(s))
-        row, srank = _global_rows(mid["sess"], rank[s], session_ptr)
-        train = srank < bounds[1]
+    for got in _map(_pass_statistics, present, workers):
         for name in sparse:
-            v = mid[f"s:{name}"][train]
-            u, c = np.unique(v[v != -1], return_counts=True)
-            counts[name].add(u, c)
+            counts[name].add(*got["counts"][name])
         for name in dense:
-            x = mid[f"d:{name}"]
-            if np.isinf(x).any():
-                raise DataError(f"{int(np.isinf(x).sum())} infinite value(s); expected finite numbers or NaN",
+            if got["inf"][name]:
+                raise DataError(f"{got['inf'][name]} infinite value(s); expected finite numbers or NaN",
                                 path=where, column=name)
-            moments[name][3] += int(np.isnan(x).sum())  # the builder counts missing over all kept rows
-            _merge_moments(moments[name], x[train])
-        firsts_user.add(*_first_by(mid["user_id"], row))
-        firsts_item.add(*_first_by(mid["video_id"], row))
-        for i, name in enumerate(SPLITS):
-            inside = (srank >= splits[name][0]) & (srank < splits[name][1])
-            split_acc[name]["rows"] += int(inside.sum())
-            split_acc[name]["users"] += len(np.unique(mid["user_id"][inside]))
-            split_acc[name]["pos"] += [float(mid[f"y:{t}"][inside].sum(dtype=np.int64)) for t in tasks]
+            moments[name][3] += got["missing"][name]  # the builder counts missing over all kept rows
+            _merge_moments(moments[name], *got["moments"][name])
+        firsts_user.add(*got["user"])
+        firsts_item.add(*got["item"])
+        for name in SPLITS:
+            for k in ("rows", "users", "pos"):
+                split_acc[name][k] = split_acc[name][k] + got["splits"][name][k]
     vocab_luts, vocab, cards, vocab_sizes = {}, {}, [], {}
     for name in sparse:
         values, first = first_pos[name].result()
@@ -267,30 +272,26 @@ def _build(data_path: Path, out: Path, shards: int, options: dict, block_bytes, 
         vocab[name] = series
         cards.append(FIRST_VALUE_INDEX + frequent)
         vocab_sizes[name] = {"frequent": frequent, "rare": rare}
+    del first_pos, counts
     dense_stats = {}
     for name, (n, mean, m2, missing) in moments.items():
         std = float(np.sqrt(m2 / n)) if n else 1.0
         dense_stats[name] = {"mean": float(mean) if n else 0.0, "std": std if std > 0 else 1.0, "missing": int(missing)}
     user_code = _codes_by_first(*firsts_user.result())
     item_code = _codes_by_first(*firsts_item.result())
+    del firsts_user, firsts_item
+    ctx.update(cards=cards, vocab_luts=vocab_luts, dense_stats=dense_stats, user_code=user_code, item_code=item_code)
     progress(f"statistics  {len(sparse)} vocabularies, {len(dense)} dense columns  {time.perf_counter() - clock:.1f}s")
     clock = time.perf_counter()
 
     # 4. encode and write each shard in log order
-    shard_meta = []
-    for s in range(shards):
-        if rank[s] is None or len(rank[s]) == 0:
-            continue
-        mid = _read_mid(mid_dir / SHARD_NAME.format(s))
-        name = SHARD_NAME.format(s)
-        info = _write_shard(out / name, mid, rank[s], session_ptr, splits, sparse, dense, tasks, cards,
-                            vocab_luts, dense_stats, user_code, item_code)
-        (mid_dir / SHARD_NAME.format(s)).unlink()
-        shard_meta.append({"file": name, "shard": s, **info})
+    shard_meta = [{"file": SHARD_NAME.format(s), "shard": s, **info}
+                  for s, info in zip(present, _map(_pass_encode, present, workers))]
     shutil.rmtree(raw_dir)
     shutil.rmtree(mid_dir)
     progress(f"encode      {len(shard_meta)} shard files  {time.perf_counter() - clock:.1f}s")
     pq.write_table(cache._vocab_table(vocab), out / cache.VOCAB_FILE, compression="lz4")
+    ctx.clear()
 
     spec = FeatureSpec(
         source=SOURCE, sparse_fields=list(sparse), cardinalities=cards, dense_fields=list(dense), tasks=list(tasks),
@@ -308,7 +309,7 @@ def _build(data_path: Path, out: Path, shards: int, options: dict, block_bytes, 
     )
     n_rows, n_sessions = int(session_ptr[-1]), len(session_ptr) - 1
     summary = _summary(plan, part, acc, spec, n_rows, n_sessions, splits, split_acc, len(user_code[0]),
-                       len(item_code[0]), min_events)
+                       len(item_code[0]), 1 if plan.sessions == "gap_keep_single" else 2)
     return {
         "format": cache.FORMAT_VERSION,
         "shard_format": SHARD_FORMAT,
@@ -323,11 +324,28 @@ def _build(data_path: Path, out: Path, shards: int, options: dict, block_bytes, 
     }
 
 
+# What the per-shard passes read (set before the worker processes fork, so they inherit it).
+_CTX: dict = {}
+
+
+def _map(fn, items, workers: int):
+    """``fn`` over the shard numbers, in order: in this process, or in ``workers`` forked
+    processes (each holds one shard at a time; the results come back in order)."""
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        return map(fn, items)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(fn, items))
+
+
 def _partition(plan, raw_dir: Path, shards: int, block_bytes) -> dict:
     """Pass 1: stream every log file block by block into per-shard raw Parquet files."""
     columns = ["pos", *plan.log_columns]
     writers: dict[int, pq.ParquetWriter] = {}
-    users, videos = _Fold("min"), _Fold("min")
+    users, videos = _Fold("set"), _Fold("set")
     pos = n_read = n_random = 0
     try:
         for path in plan.files["log"]:
@@ -346,11 +364,10 @@ def _partition(plan, raw_dir: Path, shards: int, block_bytes) -> dict:
                 bounds = np.searchsorted(shard[order], np.arange(shards + 1))
                 for s in np.flatnonzero(np.diff(bounds)):
                     if s not in writers:
-                        writers[s] = pq.ParquetWriter(raw_dir / SHARD_NAME.format(s), table.schema, compression="lz4")
+                        writers[s] = pq.ParquetWriter(raw_dir / SHARD_NAME.format(s), table.schema, **TEMP_PARQUET)
                     writers[s].write_table(table.slice(bounds[s], bounds[s + 1] - bounds[s]))
                 for fold, col in ((users, "user_id"), (videos, "video_id")):
-                    u = np.unique(data[col])
-                    fold.add(u, np.zeros(len(u), dtype=np.int8))
+                    fold.add(pd.unique(data[col]), None)
     finally:
         for w in writers.values():
             w.close()
@@ -370,29 +387,45 @@ class _Acc:
         self.date: dict[str, np.ndarray] = {}  # dense name -> [n, sx, sy, sxx, syy, sxy, min x, max x]
         self.day_range = [np.inf, -np.inf]
 
+    def merge(self, other: "_Acc") -> None:
+        self.impressions += other.impressions
+        self.duplicates += other.duplicates
+        self.kept_rows += other.kept_rows
+        for k, v in other.notes.items():
+            self.notes[k] = self.notes.get(k, 0) + v
+        for name in ("rate_all", "rate_kept"):
+            mine = getattr(self, name)
+            setattr(self, name, getattr(other, name) if mine is None else mine + getattr(other, name))
+        self.day_range = [min(self.day_range[0], other.day_range[0]), max(self.day_range[1], other.day_range[1])]
+        for name, s in other.date.items():
+            old = self.date.get(name)
+            self.date[name] = s if old is None else np.r_[old[:6] + s[:6], min(old[6], s[6]), max(old[7], s[7])]
 
-def _sessions_of_shard(raw_path: Path, mid_path: Path, plan, sides, session_gap, min_events: int,
-                       keep_duplicates: bool, order_kind: str, acc: _Acc):
+
+def _pass_sessions(s: int):
     """Pass 2 on one shard: the builder's steps 1-3 on its rows; writes the shard's kept rows
-    (session-sorted, value ids not yet encoded) and returns its session keys and each
-    sparse value's first ``pos``."""
+    (session-sorted log columns) and returns its session keys, each sparse value's first
+    ``pos`` and its counts for the summary."""
+    ctx = _CTX
+    plan, raw_path = ctx["plan"], ctx["raw_dir"] / SHARD_NAME.format(s)
     if not raw_path.is_file():
         return None
     table = pq.read_table(raw_path)
     pos = table.column("pos").to_numpy()
     log = {c: table.column(c).to_numpy() for c in plan.log_columns}
     del table
-    if not keep_duplicates:
+    raw_path.unlink()
+    acc = _Acc()
+    if not ctx["keep_duplicates"]:
         first = ~kr.duplicate_rows(log)
         if not first.all():
             acc.duplicates += int((~first).sum())
             log = {c: v[first] for c, v in log.items()}
             pos = pos[first]
-    frame, sparse, dense, notes = kr.events_frame(log, plan, sides)
+    frame, sparse, dense, notes = kr.events_frame(log, plan, ctx["sides"])
     n = len(pos)
     acc.impressions += n
-    for k, v in notes.items():
-        acc.notes[k] = acc.notes.get(k, 0) + v
+    acc.notes = dict(notes)
     _date_sums(acc, frame, dense, log["time_ms"])
     tasks = list(plan.task_map)
     time_ms = log["time_ms"]
@@ -404,21 +437,39 @@ def _sessions_of_shard(raw_path: Path, mid_path: Path, plan, sides, session_gap,
         by_session = group_time_order(session, time_ms)
         tie_group = session
     else:
-        session, by_session = assign_sessions(user_codes, time_ms, session_gap)
+        session, by_session = assign_sessions(user_codes, time_ms, ctx["session_gap"])
         tie_group = user_codes  # gap sessions: ids ascend by (user's first appearance, time)
     lengths = np.bincount(session)
-    keep = lengths[session] >= min_events
+    keep = lengths[session] >= ctx["min_events"]
     y_all = np.stack([np.asarray(frame[t], dtype=np.int64) for t in tasks], axis=1)
-    acc.rate_all = y_all.sum(axis=0) + (0 if acc.rate_all is None else acc.rate_all)
-    acc.rate_kept = y_all[keep].sum(axis=0) + (0 if acc.rate_kept is None else acc.rate_kept)
-    acc.kept_rows += int(keep.sum())
+    acc.rate_all = y_all.sum(axis=0)
+    acc.rate_kept = y_all[keep].sum(axis=0)
+    acc.kept_rows = int(keep.sum())
 
-    values = {name: _value_ids(frame[name]) for name in sparse}
-    firsts = {name: _first_by(v[v != -1], pos[v != -1]) for name, v in values.items()}
+    firsts = {}
+    for name in sparse:
+        if name in _side_of(plan):
+            continue
+        v = _value_ids(frame[name])
+        firsts[name] = _first_by(v[v != -1], pos[v != -1])
+    # a side feature's value first appears with the first row of one of its users / videos:
+    # per entity, not per row (26 user columns over a user's ~40 rows each)
+    for which, key in (("user", "user_id"), ("video", "video_id")):
+        side = ctx["sides"][which]
+        if side is None:
+            continue
+        ids, first = firsts[key]
+        idx = side["index"].get_indexer(ids)
+        for c in side["columns"]:
+            if c in _side_of(plan):
+                codes = np.append(side[c][0], side[c][0].dtype.type(-1))[idx].astype(np.int64)
+                firsts[c] = _first_by(codes[codes != -1], first[codes != -1])
     side_fields = {name: frame[name].categories for name in sparse if isinstance(frame[name], pd.Categorical)}
     fields = (sparse, dense, tasks, side_fields)
+    del frame
     if not keep.any():
-        return fields, {"start": np.zeros(0, np.int64), "k1": np.zeros(0, np.int64), "length": np.zeros(0, np.int64)}, firsts
+        empty = np.zeros(0, np.int64)
+        return fields, {"start": empty, "k1": empty, "length": empty}, firsts, acc
 
     by_session = by_session[keep[by_session]]
     s_sorted = session[by_session]
@@ -428,23 +479,87 @@ def _sessions_of_shard(raw_path: Path, mid_path: Path, plan, sides, session_gap,
     group_first = pos[np.unique(tie_group, return_index=True)[1]]  # pos of each group's first row
     k1 = group_first[tie_group[by_session[starts]]]
     # local order: the global order restricted to this shard (time: start, then session id)
-    local = np.lexsort((s_sorted[starts], k1, start_time)) if order_kind == "time" else np.lexsort((s_sorted[starts], k1))
+    local = (np.lexsort((s_sorted[starts], k1, start_time)) if ctx["order_kind"] == "time"
+             else np.lexsort((s_sorted[starts], k1)))
     new_len = session_len[local]
     ptr = np.zeros(len(local) + 1, dtype=np.int64)
     np.cumsum(new_len, out=ptr[1:])
     gather = np.repeat(starts[local] - ptr[:-1], new_len) + np.arange(ptr[-1])
     rows = by_session[gather]
-
+    # the kept rows' log columns: passes 3 and 4 rebuild the (row-local) frame from them
     cols = {"sess": np.repeat(np.arange(len(local), dtype=np.int64), new_len), "pos": pos[rows],
-            "user_id": log["user_id"][rows], "video_id": log["video_id"][rows], "time": time_ms[rows]}
-    for name in sparse:
-        cols[f"s:{name}"] = values[name][rows]
+            **{c: log[c][rows] for c in plan.log_columns}}
+    pq.write_table(pa.table(cols), ctx["mid_dir"] / SHARD_NAME.format(s), **TEMP_PARQUET)
+    return fields, {"start": start_time[local], "k1": k1[local], "length": new_len}, firsts, acc
+
+
+def _read_mid(s: int):
+    """A shard's kept rows: (sess, row, global session, frame rebuilt by events_frame)."""
+    ctx = _CTX
+    table = pq.read_table(ctx["mid_dir"] / SHARD_NAME.format(s))
+    mid = {name: table.column(name).to_numpy() for name in table.column_names}
+    del table
+    frame, _, _, _ = kr.events_frame({c: mid[c] for c in ctx["plan"].log_columns}, ctx["plan"], ctx["sides"])
+    row, srank = _global_rows(mid["sess"], ctx["rank"][s], ctx["session_ptr"])
+    return mid, frame, row, srank
+
+
+def _pass_statistics(s: int) -> dict:
+    """Pass 3 on one shard: train counts per sparse value, dense moments, first rows of users
+    and items, per-split counts."""
+    ctx = _CTX
+    sparse, dense, tasks, _ = ctx["fields"]
+    mid, frame, row, srank = _read_mid(s)
+    train = srank < ctx["splits"]["train"][1]
+    out = {"counts": {name: _count(_value_ids(frame[name])[train]) for name in sparse},
+           "inf": {}, "missing": {}, "moments": {}, "splits": {}}
     for name in dense:
-        cols[f"d:{name}"] = np.asarray(frame[name], dtype=np.float64)[rows]
+        x = np.asarray(frame[name], dtype=np.float64)
+        out["inf"][name] = int(np.isinf(x).sum())
+        out["missing"][name] = int(np.isnan(x).sum())
+        out["moments"][name] = _moments(x[train])
+    out["user"] = _first_by(mid["user_id"], row)
+    out["item"] = _first_by(mid["video_id"], row)
+    for name, (a, b) in ctx["splits"].items():
+        inside = (srank >= a) & (srank < b)
+        out["splits"][name] = {"rows": int(inside.sum()), "users": len(pd.unique(mid["user_id"][inside])),
+                               "pos": np.array([int(np.asarray(frame[t])[inside].sum(dtype=np.int64)) for t in tasks])}
+    return out
+
+
+def _pass_encode(s: int) -> dict:
+    """Pass 4 on one shard: encode with the merged vocabularies / stats, write it in log order."""
+    ctx = _CTX
+    sparse, dense, tasks, _ = ctx["fields"]
+    mid, frame, row, srank = _read_mid(s)
+    # time order: the shard's session order is already the global one, rows need no move
+    order = slice(None) if (row[1:] > row[:-1]).all() else np.argsort(row, kind="stable")
+    cols = {"row": row[order], "session": srank[order], "user": _lookup(ctx["user_code"], mid["user_id"][order]),
+            "item": _lookup(ctx["item_code"], mid["video_id"][order]), "time": mid["time_ms"][order]}
+    for j, name in enumerate(sparse):
+        v = _value_ids(frame[name])[order]
+        enc = np.zeros(len(v), dtype=np.int64)
+        ok = v != -1
+        enc[ok] = _lookup(ctx["vocab_luts"][name], v[ok])
+        cols[f"s:{name}"] = cache._narrow(enc, ctx["cards"][j])
+    for name in dense:
+        st = ctx["dense_stats"][name]
+        z = (np.asarray(frame[name], dtype=np.float64)[order] - st["mean"]) / st["std"]
+        z[np.isnan(z)] = 0.0
+        cols[f"d:{name}"] = z.astype(np.float32)
     for t in tasks:
-        cols[f"y:{t}"] = np.asarray(frame[t], dtype=np.int8)[rows]
-    pq.write_table(pa.table(cols), mid_path, compression="lz4")
-    return fields, {"start": start_time[local], "k1": k1[local], "length": new_len}, firsts
+        cols[f"y:{t}"] = np.asarray(frame[t], dtype=np.int8)[order]
+    name = SHARD_NAME.format(s)
+    pq.write_table(pa.table(cols), ctx["out"] / name, compression="lz4", use_dictionary=False, row_group_size=ROW_GROUP)
+    (ctx["mid_dir"] / name).unlink()
+    session = cols["session"]
+    return {"rows": int(len(session)), "sessions": int(len(pd.unique(session))),
+            "rows_by_split": {k: int(((session >= a) & (session < b)).sum()) for k, (a, b) in ctx["splits"].items()}}
+
+
+def _side_of(plan) -> set:
+    """The sparse features that come from the user / video side files."""
+    return {c for c in [*plan.user_cols, *plan.video_cols] if c in kr.USER_SPARSE or c in kr.VIDEO_SPARSE}
 
 
 def _value_ids(col) -> np.ndarray:
@@ -483,11 +598,6 @@ def _global_order(keys: list, order_kind: str, seed: int):
     return ranks, session_ptr
 
 
-def _read_mid(path: Path) -> dict[str, np.ndarray]:
-    table = pq.read_table(path)
-    return {name: table.column(name).to_numpy() for name in table.column_names}
-
-
 def _global_rows(sess: np.ndarray, rank: np.ndarray, session_ptr: np.ndarray):
     """Global row index and global session index of a shard's rows (grouped by local session)."""
     srank = rank[sess]
@@ -497,7 +607,14 @@ def _global_rows(sess: np.ndarray, rank: np.ndarray, session_ptr: np.ndarray):
 
 
 def _first_by(values: np.ndarray, key: np.ndarray):
-    """(unique values, the smallest key of each)."""
+    """(unique values in ascending order, the smallest key of each)."""
+    if len(key) and (key[1:] >= key[:-1]).all():  # keys in order (rows in pos / log order): one hash pass
+        codes, uniques = pd.factorize(values, sort=False)
+        # codes appear as 0, 1, 2, ... at their first row: the running maximum steps there
+        first = np.searchsorted(np.maximum.accumulate(codes), np.arange(len(uniques)))
+        uniques = np.asarray(uniques)
+        order = np.argsort(uniques, kind="stable")
+        return uniques[order], key[first][order]
     order = np.lexsort((key, values))
     v = values[order]
     head = np.flatnonzero(np.r_[True, v[1:] != v[:-1]]) if len(v) else np.zeros(0, np.int64)
@@ -505,7 +622,7 @@ def _first_by(values: np.ndarray, key: np.ndarray):
 
 
 class _Fold:
-    """Per-value min or sum over shards, folded whenever the pending rows pile up."""
+    """Per-value min or sum over shards (or the set of values), folded whenever the pending rows pile up."""
 
     def __init__(self, op: str):
         self.op = op
@@ -523,6 +640,8 @@ class _Fold:
         if not self.parts:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         values = np.concatenate([p[0] for p in self.parts])
+        if self.op == "set":
+            return np.sort(pd.unique(values)), None
         numbers = np.concatenate([p[1] for p in self.parts])
         if self.op == "min":
             return _first_by(values, numbers)
@@ -532,14 +651,19 @@ class _Fold:
         return v[head], np.add.reduceat(numbers[order], head) if len(v) else numbers[:0]
 
 
-def _merge_moments(m: list, x: np.ndarray) -> None:
-    """Fold a shard's train values into [n, mean, M2, .] (Chan et al.'s pairwise update)."""
+def _moments(x: np.ndarray) -> tuple[int, float, float]:
+    """(count, mean, sum of squared deviations) of the non-NaN values."""
     seen = x[~np.isnan(x)]
-    nb = len(seen)
+    if not len(seen):
+        return 0, 0.0, 0.0
+    mean = float(seen.mean())
+    return len(seen), mean, float(((seen - mean) ** 2).sum())
+
+
+def _merge_moments(m: list, nb: int, mb: float, m2b: float) -> None:
+    """Fold a shard's (count, mean, M2) into [n, mean, M2, .] (Chan et al.'s pairwise update)."""
     if nb == 0:
         return
-    mb = float(seen.mean())
-    m2b = float(((seen - mb) ** 2).sum())
     na = m[0]
     n = na + nb
     delta = mb - m[1]
@@ -578,34 +702,26 @@ def _codes_by_first(values: np.ndarray, first: np.ndarray):
     return values, code
 
 
+SMALL_IDS = 1 << 22  # ids below this are looked up / counted through a dense array, not a sort
+
+
+def _count(values: np.ndarray):
+    """(distinct values >= 0, their counts); -1 (missing) left out."""
+    values = values[values != -1]
+    if len(values) and values.min() >= 0 and values.max() < SMALL_IDS:
+        c = np.bincount(values.astype(np.int64))
+        u = np.flatnonzero(c)
+        return u.astype(values.dtype), c[u]
+    return np.unique(values, return_counts=True)
+
+
 def _lookup(table, values: np.ndarray) -> np.ndarray:
     keys, out = table
+    if len(keys) and keys[0] >= 0 and keys[-1] < SMALL_IDS:  # every looked-up value is among the keys
+        dense = np.zeros(int(keys[-1]) + 1, dtype=out.dtype)
+        dense[keys.astype(np.int64)] = out
+        return dense[values.astype(np.int64)]
     return out[np.searchsorted(keys, values)]
-
-
-def _write_shard(path: Path, mid: dict, rank, session_ptr, splits, sparse, dense, tasks, cards, vocab_luts,
-                 dense_stats, user_code, item_code) -> dict:
-    row, srank = _global_rows(mid["sess"], rank, session_ptr)
-    order = np.argsort(row, kind="stable")
-    cols = {"row": row[order], "session": srank[order], "user": _lookup(user_code, mid["user_id"][order]),
-            "item": _lookup(item_code, mid["video_id"][order]), "time": mid["time"][order]}
-    for j, name in enumerate(sparse):
-        v = mid[f"s:{name}"][order]
-        enc = np.zeros(len(v), dtype=np.int64)
-        ok = v != -1
-        enc[ok] = _lookup(vocab_luts[name], v[ok])
-        cols[f"s:{name}"] = cache._narrow(enc, cards[j])
-    for name in dense:
-        st = dense_stats[name]
-        z = (mid[f"d:{name}"][order] - st["mean"]) / st["std"]
-        z[np.isnan(z)] = 0.0
-        cols[f"d:{name}"] = z.astype(np.float32)
-    for t in tasks:
-        cols[f"y:{t}"] = mid[f"y:{t}"][order]
-    pq.write_table(pa.table(cols), path, compression="lz4", row_group_size=ROW_GROUP)
-    s = cols["session"]
-    return {"rows": int(len(s)), "sessions": int(len(np.unique(s))),
-            "rows_by_split": {name: int(((s >= a) & (s < b)).sum()) for name, (a, b) in splits.items()}}
 
 
 def _date_sums(acc: _Acc, frame: dict, dense: list, time_ms: np.ndarray) -> None:
@@ -619,12 +735,8 @@ def _date_sums(acc: _Acc, frame: dict, dense: list, time_ms: np.ndarray) -> None
         x = np.asarray(frame[name], dtype=np.float64)
         ok = np.isfinite(x)
         xo, do = x[ok], d[ok]
-        s = np.array([ok.sum(), xo.sum(), do.sum(), (xo * xo).sum(), (do * do).sum(), (xo * do).sum(),
-                      xo.min() if len(xo) else np.inf, xo.max() if len(xo) else -np.inf])
-        if name in acc.date:
-            old = acc.date[name]
-            s = np.r_[old[:6] + s[:6], min(old[6], s[6]), max(old[7], s[7])]
-        acc.date[name] = s
+        acc.date[name] = np.array([ok.sum(), xo.sum(), do.sum(), (xo * xo).sum(), (do * do).sum(), (xo * do).sum(),
+                                   xo.min() if len(xo) else np.inf, xo.max() if len(xo) else -np.inf])
 
 
 def _date_warnings(acc: _Acc) -> list[str]:
@@ -696,6 +808,14 @@ def read_meta(path: str | Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"not a sharded KuaiRand entry ({err}); expected meta.json with 'shards'", path=path) from None
     return meta
+
+
+def rank_files(meta: dict, rank: int, world: int) -> list[str]:
+    """The shard files process ``rank`` of ``world`` reads: round-robin over the shard list
+    (shard i goes to rank i % world), so every user -- and every session -- has one reader."""
+    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+        raise ConfigError(f"expected 0 <= rank < world, got rank {rank!r} of {world!r}", key="rank")
+    return [s["file"] for i, s in enumerate(meta["shards"]) if i % world == rank]
 
 
 def load_log(path: str | Path, files: list[str] | None = None) -> SessionLog:
