@@ -61,7 +61,7 @@ def assert_same(ref, sp) -> None:
 CASES = [  # (builder / reader options, shards, worker processes)
     ({}, 5, 2),
     ({}, 1, 1),
-    ({"min_count": 3, "reader_options": {"sessions": "user_day"}}, 4, 1),
+    ({"min_count": 3, "reader_options": {"sessions": "user_day", "users": 100}}, 4, 1),
     ({"split_order": "random", "seed": 3, "reader_options": {"sessions": "gap_keep_single", "include_random": True}}, 3, 1),
     ({"session_gap": None, "reader_options": {"video_features": ["author_id", "tag", "upload_dt"],
                                                "keep_duplicates": True}}, 6, 1),
