@@ -42,7 +42,6 @@ from rmtl import distributed
 from rmtl.agents.rmtl_agent import RMTLAgent
 from rmtl.atomic import read_json, write_json, write_text
 from rmtl.config import RunConfig, StrategyConfig
-from rmtl.data.prepare import as_session_log
 from rmtl.data.sessionlog import SessionLog
 from rmtl.envs.transitions import build_transitions
 from rmtl.distributed import predict_sharded
@@ -103,6 +102,7 @@ def train_agent(cfg: RunConfig, log: SessionLog, backbone: nn.Module, *, run_dir
     target = Path(out_path) if out_path is not None else Path(run_dir) / "agent" / "agent.pt"
     out = target.parent
     main = distributed.is_main()
+    say = say if main else (lambda s: None)
     t0 = time.perf_counter()
     train_log = log.split("train") if "train" in log.splits and len(log.splits) > 1 else log
     if distributed.from_rank0(resume and target.exists()):
@@ -216,21 +216,6 @@ def _resumable(resume: bool, run_dir, tag: str) -> bool:
     return distributed.from_rank0(resume and (Path(run_dir) / tag / "last.pt").exists())
 
 
-def load_everywhere(cfg: RunConfig, prepared=None) -> SessionLog:
-    """The SessionLog on every rank: rank 0 prepares first (it alone fills the cache), then the
-    others read it; a failure on any rank stops all of them (distributed.all_or_none)."""
-    from rmtl.train import load_data
-
-    log = None
-    for turn in ("main", "others"):
-        with distributed.all_or_none("loading the data"):
-            if distributed.is_main() == (turn == "main"):
-                log = as_session_log(prepared if prepared is not None else load_data(cfg.data, cfg.seed))
-        if not distributed.active():
-            break
-    return log
-
-
 def run_pipeline(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None,
                  run_dir: str | os.PathLike | None = None, say: Callable[[str], None] = print,
                  resume: bool = False) -> PipelineResult:
@@ -238,7 +223,7 @@ def run_pipeline(cfg: RunConfig, *, prepared=None, model: nn.Module | None = Non
     continues the stages of ``run_dir`` that did not finish. Under torchrun only rank 0
     calls ``say`` and writes files; every rank returns the same result."""
     from rmtl.metrics import mean_metric
-    from rmtl.train import fit
+    from rmtl.train import fit, load_everywhere
     from rmtl.weighting.rmtl_critic import RMTLStrategy
 
     from rmtl.device import resolve_device

@@ -6,7 +6,7 @@ through torchrun's environment variables, so the CLI's own start-up path runs) d
   process on the same global minibatches;
 - `rmtl pipeline` end to end ("full"), and the same run interrupted during the RMTL
   fine-tune ("cut"), which one process then resumes;
-- a start that fails on process 1 only.
+- a start that fails on process 1 only (`rmtl pipeline` and `rmtl train`).
 
 Tolerance of the agent comparison: critics and actor after 6 updates to atol 2e-5 (float32
 sums in another order: two share-weighted halves vs one mean; Adam's first steps are
@@ -118,6 +118,7 @@ def _worker(rank: int, world: int, port: int, root: str, config: str) -> None:
 
         train_module.load_data = load_data
         out["bad"] = _cli(["pipeline", "-c", config, *FAST, "--run-dir", str(root / "bad")])
+        out["bad_train"] = _cli(["train", "-c", config, *FAST, "--run-dir", str(root / "bad_train")])
         train_module.load_data = real_load
         torch.save(out, root / f"rank{rank}.pt")
     finally:
@@ -219,12 +220,14 @@ def test_a_two_process_pipeline_resumes_in_one_process(ddp, tmp_path, capsys):
     assert got["processes"] == 1
 
 
-def test_a_start_failing_on_one_process_stops_all_with_one_line(ddp):
+@pytest.mark.parametrize("command", ["pipeline", "train"])
+def test_a_start_failing_on_one_process_stops_all_with_one_line(ddp, command):
     root, _, ranks = ddp
-    (code0, out0, err0), (code1, out1, err1) = ranks[0]["bad"], ranks[1]["bad"]
+    case = "bad" if command == "pipeline" else "bad_train"
+    (code0, out0, err0), (code1, out1, err1) = ranks[0][case], ranks[1][case]
     assert code0 == code1 == 2
     lines = [line for line in err0.splitlines() if line.strip()]
-    assert lines == ["rmtl pipeline: error: loading the data failed on process 1: "
+    assert lines == [f"rmtl {command}: error: loading the data failed on process 1: "
                      "/elsewhere/events.csv: no such file or directory"]
     assert err1 == "" and out1 == ""
-    assert not (root / "bad").exists()  # rank 0's config.yaml and folder removed again
+    assert not (root / case).exists()  # rank 0's config.yaml and folder removed again

@@ -30,7 +30,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from rmtl import distributed
     from rmtl.commands import started_run
-    from rmtl.pipeline import load_backbone, load_everywhere, train_agent
+    from rmtl.pipeline import load_backbone, train_agent
+    from rmtl.train import load_everywhere
 
     with started_run(args.config, args.overrides, args.run_dir, need_strategy=False) as cfg:
         log = load_everywhere(cfg, None)
