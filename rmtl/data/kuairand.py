@@ -521,9 +521,14 @@ def iter_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep=
     types = {c: (pa.string() if c in STRING_COLUMNS else pa.int64() if c in EXACT_INT_COLUMNS else pa.float64())
              for c in columns}
     n_read = 0
+    # Given a path, arrow reads a plain file ahead far beyond the block being parsed (about a
+    # GB held on a 1 GB log); through a Python file object it reads block by block. The
+    # streaming pass (block_bytes given) needs memory bounded by the block; .gz keeps the path
+    # (arrow picks the codec from the name).
+    source = open(path, "rb") if block_bytes and path.suffix != ".gz" else path
     try:
         reader = pacsv.open_csv(
-            path,
+            source,
             read_options=pacsv.ReadOptions(block_size=block_bytes or BLOCK_BYTES),
             convert_options=pacsv.ConvertOptions(include_columns=columns, column_types=types, strings_can_be_null=True),
         )
@@ -541,6 +546,9 @@ def iter_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep=
     except (OSError, EOFError) as err:  # a truncated or fake .gz, a file that vanished
         raise DataError(f"cannot read the file after row {n_read} ({_os_reason(err)}); expected a complete "
                         f"{what} CSV", path=path) from None
+    finally:
+        if source is not path:
+            source.close()
     if n_read == 0:
         raise DataError("empty file: a header but no rows", path=path)
 
