@@ -506,7 +506,9 @@ def _read_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep
         n_read += rows
         for c, v in data.items():
             chunks[c].append(v)
-    return {c: np.concatenate(v) for c, v in chunks.items()}, n_read
+    # column by column, each column's blocks dropped once joined: the peak is the table plus
+    # one column, not twice the table
+    return {c: np.concatenate(chunks.pop(c)) for c in columns}, n_read
 
 
 def iter_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep=None, dtypes: dict | None = None,
@@ -648,7 +650,8 @@ def _read_side(paths: list[Path], key: str, columns: list[str], needed: np.ndarr
         part, _ = _read_csv(p, [key, *columns], what, keep=keep,
                             check=lambda d, path, row: _require_values(d, [key], path, row))
         parts.append(part)
-    table = {c: np.concatenate([t[c] for t in parts]) for c in [key, *columns]}
+    # one file (the usual case): its arrays as read, not a concatenated copy (the 27K video file is large)
+    table = parts[0] if len(parts) == 1 else {c: np.concatenate([t[c] for t in parts]) for c in [key, *columns]}
     ids = table[key].astype(np.int64)
     uniq, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
@@ -685,6 +688,7 @@ def load_side(paths: list[Path], key: str, columns: list[str], needed: np.ndarra
             codes, uniques = pd.factorize(_first_tag(table[c]) if c == "tag" else table[c], use_na_sentinel=True)
             small = np.int32 if len(uniques) < 2**31 - 1 else np.int64
             side[c] = (codes.astype(small), pd.Index(uniques))
+            del table[c]  # the raw (often text) column goes as soon as it is coded
         else:
             side[c] = table[c]
     return side
