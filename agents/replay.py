@@ -49,10 +49,12 @@ class RowReplay:
                 self.dense.index_select(0, rows).to(self.device, non_blocking=True))
 
     def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return self.batch(self.draw(batch_size, generator))
+
+    def draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """int64 [batch_size]: transitions drawn uniformly (with replacement) from the pool."""
         idx = torch.randint(len(self), (batch_size,), generator=generator)
-        if self.pool is not None:
-            idx = self.pool.index_select(0, idx)
-        return self.batch(idx)
+        return idx if self.pool is None else self.pool.index_select(0, idx)
 
     def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """The minibatch of transitions ``idx`` (int64, any rows of the log, pool or not)."""

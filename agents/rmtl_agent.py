@@ -10,6 +10,13 @@ and, when ``actor_update`` is on, the actor (the backbone) takes a TD3+BC step:
     loss_actor = -mean_b sum_k Q_{0,k}(s, pi_k(s)) / mean|.| + bc_alpha * BCE(pi(s), target)
 Without an actor, a' is the behaviour policy's logged action at s' (a SARSA target).
 
+Under torchrun (rmtl.distributed) every process draws the same global minibatch (same
+generator, same seed) and the same target-policy noise, takes its contiguous slice of
+both, and the critic (and actor) gradients are all-reduced share-weighted before each
+optimizer step: every process takes the step one process takes on the global minibatch
+(up to float summation order), so the critics are the same everywhere and the same as in
+one process. Cross-fitting is untouched: folds, pools and held-out sessions are global.
+
 Cross-fitting (``cross_fit``, the default): train sessions are dealt into ``folds`` folds
 and critic set f is trained only on transitions of the other folds; a train row is then
 weighted by the set of its own session's fold, which never saw that session. Sets are
@@ -33,6 +40,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rmtl import distributed
 from rmtl.agents.config import AgentConfig
 from rmtl.agents.critics import TwinTaskCritics
 from rmtl.agents.replay import RowReplay
@@ -293,6 +301,9 @@ class RMTLAgent:
                                 column="actor_probs")
             self._frozen_probs = torch.as_tensor(np.asarray(actor_probs, dtype=np.float32), device=self.device)
         self.trained_rows = []
+        distributed.check_global_batch(cfg.batch_size, "agent.batch_size")
+        part = distributed.my_slice(cfg.batch_size)  # this process's rows of every global minibatch
+        share = (part.stop - part.start) / cfg.batch_size
         held = self._heldout_rows(log)  # bool [N] or None (fixed steps)
         history["stopped_at"] = []  # per set: updates taken (< steps when early stopping stopped it)
         for k in range(self.num_sets):
@@ -310,20 +321,22 @@ class RMTLAgent:
             running = torch.zeros(len(tasks), device=self.device)
             count = 0
             for i in range(steps):
-                b = buffer.sample(cfg.batch_size, gen)
-                seen[b["rows"]] = True
-                td = self._critic_step(b, ips, noise_gen)
+                idx = buffer.draw(cfg.batch_size, gen)  # the global minibatch: the same on every process
+                seen[buffer.state_row.index_select(0, idx)] = True
+                noise = self._target_noise(cfg.batch_size, noise_gen)  # drawn for the global batch too
+                b = buffer.batch(idx[part])  # this process's slice (all of it in one process)
+                td = self._critic_step(b, ips, None if noise is None else noise[part], share)
                 running += td
                 count += 1
                 self.steps_done += 1
                 actor_logs = None
                 if self.steps_done % cfg.policy_delay == 0:
                     if cfg.actor_update and k == 0:  # the actor steps against the first set only
-                        actor_logs = self._actor_step(b)
+                        actor_logs = self._actor_step(b, share)
                     self._soft_update()
                 last = i == steps - 1
                 if self.steps_done % cfg.log_every == 0 or last:
-                    mean = (running / max(count, 1)).cpu().numpy()
+                    mean = (distributed.share_weighted_sum(running, share=share) / max(count, 1)).cpu().numpy()
                     history["step"].append(self.steps_done)
                     history["set"].append(k)
                     history["td_loss"].append(float(mean.mean()))
@@ -348,7 +361,23 @@ class RMTLAgent:
             history["stopped_at"].append(i + 1 if steps else 0)
             self.trained_rows.append(seen.numpy())
         self._set = 0
+        if distributed.active():  # identical already (same reduced steps); rank 0's, so it is guaranteed
+            self._broadcast()
         return history
+
+    def _broadcast(self) -> None:
+        distributed.broadcast_module(self.critics)
+        distributed.broadcast_module(self.critic_targets)
+        if self.config.actor_update and self.actor is not None:
+            distributed.broadcast_module(self.actor)
+            distributed.broadcast_module(self.actor_target)
+
+    def _target_noise(self, batch_size: int, gen: torch.Generator) -> torch.Tensor | None:
+        """[B, K] target-policy noise of a minibatch (None without an actor: a' is logged)."""
+        if self.actor_target is None:
+            return None
+        noise = torch.randn((batch_size, self.spec.num_tasks), generator=gen, device=self.device)
+        return noise * self.config.policy_noise
 
     def _heldout_rows(self, log: SessionLog) -> np.ndarray | None:
         """bool [N]: rows of the sessions held out for early stopping (None: early stopping off).
@@ -369,6 +398,7 @@ class RMTLAgent:
         current critic set on transitions ``rows``, against its target without target noise."""
         cfg = self.config
         self.critic.eval()
+        rows = rows[distributed.my_slice(len(rows))]  # each process its share; the sums are added up below
         total, n = 0.0, 0
         for start in range(0, len(rows), chunk):
             b = buffer.batch(rows[start:start + chunk])
@@ -385,9 +415,13 @@ class RMTLAgent:
                 err = err * torch.where(b["labels"] > 0.5, ips[1], ips[0]).unsqueeze(1)
             total += float(err.mean(dim=(1, 2)).sum())
             n += err.shape[0]
+        total, n = distributed.sum_over_ranks([total, float(n)])
         return total / max(n, 1)
 
-    def _critic_step(self, b: dict, ips: torch.Tensor | None, noise_gen: torch.Generator) -> torch.Tensor:
+    def _critic_step(self, b: dict, ips: torch.Tensor | None, noise: torch.Tensor | None,
+                     share: float = 1.0) -> torch.Tensor:
+        """One TD update on minibatch ``b`` (``noise``: its target-policy noise [B, K]);
+        ``share``: b's rows / the global minibatch's, for the gradient all-reduce."""
         cfg = self.config
         self.critic.train()
         with torch.no_grad():
@@ -396,7 +430,6 @@ class RMTLAgent:
                     nxt = self._frozen_probs.index_select(0, b["next_rows"].to(self.device))
                 else:
                     nxt = self._actor_probs(self.actor_target, b["next_sparse"], b["next_dense"])
-                noise = torch.randn(nxt.shape, generator=noise_gen, device=nxt.device) * cfg.policy_noise
                 nxt = (nxt + noise.clamp(-cfg.noise_clip, cfg.noise_clip)).clamp(0.0, 1.0)
             else:
                 nxt = b["next_action"]
@@ -412,10 +445,11 @@ class RMTLAgent:
         per_task = err.mean(dim=0).sum(dim=0)  # [K]: sum over twins, mean over batch
         self.critic_opt.zero_grad(set_to_none=True)
         per_task.mean().backward()
+        distributed.reduce_gradients_(self.critic.parameters(), share)  # the global minibatch's gradient
         self.critic_opt.step()
         return per_task.detach() / 2  # mean over twins, for logging
 
-    def _actor_step(self, b: dict) -> dict[str, float]:
+    def _actor_step(self, b: dict, share: float = 1.0) -> dict[str, float]:
         cfg = self.config
         self.actor.train()
         logits = self.actor(b["sparse"], b["dense"])
@@ -423,7 +457,9 @@ class RMTLAgent:
         self.critic.requires_grad_(False)
         q = self.critic(b["sparse"], b["dense"], probs, b.get("context"))[:, 0].sum(dim=1)  # [B]
         self.critic.requires_grad_(True)
-        q_term = -q.mean() / q.abs().mean().detach().clamp_min(1e-6)  # TD3+BC normalisation
+        # TD3+BC normalisation by the GLOBAL minibatch's mean |Q| (a batch statistic: reduced)
+        scale = distributed.share_weighted_sum(q.abs().mean().detach(), share=share)
+        q_term = -q.mean() / scale.clamp_min(1e-6)
         if cfg.bc_target == "pretrained":
             with torch.no_grad():
                 target = self._actor_probs(self.pretrained, b["sparse"], b["dense"])
@@ -433,6 +469,7 @@ class RMTLAgent:
         loss = q_term + cfg.bc_alpha * bc
         self.actor_opt.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.reduce_gradients_([p for p in self.actor.parameters() if p.requires_grad], share)
         self.actor_opt.step()
         self.actor.eval()
         return {"bc": float(bc.detach()), "q": float(q.mean().detach()), "loss": float(loss.detach())}

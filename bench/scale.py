@@ -1,8 +1,18 @@
-"""Benchmark: data-parallel training throughput with 1 and 2 processes (rmtl.distributed).
+"""Benchmark: out-of-core prepare (peak RSS, events/s) and data-parallel training throughput.
 
-    python bench/scale.py                    # MMoE on the synthetic RetailRocket default
-    python bench/scale.py --steps 30 --batch 2048
+    python bench/scale.py                    # prepare 10 M, 50 M, 100 M rows; then DDP 1 and 2 processes
+    python bench/scale.py --sizes 1M --procs 1,2 --steps 10   # a quick run
+    python bench/scale.py --sizes none --steps 30 --batch 2048  # DDP only
 
+**Prepare.** For each size a synthetic KuaiRand log of about that many rows is written
+first (chunked: ``write_kuairand(users_per_chunk=...)``, in a child process; kept in
+``--workdir`` and reused by later runs; not timed), then ``prepare_sharded`` runs in a
+FRESH child process, so its peak RSS (``ru_maxrss``) is its own; events/s = log rows read /
+prepare seconds (partition, sessions, statistics, encode and write; not generation). The
+322 M-row line extrapolates the time linearly from the largest size and the peak RSS
+linearly from the two largest (its growth is the per-session key table and the vocabularies).
+
+**DDP.**
 Each configuration trains the same model on the same global batches: 1 process (with
 ``--threads`` intra-op threads) and N gloo processes spawned with torch.multiprocessing
 (each with threads / N, so all of them share the same cores). Samples/s = global rows
@@ -12,15 +22,16 @@ optimiser step, not validation. On one 2-core machine two processes can only sho
 cost of the all-reduce and of splitting a batch, not a gain: the point of DDP is more
 machines / GPUs. The machine may be shared: timings are noisy, compare within one run.
 
-The out-of-core prepare figures of issue 13 (peak RSS and events/s of sharded prepare
-on 10 M - 100 M synthetic KuaiRand rows) are NOT measured here: that prepare does not
-exist yet (docs/distributed.md says so).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -74,14 +85,138 @@ def _worker(rank: int, world: int, init_file: str, args, out: str) -> None:
         dist.destroy_process_group()
 
 
+ROWS_PER_USER = 42.5  # measured on write_kuairand's defaults (5 sessions x 12 impressions, some users leave)
+ITEMS = 500_000  # videos of every size (KuaiRand-27K: 7.6 M for 322 M rows)
+USERS_PER_CHUNK = 50_000
+FULL_27K_ROWS = 322_000_000
+
+
+def _size(text: str) -> int:
+    text = text.strip().upper()
+    scale = {"K": 10**3, "M": 10**6}.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def _dataset(workdir: Path, rows: int) -> Path:
+    """The synthetic release of about ``rows`` rows (written once, in a child process)."""
+    out = workdir / f"kuairand-{rows}-items{ITEMS}-seed0"
+    if not out.is_dir():
+        subprocess.run([sys.executable, __file__, "--_generate", str(out), str(rows)], check=True)
+    return out
+
+
+def _generate(out: str, rows: int) -> None:
+    from rmtl.data.synth_kuairand import write_kuairand
+
+    tmp = Path(f"{out}.tmp{os.getpid()}")
+    t = time.perf_counter()
+    write_kuairand(tmp, users=max(int(rows / ROWS_PER_USER), 1), items=ITEMS, seed=0, users_per_chunk=USERS_PER_CHUNK)
+    os.replace(tmp, out)
+    print(f"  wrote {out} in {time.perf_counter() - t:.0f}s (not timed below)", flush=True)
+
+
+def _prepare_child(data: str, cache_dir: str, shards: int, workers: int) -> None:
+    from rmtl.data.shards import prepare_sharded
+
+    t = time.perf_counter()
+    sp = prepare_sharded(data, shards=shards, cache_dir=cache_dir, workers=workers)
+    seconds = time.perf_counter() - t
+    print(json.dumps({"seconds": seconds, "events": sp.summary["events_read"], "rows": sp.summary["rows"],
+                      "sessions": sp.summary["sessions"],
+                      # Linux: KiB; the main process, and the largest of the forked shard workers
+                      "rss_main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "rss_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (/proc; shared pages counted
+    in every process that maps them, so an upper bound)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as fh:
+                total += next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+            with open(f"/proc/{p}/task/{p}/children") as fh:
+                todo += [int(c) for c in fh.read().split()]
+        except (OSError, StopIteration, ValueError):
+            pass  # exited meanwhile
+    return total
+
+
+def _run_sampled(argv: list[str]) -> tuple[str, int]:
+    """Run a child; return its stdout and the peak RSS of its process tree, sampled every 50 ms."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss(proc.pid))
+        time.sleep(0.05)
+    out = proc.stdout.read()
+    if proc.returncode:
+        raise SystemExit(f"prepare child failed with status {proc.returncode}")
+    return out, peak
+
+
+def bench_prepare(args) -> None:
+    sizes = [] if args.sizes.lower() in ("", "none", "0") else [_size(x) for x in args.sizes.split(",")]
+    if not sizes:
+        return
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"out-of-core prepare (rmtl.data.shards), {args.shards} shards, {args.workers} worker process(es), "
+          f"{os.cpu_count()} cores; synthetic KuaiRand "
+          f"logs, {ITEMS:,} videos; the machine may be shared: noisy", flush=True)
+    results = []
+    for rows in sizes:
+        data = _dataset(workdir, rows)
+        cache_dir = Path(tempfile.mkdtemp(prefix="shards-", dir=workdir))
+        try:
+            out, tree = _run_sampled([sys.executable, __file__, "--_prepare", str(data), str(cache_dir), str(args.shards),
+                                      str(args.workers)])
+        finally:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        r = json.loads(out.strip().splitlines()[-1])
+        r["peak_rss"] = tree
+        results.append(r)
+        print(f"prepare {r['events']:>12,} events: {r['seconds']:7.1f} s  {r['events'] / r['seconds']:>10,.0f} events/s  "
+              f"peak RSS {tree / 2**30:5.2f} GB (process tree; main {r['rss_main'] / 2**30:4.2f}, largest worker "
+              f"{r['rss_worker'] / 2**30:4.2f})  {r['rows']:,} rows kept, {r['sessions']:,} sessions", flush=True)
+        if not args.keep_data:
+            shutil.rmtree(data, ignore_errors=True)
+    big = results[-1]
+    rate = big["events"] / big["seconds"]
+    if len(results) > 1:
+        a = results[-2]
+        slope = (big["peak_rss"] - a["peak_rss"]) / (big["events"] - a["events"])
+    else:
+        slope = 0.0
+    peak = big["peak_rss"] + slope * (FULL_27K_ROWS - big["events"])
+    print(f"extrapolated to {FULL_27K_ROWS:,} events (KuaiRand-27K): {FULL_27K_ROWS / rate / 60:5.1f} min at "
+          f"{rate:,.0f} events/s, peak RSS {peak / 2**30:5.2f} GB (+{slope:.1f} B per event from the last two sizes)",
+          flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=2048, help="global batch size")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads in total per configuration")
-    ap.add_argument("--procs", default="1,2", help="process counts to time")
+    ap.add_argument("--procs", default="1,2", help="process counts to time ('none': skip the DDP part)")
+    ap.add_argument("--sizes", default="10M,50M,100M", help="log sizes for the prepare part ('none': skip it)")
+    ap.add_argument("--shards", type=int, default=64, help="shards of the prepare part")
+    ap.add_argument("--workers", type=int, default=2, help="worker processes of the prepare part")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "rmtl-scale"),
+                    help="where the synthetic logs and the shards go (needs ~75 B per row for the logs)")
+    ap.add_argument("--keep-data", action="store_true", help="keep the synthetic logs for the next run")
+    if len(sys.argv) > 1 and sys.argv[1] == "--_generate":
+        return _generate(sys.argv[2], int(sys.argv[3]))
+    if len(sys.argv) > 1 and sys.argv[1] == "--_prepare":
+        return _prepare_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     args = ap.parse_args()
+    bench_prepare(args)
+    if args.procs.lower() in ("", "none", "0"):
+        return
     # the cached synthetic default is built once, before any timing
     from rmtl.train import load_data
 

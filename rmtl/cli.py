@@ -47,10 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    from rmtl import distributed
+
     try:
         return int(args.func(args) or 0)
     except RmtlError as err:
-        print(f"rmtl {args.command}: error: {err}", file=sys.stderr)
+        if not distributed.quiet_here(err):  # under torchrun, a failure every rank agreed on: rank 0 says it
+            print(f"rmtl {args.command}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # permissions, disk full, read-only output: the path and the reason, no traceback
         print(f"rmtl {args.command}: error: {os_error_line(err)}", file=sys.stderr)

@@ -37,7 +37,8 @@ are all-reduced first.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ import torch.distributed as dist
 
 from rmtl.callbacks import Callback
 from rmtl.data.batches import BatchIterator, gather_batch
-from rmtl.errors import ConfigError
+from rmtl.errors import ConfigError, RmtlError
 
 if TYPE_CHECKING:
     from rmtl.trainer import Trainer
@@ -73,6 +74,56 @@ def from_rank0(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class OtherRankFailed(RmtlError):
+    """Raised on every rank when another rank's step inside ``all_or_none`` failed: its
+    message, reported once by rank 0 (the CLI prints nothing else for it)."""
+
+
+@contextmanager
+def all_or_none(what: str) -> Iterator[None]:
+    """A step every rank must pass before any goes on (loading data, building the model):
+    a collective at the end tells every rank whether any failed, and then every rank raises:
+    rank 0 its own error or OtherRankFailed with the first failing rank's line (printed once,
+    by rank 0), the other ranks OtherRankFailed (the CLI keeps them quiet). So no rank is
+    left waiting in a collective a failed rank never joins, and rank 0's clean-up
+    (rmtl.commands.started_run) runs. A bug (not a user-facing error) keeps its traceback on
+    the rank where it happened. In one process: plain."""
+    try:
+        yield
+        error = None
+    except Exception as err:  # noqa: BLE001  (re-raised below, on every rank)
+        error = err
+    if not active():
+        if error is not None:
+            raise error
+        return
+    lines = [None] * world_size()
+    dist.all_gather_object(lines, None if error is None else _error_line(error))
+    failed = [(r, line) for r, line in enumerate(lines) if line is not None]
+    if not failed:
+        return
+    if error is not None and (rank() == 0 or not isinstance(error, _REPORTED)):
+        raise error  # rank 0's own error is the line; a bug keeps its traceback wherever it happened
+    first, line = failed[0]
+    raise OtherRankFailed(line if first == 0 else f"{what} failed on process {first}: {line}")
+
+
+_REPORTED = (RmtlError, OSError)  # what the CLI turns into one line (rmtl.cli.main)
+
+
+def _error_line(error: BaseException) -> str:
+    from rmtl.cli import os_error_line
+
+    if isinstance(error, OSError):
+        return os_error_line(error)
+    return str(error) if isinstance(error, RmtlError) else f"{type(error).__name__}: {error}"
+
+
+def quiet_here(err: BaseException) -> bool:
+    """True when rank 0 reports ``err`` (an all_or_none failure, seen here on another rank)."""
+    return isinstance(err, OtherRankFailed) and rank() != 0
 
 
 def requested() -> bool:
@@ -108,6 +159,23 @@ def current_share() -> float:
     return _share
 
 
+def check_global_batch(batch_size: int, key: str, world: int | None = None) -> None:
+    """Every process needs rows of every global batch."""
+    world = world_size() if world is None else world
+    if batch_size < world:
+        raise ConfigError(f"{key} {batch_size} is smaller than the {world} processes; "
+                          "every process needs rows of every global batch", key=key)
+
+
+def my_slice(n: int) -> slice:
+    """This rank's contiguous share of ``n`` global rows (rank r of N: the r-th of N near-equal
+    parts, in order): how a global batch is split, by the trainer and by the agent alike."""
+    if not active():
+        return slice(0, int(n))
+    bounds = np.linspace(0, int(n), world_size() + 1).astype(np.int64)
+    return slice(int(bounds[rank()]), int(bounds[rank() + 1]))
+
+
 class ShardedBatchIterator(BatchIterator):
     """The single-process global batches; this rank yields its contiguous slice of each.
 
@@ -115,12 +183,10 @@ class ShardedBatchIterator(BatchIterator):
     a rank with no rows); that happens only when ``rows % batch_size < world size``.
     """
 
-    def __init__(self, log, batch_size: int, *, rank: int, world_size: int, **kwargs):
-        if batch_size < world_size:
-            raise ConfigError(f"train.batch_size {batch_size} is smaller than the {world_size} processes; "
-                              "every process needs rows of every global batch", key="train.batch_size")
+    def __init__(self, log, batch_size: int, *, world_size: int, **kwargs):
+        check_global_batch(batch_size, "train.batch_size", world_size)
         super().__init__(log, batch_size, **kwargs)
-        self.rank, self.world = int(rank), int(world_size)
+        self.world = int(world_size)
 
     def __iter__(self):
         global _share
@@ -131,8 +197,7 @@ class ShardedBatchIterator(BatchIterator):
             rows = order[b * self.batch_size:(b + 1) * self.batch_size]
             if len(rows) < self.world:
                 continue
-            bounds = np.linspace(0, len(rows), self.world + 1).astype(np.int64)
-            mine = rows[bounds[self.rank]:bounds[self.rank + 1]]
+            mine = rows[my_slice(len(rows))]
             _share = len(mine) / len(rows)
             batch = gather_batch(self.log, mine, self._session_of_row)
             yield batch if self.device.type == "cpu" else batch.to(self.device)
@@ -176,27 +241,29 @@ def reduce_task_gradients(tg, task_losses: torch.Tensor) -> tuple[torch.Tensor, 
     return gram(tg.grads), flat[n:].to(task_losses)
 
 
-def share_weighted_sum(values: torch.Tensor, power: int = 1) -> torch.Tensor:
+def share_weighted_sum(values: torch.Tensor, power: int = 1, share: float | None = None) -> torch.Tensor:
     """sum over ranks of share^power x ``values`` (a small tensor): power 1 turns local batch
     means into global ones; power 2 turns squared norms of gradients w.r.t. this rank's rows
-    of the cut into the global squared norm. Without torch.distributed: ``values``."""
+    of the cut into the global squared norm. ``share``: this rank's (default: the trainer
+    iterator's current batch). Without torch.distributed: ``values``."""
     if not active():
         return values
-    s = current_share() ** power
+    s = (current_share() if share is None else share) ** power
     return all_reduce_(values.detach().double().to(comm_device()) * s).to(values)
 
 
-def all_reduce_gradients(grads, params) -> list[torch.Tensor | None]:
+def all_reduce_gradients(grads, params, share: float | None = None) -> list[torch.Tensor | None]:
     """The global-batch gradients: sum over ranks of (local rows / global rows) x ``grads``
     (one per parameter, None = no gradient here). Dense ones in ONE all-reduce of a flat
     buffer; sparse (row-sparse table) ones by gathering every rank's touched rows, so a
     table costs its batch's rows, not its size, and the result holds exactly the rows of
-    the global batch. None stays None only if no rank had a gradient. Without
+    the global batch. None stays None only if no rank had a gradient. ``share``: this
+    rank's rows / global rows (default: the trainer iterator's current batch). Without
     torch.distributed: unchanged."""
     grads = list(grads)
     if not active():
         return grads
-    s = current_share()
+    s = current_share() if share is None else share
     parts, kinds = [], []
     for p, g in zip(params, grads):
         if g is not None and g.is_sparse:
@@ -254,9 +321,14 @@ class GradientReducer(Callback):
         broadcast_module(trainer.strategy)
 
     def on_after_backward(self, trainer):
-        params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
-        for p, g in zip(params, all_reduce_gradients([p.grad for p in params], params)):
-            p.grad = g
+        reduce_gradients_([p for g in trainer.optimizer.param_groups for p in g["params"]])
+
+
+def reduce_gradients_(params, share: float | None = None) -> None:
+    """Each ``p.grad`` becomes the global batch's (all_reduce_gradients), in place."""
+    params = list(params)
+    for p, g in zip(params, all_reduce_gradients([p.grad for p in params], params, share)):
+        p.grad = g
 
 
 class RankSync(Callback):
@@ -288,13 +360,17 @@ def broadcast_module(module: torch.nn.Module) -> None:
             dist.broadcast(data, src=0)
 
 
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Each number summed over all ranks (float64, one all-reduce); unchanged in one process."""
+    if not active():
+        return list(values)
+    return all_reduce_(torch.tensor(values, dtype=torch.float64, device=comm_device())).tolist()
+
+
 def all_reduce_epoch(loss_sums: list[float], rows: int) -> tuple[list[float], int]:
     """Per-task loss sums and rows of the epoch over all ranks (for strategy.epoch_end)."""
-    if not active():
-        return loss_sums, rows
-    t = torch.tensor([*loss_sums, float(rows)], dtype=torch.float64, device=comm_device())
-    all_reduce_(t)
-    return t[:-1].tolist(), int(t[-1])
+    summed = sum_over_ranks([*loss_sums, float(rows)])
+    return summed[:-1], int(summed[-1])
 
 
 def predict_sharded(model: torch.nn.Module, log_split, batch_size: int = 8192) -> np.ndarray:
@@ -326,7 +402,7 @@ def setup(trainer: "Trainer") -> None:
     if not active():
         return
     tc = trainer.tc
-    trainer.iterator = ShardedBatchIterator(trainer.train_log, tc.batch_size, rank=rank(), world_size=world_size(),
+    trainer.iterator = ShardedBatchIterator(trainer.train_log, tc.batch_size, world_size=world_size(),
                                             shuffle=True, seed=trainer.iterator.seed, device=trainer.device)
     trainer.predictor = predict_sharded
     trainer.callbacks.callbacks.insert(0, GradientReducer())

@@ -16,6 +16,14 @@ Everything a stage writes lands under the run directory: pretrain/, agent/, fine
 (and ew_control/), each with its TensorBoard events; comparison.txt and pipeline.json
 (``rmtl pipeline`` also writes config.yaml). Fine-tuning's TensorBoard steps continue
 pretraining's (one axis); the agent's steps are critic updates, on their own axis.
+
+``resume=True`` continues a run directory: each fit resumes from its last.pt (a finished
+one is only re-evaluated), the agent stage loads agent/agent.pt when it was saved.
+
+Under torchrun every stage is data-parallel (rmtl.distributed): the fits shard each global
+batch, the agent shards each critic minibatch (rmtl.agents.rmtl_agent), predictions for
+the transitions and the tables are sharded and gathered; only rank 0 writes files and
+prints, and every rank returns the same result.
 """
 
 from __future__ import annotations
@@ -30,13 +38,13 @@ from typing import Callable
 import numpy as np
 from torch import nn
 
+from rmtl import distributed
 from rmtl.agents.rmtl_agent import RMTLAgent
-from rmtl.atomic import write_json, write_text
+from rmtl.atomic import read_json, write_json, write_text
 from rmtl.config import RunConfig, StrategyConfig
-from rmtl.data.prepare import as_session_log
 from rmtl.data.sessionlog import SessionLog
 from rmtl.envs.transitions import build_transitions
-from rmtl.predict import predict
+from rmtl.distributed import predict_sharded
 from rmtl.tables import text_table
 
 TABLE_METRICS = ("auc", "logloss", "session_logloss", "gauc", "calibration", "platt_logloss")
@@ -79,7 +87,7 @@ class PipelineResult:
 
 def train_agent(cfg: RunConfig, log: SessionLog, backbone: nn.Module, *, run_dir: str | os.PathLike,
                 actor: nn.Module | None = None, out_path: str | os.PathLike | None = None,
-                say: Callable[[str], None] = lambda s: None) -> AgentStage:
+                say: Callable[[str], None] = lambda s: None, resume: bool = False) -> AgentStage:
     """The agent stage: behaviour actions from ``backbone``'s train predictions, critics
     trained on all train transitions, saved to ``<run_dir>/agent/agent.pt``.
 
@@ -87,30 +95,63 @@ def train_agent(cfg: RunConfig, log: SessionLog, backbone: nn.Module, *, run_dir
     the next actions a'; with
     ``agent.actor_update`` it is also updated (TD3+BC) in place. ``out_path`` replaces
     the default file; its folder also gets the TensorBoard events and history.json.
+    ``resume``: an agent file already there (a finished stage) is loaded instead.
+    Under torchrun: data-parallel critic updates, the same agent on every rank, rank 0 writes.
     """
     ac = cfg.agent
     target = Path(out_path) if out_path is not None else Path(run_dir) / "agent" / "agent.pt"
     out = target.parent
-    out.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()
+    say = say if main else (lambda s: None)
     t0 = time.perf_counter()
     train_log = log.split("train") if "train" in log.splits and len(log.splits) > 1 else log
+    if distributed.from_rank0(resume and target.exists()):
+        return _load_agent_stage(target, train_log, backbone if actor is None else actor, t0)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     # the backbone's train predictions: the behaviour actions (plus noise), and a' of a frozen actor
-    preds = predict(backbone, train_log, batch_size=cfg.train.eval_batch_size)
+    preds = predict_sharded(backbone, train_log, batch_size=cfg.train.eval_batch_size)
     actions = preds if ac.behaviour == "noisy" else None
     transitions = build_transitions(train_log, actions, policy=ac.behaviour, noise_std=ac.behaviour_noise,
                                     seed=cfg.seed, reward=ac.reward, context=ac.context)
     agent = RMTLAgent(log.spec, ac, backbone if actor is None else actor, seed=cfg.seed)
     sets = f"{agent.num_sets} cross-fitted critic sets" if agent.num_sets > 1 else "1 critic set (not cross-fitted)"
     say(f"agent: {len(transitions):,} transitions ({ac.behaviour} behaviour), {sets}, {ac.steps} updates in all")
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(str(out)) as writer, _progress(agent.num_sets * -(-ac.steps // agent.num_sets), "agent", cfg.train.progress) as bar:
+    total = agent.num_sets * -(-ac.steps // agent.num_sets)
+    with _writer(out if main else None) as writer, _progress(total, "agent", cfg.train.progress and main) as bar:
         # a frozen actor starts from the backbone's weights, so its a' are these predictions
         history = agent.train(train_log, transitions, writer=writer, actor_probs=preds, progress=bar.update)
-    path = agent.save(target)
-    _write_json({"history": history, "config": agent.state_dict()["config"]}, out / "history.json")
-    return AgentStage(agent=agent, path=path, history=history, seconds=time.perf_counter() - t0,
+    if main:
+        agent.save(target)
+        _write_json({"history": history, "config": agent.state_dict()["config"]}, out / "history.json")
+    _barrier()  # the agent file exists for every rank that can see it before anyone goes on
+    return AgentStage(agent=agent, path=target, history=history, seconds=time.perf_counter() - t0,
                       num_transitions=len(transitions))
+
+
+def _load_agent_stage(path: Path, train_log: SessionLog, actor: nn.Module, t0: float) -> AgentStage:
+    """A finished agent stage of a run being resumed: its critics (and updated actor)."""
+    agent = RMTLAgent.load(path, actor=actor)
+    saved = path.parent / "history.json"
+    history = read_json(saved, "agent history")["history"] if saved.exists() else {"td_loss": [float("nan")]}
+    return AgentStage(agent=agent, path=path, history=history, seconds=time.perf_counter() - t0,
+                      num_transitions=train_log.num_rows)
+
+
+def _writer(folder: Path | None):
+    """TensorBoard events in ``folder``; None (no writer) on the other ranks."""
+    from contextlib import nullcontext
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    return nullcontext(None) if folder is None else SummaryWriter(str(folder))
+
+
+def _barrier() -> None:
+    if distributed.active():
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def _progress(total: int, desc: str, enabled: bool = True):
@@ -137,7 +178,8 @@ def evaluate_full(model: nn.Module, log: SessionLog, batch_size: int = 8192) -> 
     from rmtl.metrics import evaluate_predictions
 
     val, test = log.split("val"), log.split("test")
-    pv, pt = predict(model, val, batch_size), predict(model, test, batch_size)
+    # under torchrun each rank predicts its share of the rows; all get every row's probabilities
+    pv, pt = predict_sharded(model, val, batch_size), predict_sharded(model, test, batch_size)
     metrics = evaluate_predictions(test.labels, pt, test.session_of_row(), test.user, log.spec.tasks)
     for k, task in enumerate(log.spec.tasks):
         metrics[task].update(calibration_metrics(val.labels[:, k], pv[:, k], test.labels[:, k], pt[:, k]))
@@ -146,16 +188,19 @@ def evaluate_full(model: nn.Module, log: SessionLog, batch_size: int = 8192) -> 
 
 def finetune_arm(cfg: RunConfig, log: SessionLog, start: nn.Module, start_val_auc: float, name: str,
                  strategy_cfg: StrategyConfig, *, strategy: nn.Module | None = None,
-                 run_dir: str | os.PathLike, tag: str | None = None, step_offset: int = 0) -> ArmResult:
+                 run_dir: str | os.PathLike, tag: str | None = None, step_offset: int = 0,
+                 resume: bool = False) -> ArmResult:
     """Fine-tune a copy of ``start`` (early-stopped on val, best-on-val weights kept); the start
-    weights are kept instead when no evaluation beat ``start_val_auc`` (mean val AUC)."""
+    weights are kept instead when no evaluation beat ``start_val_auc`` (mean val AUC).
+    ``resume``: continue from ``<run_dir>/<tag>/last.pt`` when there is one."""
     from rmtl.metrics import mean_metric
     from rmtl.train import fit
 
     t = time.perf_counter()
     model = copy.deepcopy(start)
+    tag = tag or name
     ft = fit(_finetune_cfg(cfg, strategy_cfg), prepared=log, model=model, strategy=strategy, run_dir=run_dir,
-             tag=tag or name, step_offset=step_offset)
+             tag=tag, step_offset=step_offset, resume=_resumable(resume, run_dir, tag))
     val_auc = mean_metric(ft.metrics["val"], "auc")
     ft_metrics, probs = evaluate_full(model, log, cfg.train.eval_batch_size)
     metrics, kept = ft_metrics, "finetuned"
@@ -166,25 +211,37 @@ def finetune_arm(cfg: RunConfig, log: SessionLog, start: nn.Module, start_val_au
                      best_step=ft.best_step, val_auc=val_auc, seconds=time.perf_counter() - t)
 
 
+def _resumable(resume: bool, run_dir, tag: str) -> bool:
+    """Rank 0's answer for all (every rank then reads the file: run_dir must be shared)."""
+    return distributed.from_rank0(resume and (Path(run_dir) / tag / "last.pt").exists())
+
+
 def run_pipeline(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None,
-                 run_dir: str | os.PathLike | None = None, say: Callable[[str], None] = print) -> PipelineResult:
-    """Run every stage (see the module docstring); ``model`` overrides cfg.model."""
+                 run_dir: str | os.PathLike | None = None, say: Callable[[str], None] = print,
+                 resume: bool = False) -> PipelineResult:
+    """Run every stage (see the module docstring); ``model`` overrides cfg.model. ``resume``
+    continues the stages of ``run_dir`` that did not finish. Under torchrun only rank 0
+    calls ``say`` and writes files; every rank returns the same result."""
     from rmtl.metrics import mean_metric
-    from rmtl.train import fit, load_data
+    from rmtl.train import fit, load_everywhere
     from rmtl.weighting.rmtl_critic import RMTLStrategy
 
+    from rmtl.device import resolve_device
+
+    distributed.init(distributed.local_device(resolve_device(cfg.train.device)))  # torchrun: no-op if joined
+    main = distributed.is_main()
+    say = say if main else (lambda s: None)
     seconds: dict[str, float] = {}
     root = Path(run_dir if run_dir is not None else cfg.run_dir)
     t = time.perf_counter()
-    if prepared is None:
-        prepared = load_data(cfg.data, cfg.seed)
-    log = as_session_log(prepared)
+    log = load_everywhere(cfg, prepared)
     seconds["prepare"] = time.perf_counter() - t
     say(f"data: {log.num_rows:,} rows, {log.num_sessions:,} sessions, tasks {', '.join(log.spec.tasks)}")
 
     t = time.perf_counter()
     ew = StrategyConfig(name="ew", options={})
-    pre = fit(replace(cfg, strategy=ew), prepared=log, model=model, run_dir=root, tag="pretrain")
+    pre = fit(replace(cfg, strategy=ew), prepared=log, model=model, run_dir=root, tag="pretrain",
+              resume=_resumable(resume, root, "pretrain"))
     seconds["pretrain"] = time.perf_counter() - t
     say(f"pretrain (EW): {pre.steps} steps, {seconds['pretrain']:.0f}s")
     pretrained = pre.model.eval()
@@ -192,7 +249,7 @@ def run_pipeline(cfg: RunConfig, *, prepared=None, model: nn.Module | None = Non
 
     # the actor is a copy, so the pretrained weights stay intact (the agent may update it)
     actor = copy.deepcopy(pretrained)
-    stage = train_agent(cfg, log, pretrained, run_dir=root, actor=actor, say=say)
+    stage = train_agent(cfg, log, pretrained, run_dir=root, actor=actor, say=say, resume=resume)
     seconds["agent"] = stage.seconds
     stopped = ""
     if cfg.agent.critic_eval_every is not None:
@@ -203,13 +260,14 @@ def run_pipeline(cfg: RunConfig, *, prepared=None, model: nn.Module | None = Non
     start_val = pre_val if start is pretrained else mean_metric(_val_metrics(cfg, start, log), "auc")
     strategy = RMTLStrategy(log.spec.num_tasks, agent=stage.agent)  # lam / twin: the agent's (one source)
     arms = {"rmtl": finetune_arm(cfg, log, start, start_val, "rmtl", StrategyConfig(name="rmtl", options={}),
-                                 strategy=strategy, run_dir=root, tag="finetune", step_offset=pre.steps)}
+                                 strategy=strategy, run_dir=root, tag="finetune", step_offset=pre.steps,
+                                 resume=resume)}
     seconds["finetune"] = arms["rmtl"].seconds
     say(f"fine-tune (RMTL weights): {arms['rmtl'].steps} steps, kept {arms['rmtl'].kept}, {seconds['finetune']:.0f}s")
     if cfg.agent.ew_control:
         # fine-tuning continues pretraining's TensorBoard axis (the EW control runs beside it)
         arms["ew"] = finetune_arm(cfg, log, pretrained, pre_val, "ew", ew, run_dir=root, tag="ew_control",
-                                  step_offset=pre.steps)
+                                  step_offset=pre.steps, resume=resume)
         seconds["ew_control"] = arms["ew"].seconds
         say(f"fine-tune (EW control): {arms['ew'].steps} steps, kept {arms['ew'].kept}, {seconds['ew_control']:.0f}s")
 
@@ -219,16 +277,18 @@ def run_pipeline(cfg: RunConfig, *, prepared=None, model: nn.Module | None = Non
     table = comparison_table(before, after, control)
     result = PipelineResult(before=before, after=after, table=table, run_dir=root, agent_path=stage.path,
                             control=control, seconds=seconds, arms=arms)
-    write_text(root / "comparison.txt", table + "\n")
-    _write_json({"before": before, "after": after, "control": control, "seconds": seconds,
-                 "kept": {k: a.kept for k, a in arms.items()}, "agent": str(stage.path)}, root / "pipeline.json")
+    if main:
+        write_text(root / "comparison.txt", table + "\n")
+        _write_json({"before": before, "after": after, "control": control, "seconds": seconds,
+                     "kept": {k: a.kept for k, a in arms.items()}, "agent": str(stage.path),
+                     "processes": distributed.world_size()}, root / "pipeline.json")
     return result
 
 
 def _val_metrics(cfg: RunConfig, model: nn.Module, log: SessionLog) -> dict:
     from rmtl.train import evaluate
 
-    return evaluate(model, log.split("val"), cfg.train.eval_batch_size)
+    return evaluate(model, log.split("val"), cfg.train.eval_batch_size, predictor=predict_sharded)
 
 
 def comparison_table(before: dict, after: dict, control: dict | None = None,

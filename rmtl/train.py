@@ -66,6 +66,20 @@ def load_data(data: DataConfig, seed: int = 0):
     return prepare(data.source, data_dir, **kwargs)
 
 
+def load_everywhere(cfg: RunConfig, prepared=None):
+    """The SessionLog of ``prepared`` (None: of cfg.data) on every rank. Under torchrun rank 0
+    prepares first (it alone fills the cache), then the others read it, and a failure on
+    any rank stops all of them with one line (distributed.all_or_none)."""
+    log = None
+    for turn in ("main", "others"):
+        with distributed.all_or_none("loading the data"):
+            if distributed.is_main() == (turn == "main"):
+                log = as_session_log(prepared if prepared is not None else load_data(cfg.data, cfg.seed))
+        if not distributed.active():
+            break
+    return log
+
+
 def _resolved(text: str) -> str:
     """A RunConfig built in Python (not by load_config) may still hold ${now:...}."""
     if "${" not in text:
@@ -131,7 +145,7 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
     check_names(cfg, need_model=model is None, need_strategy=strategy is None)  # before a slow data load
     baseline = _baseline_metrics(cfg.baseline_run, tag)  # a missing baseline fails before training, not after
 
-    log = as_session_log(prepared if prepared is not None else load_data(cfg.data, cfg.seed))
+    log = load_everywhere(cfg, prepared)
     for name in ("train", "val", "test"):
         if name not in log.splits:
             raise DataError(f"the session log has no '{name}' split (has {sorted(log.splits)})")
@@ -144,7 +158,8 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
         strategy.bind_log(log.split("train"), model)
 
     root = Path(run_dir if run_dir is not None else _resolved(cfg.run_dir))
-    trainer = Trainer(tc, model, strategy, log, out_dir=_mkdir(root / tag), run_dir=root, device=device,
+    out_dir = _mkdir(root / tag) if distributed.is_main() else root / tag  # rank 0 writes the files
+    trainer = Trainer(tc, model, strategy, log, out_dir=out_dir, run_dir=root, device=device,
                       seed=cfg.seed, callbacks=[*default_callbacks(tc), *callbacks], tag=tag,
                       step_offset=step_offset, config=cfg, baseline=baseline)
     distributed.setup(trainer)  # under torchrun: this rank's slices of the global batches, gradient all-reduce

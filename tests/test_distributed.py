@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import small_cfg, tiny_log  # noqa: E402
+from test_train import UserBackbone, small_cfg, tiny_log  # noqa: E402
 
 from rmtl import checkpoint as ckpt  # noqa: E402
 from rmtl.backbones import build  # noqa: E402
@@ -35,7 +35,9 @@ CASES = {
     "drgrad": ["model.name=split_mmoe", "strategy.name=drgrad"],
     "gradnorm": ["strategy.name=gradnorm"],
     "gradnorm_parameters": ["strategy.name=gradnorm", "strategy.options.on=parameters"],
+    "gradnorm_plain": ["strategy.name=gradnorm"],  # W found from the global batch's task gradients
 }
+PLAIN_MODELS = {"gradnorm_plain": UserBackbone}  # a user's nn.Module instead of the configured backbone
 COMMON = ["model.options.dropout=0", "train.max_steps=4", "train.eval_every=2", "train.batch_size=60"]
 
 
@@ -59,7 +61,10 @@ class RecordGradients(Callback):
 def run_case(name: str, root: Path, extra=()) -> dict:
     cfg = small_cfg(root, *COMMON, *CASES[name], *extra)
     recorder = RecordGradients()
-    result = fit(cfg, prepared=tiny_log(), run_dir=root / name, callbacks=[recorder])
+    log = tiny_log()
+    torch.manual_seed(0)
+    model = PLAIN_MODELS[name](log.spec) if name in PLAIN_MODELS else None
+    result = fit(cfg, prepared=log, model=model, run_dir=root / name, callbacks=[recorder])
     last = ckpt.load_user_file(root / name / "train" / "last.pt", "test")
     return {"grads": torch.stack(recorder.steps), "weights": last["model"], "steps": result.steps,
             "val": result.metrics["val"]}

@@ -210,7 +210,7 @@ def test_gradnorm_on_a_plain_module_measures_the_last_truly_shared_layer():
     strategy = build_strategy("gradnorm", 3)
     losses = nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="none")
     strategy.backward(losses, model)
-    assert strategy._found_layer == "trunk.2.weight"  # not out.weight: each of its rows is one task's head
+    assert strategy.found_layer == "trunk.2.weight"  # not out.weight: each of its rows is one task's head
     # the measured norms are |dL_k / d trunk.2.weight|, computed here directly
     losses = nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="none").mean(0)
     direct = [float(torch.autograd.grad(losses[k], model.trunk[2].weight, retain_graph=True)[0].norm())

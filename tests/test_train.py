@@ -282,3 +282,37 @@ def test_single_task_model_trains_and_evaluates_its_own_column(log, tmp_path):
     probs = predict(result.model, test)
     assert probs.shape == (test.num_rows, 1)
     assert evaluate(result.model, test)["ctcvr"]["auc"] == pytest.approx(result.metrics["test"]["ctcvr"]["auc"])
+
+
+def test_gradnorm_resume_keeps_the_layer_it_found_on_a_plain_module(log, tmp_path):
+    """GradNorm finds W of a plain nn.Module from its first batch; last.pt carries the name,
+    so the resumed run measures the same W (not one rediscovered on another batch) and ends
+    exactly where the uninterrupted run ends."""
+    from rmtl.weighting import build_strategy
+
+    extra = ("strategy.name=gradnorm", "train.max_steps=8", "train.eval_every=4", "train.patience=null")
+    torch.manual_seed(0)
+    straight = fit(small_cfg(tmp_path / "straight", *extra), prepared=log, model=UserBackbone(log.spec))
+    torch.manual_seed(0)
+    cfg = small_cfg(tmp_path / "cut", *extra, "train.max_steps=4")
+    fit(cfg, prepared=log, model=UserBackbone(log.spec))
+    last = tmp_path / "cut" / "train" / "last.pt"
+    saved = ckpt.load(last)
+    assert saved["strategy"]["plain"]["found_layer"] == "head.0.weight"  # the last shared matrix
+    torch.manual_seed(0)
+    strategy = build_strategy("gradnorm", 2)
+    resumed = fit(small_cfg(tmp_path / "cut", *extra), prepared=log, model=UserBackbone(log.spec),
+                  strategy=strategy, resume=True)
+    assert strategy.found_layer == "head.0.weight" and resumed.steps == straight.steps == 8
+    a = ckpt.load(last)
+    b = ckpt.load(tmp_path / "straight" / "train" / "last.pt")
+    for key in ("model", "strategy"):
+        for name, value in b[key].items() if key == "model" else b[key]["state_dict"].items():
+            assert torch.equal((a[key] if key == "model" else a[key]["state_dict"])[name], value), name
+    # the carried name is what the resumed run uses: a checkpoint naming another shared layer keeps it
+    saved["strategy"]["plain"]["found_layer"] = "emb.weight"
+    ckpt.save_atomic(saved, last)
+    strategy = build_strategy("gradnorm", 2)
+    fit(small_cfg(tmp_path / "cut", *extra), prepared=log, model=UserBackbone(log.spec), strategy=strategy,
+        resume=True)
+    assert strategy.found_layer == "emb.weight"

@@ -32,6 +32,12 @@ def started_run(config: str, overrides: list[str], run_dir: str | None = None, *
         raise
 
 
+def resume_config(run_dir: str | None) -> str | None:
+    """RUN_DIR/config.yaml when it exists (what ``--resume --run-dir DIR`` runs without -c)."""
+    path = Path(run_dir) / "config.yaml" if run_dir else None
+    return str(path) if path is not None and path.exists() else None
+
+
 def _start(config, overrides, run_dir, need_strategy):
     from rmtl import distributed
     from rmtl.config import load_config, save_config

@@ -28,16 +28,18 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rmtl import distributed
     from rmtl.commands import started_run
-    from rmtl.data.prepare import as_session_log
     from rmtl.pipeline import load_backbone, train_agent
-    from rmtl.train import load_data
+    from rmtl.train import load_everywhere
 
     with started_run(args.config, args.overrides, args.run_dir, need_strategy=False) as cfg:
-        prepared = load_data(cfg.data, cfg.seed)
-        log = as_session_log(prepared)
-        backbone = load_backbone(args.backbone, cfg, log.spec)
+        log = load_everywhere(cfg, None)
+        with distributed.all_or_none("loading the backbone"):
+            backbone = load_backbone(args.backbone, cfg, log.spec)
         stage = train_agent(cfg, log, backbone, run_dir=cfg.run_dir, out_path=args.out, say=print)
+    if not distributed.is_main():  # under torchrun: rank 0 reports
+        return 0
     for step, td in zip(stage.history["step"][-1:], stage.history["td_loss"][-1:]):
         print(f"agent: {step} updates, final TD loss {td:.4f}, {stage.seconds:.0f}s")
     print(f"critics saved to {stage.path}")

@@ -6,7 +6,9 @@ import argparse
 import json
 
 from rmtl.data.prepare import format_summary, prepare, sources
+from rmtl.data.shards import DEFAULT_SHARDS, MAX_SHARDS, check_shards, prepare_sharded
 from rmtl.data.sources import get_source
+from rmtl.errors import ConfigError
 
 
 def _gap(text: str) -> float | None:
@@ -42,6 +44,13 @@ def _reader_option(text: str) -> tuple[str, object]:
     return key.strip(), parsed
 
 
+def _shards(text: str) -> int:
+    try:
+        return check_shards(int(text))
+    except (ValueError, ConfigError):
+        raise argparse.ArgumentTypeError(f"expected a whole number of shards in 1..{MAX_SHARDS}, got {text!r}") from None
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "prepare", help="build (or reuse) the cached SessionLog of a source",
@@ -66,6 +75,10 @@ def register(subparsers) -> None:
     p.add_argument("--reader-option", type=_reader_option, action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the source's reader (VALUE parsed as JSON when it can be); repeatable")
     p.add_argument("--no-cache", action="store_true", help="build without reading or writing the cache")
+    p.add_argument("--shards", type=_shards, default=None, metavar="N",
+                   help=f"kuairand only: out-of-core prepare, the log streamed into N user-partitioned Parquet "
+                        f"shards in the cache root (docs/shards.md; e.g. {DEFAULT_SHARDS}); memory is bounded "
+                        "by one CSV block and one shard, not by the log's size")
     p.add_argument("--strict", action="store_true",
                    help="a release folder missing one of its published files is an error, not a warning "
                         "(kuairand, census; RetailRocket needs every file anyway)")
@@ -76,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     options = dict(args.reader_option)
     if args.strict and get_source(args.source).reader_takes_strict:  # others need every file anyway
         options["strict"] = True
+    if args.shards is not None:
+        return _run_sharded(args, options)
     result = prepare(
         args.source, args.data_dir, cache_dir=args.out, session_gap=args.session_gap,
         min_count=args.min_count, split_ratios=args.split_ratios, split_order=args.split_order, seed=args.seed,
@@ -89,4 +104,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"cache: hit, read {result.cache_path}")
     else:
         print(f"cache: miss, wrote {result.cache_path}")
+    return 0
+
+
+def _run_sharded(args: argparse.Namespace, options: dict) -> int:
+    if args.source != "kuairand":
+        raise ConfigError(f"out-of-core prepare reads KuaiRand logs only, got --source {args.source}", key="shards")
+    if args.no_cache:
+        raise ConfigError("the shards are written into the cache root (--out); --no-cache does not apply", key="shards")
+    if args.data_dir is None:
+        raise ConfigError("expected --data-dir: the folder of the KuaiRand release to shard", key="data_dir")
+    result = prepare_sharded(
+        args.data_dir, shards=args.shards, cache_dir=args.out, session_gap=args.session_gap, min_count=args.min_count,
+        split_ratios=args.split_ratios, split_order=args.split_order, seed=args.seed, reader_options=options,
+        progress=lambda line: print(line, flush=True),
+    )
+    print(format_summary(result.summary))
+    print()
+    state = "hit, read" if result.from_cache else "miss, wrote"
+    print(f"shards: {state} {result.path} ({len(result.meta['shards'])} shard files)")
     return 0

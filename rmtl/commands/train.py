@@ -35,16 +35,13 @@ def format_metrics(metrics: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from rmtl import distributed
-    from rmtl.commands import started_run
+    from rmtl.commands import resume_config, started_run
     from rmtl.train import fit
 
-    config = args.config
+    config = args.config or (resume_config(args.run_dir) if args.resume else None)
     if config is None:
-        if args.resume and args.run_dir and (Path(args.run_dir) / "config.yaml").exists():
-            config = str(Path(args.run_dir) / "config.yaml")
-        else:
-            raise ConfigError("give a config with -c (a YAML file or one of the packaged names), or "
-                              "--resume --run-dir DIR for a run dir holding config.yaml")
+        raise ConfigError("give a config with -c (a YAML file or one of the packaged names), or "
+                          "--resume --run-dir DIR for a run dir holding config.yaml")
     overrides = list(args.overrides) + (["train.progress=false"] if args.no_progress else [])
     with started_run(config, overrides, args.run_dir) as cfg:
         result = fit(cfg, run_dir=Path(cfg.run_dir), resume=args.resume)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gzip
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -162,6 +163,47 @@ def read_kuairand(
     ``session_gap`` is accepted for interface symmetry; the builder cuts gap sessions.
     """
     del session_gap  # sessions are cut by the builder from user and time_ms
+    plan = plan_read(data_dir, tasks=tasks, include_random=include_random, user_features=user_features,
+                     video_features=video_features, sessions=sessions, strict=strict, **options)
+    logs = [_read_log(p, plan.log_columns, plan.selected) for p in plan.files["log"]]
+    n_read = sum(k for _, k in logs)
+    n_random = sum(len(t["user_id"]) for p, (t, _) in zip(plan.files["log"], logs) if p.name.startswith("log_random"))
+    log = {c: np.concatenate([t[c] for t, _ in logs]) for c in plan.log_columns}
+    n = len(log["user_id"])
+    if n == 0:
+        raise DataError(f"no log row belongs to the {len(plan.selected)} selected user(s); expected at least one",
+                        path=plan.files["log"][0].parent, column="user_id")
+    dropped = {} if n == n_read else {"user not among the selected users": n_read - n}
+    if not keep_duplicates:
+        first = ~duplicate_rows(log)
+        if not first.all():
+            dropped[DROP_DUPLICATE] = int((~first).sum())
+            log = {c: v[first] for c, v in log.items()}
+    sides = load_sides(plan, log["user_id"], log["video_id"])
+    frame, sparse, dense, notes = events_frame(log, plan, sides)
+    if include_random:
+        notes = {"random_exposures (log_random)": int(n_random), **notes}
+    warnings = plan.warnings + _date_like_warnings(frame, dense, log["time_ms"])
+    return raw_events(frame, sparse, dense, plan, events_read=n_read, dropped=dropped, notes=notes, warnings=warnings)
+
+
+@dataclass
+class ReadPlan:
+    """What a read of one release folder needs, decided before any log row is read: the
+    files, the tasks, the side-feature columns, the log columns and the selected users.
+    Shared by read_kuairand and the sharded prepare (rmtl.data.shards)."""
+    files: dict
+    task_map: dict
+    user_cols: list
+    video_cols: list
+    sessions: str
+    selected: np.ndarray | None
+    log_columns: list
+    warnings: list
+
+
+def plan_read(data_dir, *, tasks=None, include_random=False, user_features=None, video_features=None,
+              sessions="gap", strict=False, **options) -> ReadPlan:
     unknown = sorted(set(options) - {"release", "users"})
     if unknown:
         raise unknown_name("kuairand reader option", unknown[0], KNOWN_OPTIONS)
@@ -176,25 +218,24 @@ def read_kuairand(
                        need_users=bool(user_cols) or isinstance(chosen, (int, np.integer)), need_videos=bool(video_cols),
                        strict=bool(strict), warnings=warnings)
     selected = _select_users(chosen, files["user"])
-
     label_cols = sorted({c for expr in task_map.values() for c in expr})
     log_cols = ["user_id", "video_id", "time_ms", "tab", "duration_ms", *label_cols]
-    logs = [_read_log(p, log_cols, selected) for p in files["log"]]
-    n_read = sum(k for _, k in logs)
-    n_random = sum(len(t["user_id"]) for p, (t, _) in zip(files["log"], logs) if p.name.startswith("log_random"))
-    log = {c: np.concatenate([t[c] for t, _ in logs]) for c in log_cols}
-    n = len(log["user_id"])
-    if n == 0:
-        raise DataError(f"no log row belongs to the {len(selected)} selected user(s); expected at least one",
-                        path=files["log"][0].parent, column="user_id")
-    dropped = {} if n == n_read else {"user not among the selected users": n_read - n}
-    if not keep_duplicates:
-        first = ~duplicate_rows(log)
-        if not first.all():
-            dropped[DROP_DUPLICATE] = int((~first).sum())
-            log = {c: v[first] for c, v in log.items()}
-            n = len(log["user_id"])
+    return ReadPlan(files, task_map, user_cols, video_cols, sessions, selected, log_cols, warnings)
 
+
+def load_sides(plan: ReadPlan, user_ids: np.ndarray, video_ids: np.ndarray) -> dict:
+    """The user and video side tables, cut to the ids the log uses (None when not read)."""
+    return {
+        "user": load_side(plan.files["user"], "user_id", plan.user_cols, np.unique(user_ids)) if plan.user_cols else None,
+        "video": load_side(plan.files["video"], "video_id", plan.video_cols, np.unique(video_ids)) if plan.video_cols else None,
+    }
+
+
+def events_frame(log: dict[str, np.ndarray], plan: ReadPlan, sides: dict) -> tuple[dict, list, list, dict]:
+    """Per-row frame of validated, de-duplicated log rows: ids, time, exposure context,
+    side features joined, tasks. Row-local (no row depends on another row's values except
+    the user_day session ids), so it gives the same rows on a whole log or on one user shard."""
+    n = len(log["user_id"])
     user_id, video_id, time_ms = log["user_id"], log["video_id"], log["time_ms"]  # int64
     hour, weekday = beijing_hour_weekday(time_ms)
     frame: dict[str, object] = {"user": user_id, "item": video_id, "time": time_ms,
@@ -203,42 +244,42 @@ def read_kuairand(
     sparse = ["user_id", "video_id", "tab", "hour", "weekday"]
     dense = ["log_duration_s"]
     frame["log_duration_s"] = np.log1p(log["duration_ms"] / 1000.0)
-    notes: dict[str, int] = {"random_exposures (log_random)": int(n_random)} if include_random else {}
-    if sessions == "user_day":
+    notes: dict[str, int] = {}
+    if plan.sessions == "user_day":
         frame["session"] = _user_day_sessions(user_id, time_ms)
-
-    if user_cols:
-        notes["rows_without_user_features"] = _join_side(frame, sparse, dense, files["user"], "user_id", user_id, user_cols)
-    if video_cols:
-        notes["rows_without_video_features"] = _join_side(frame, sparse, dense, files["video"], "video_id", video_id, video_cols)
-    warnings += _date_like_warnings(frame, dense, time_ms)
-
-    for name, cols in task_map.items():
+    if plan.user_cols:
+        notes["rows_without_user_features"] = join_side(frame, sparse, dense, sides["user"], user_id)
+    if plan.video_cols:
+        notes["rows_without_video_features"] = join_side(frame, sparse, dense, sides["video"], video_id)
+    for name, cols in plan.task_map.items():
         if name in frame:
             raise ConfigError(f"task name '{name}' is also a column of the KuaiRand events; pick another name", key="tasks")
         y = np.ones(n, dtype=bool)
         for c in cols:
             y &= log[c] == 1
         frame[name] = y.astype(np.int8)
-
     leaked = set(sparse + dense) & set(OUTCOME_COLUMNS)
     assert not leaked, f"outcome column(s) among the features: {leaked}"  # guards future edits
-    raw = RawEvents(
+    return frame, sparse, dense, notes
+
+
+def raw_events(frame: dict, sparse: list, dense: list, plan: ReadPlan, *, events_read: int, dropped: dict,
+               notes: dict, warnings: list) -> RawEvents:
+    return RawEvents(
         frame=pd.DataFrame(frame, copy=False),
         sparse=sparse,
         dense=dense,
-        tasks=list(task_map),
+        tasks=list(plan.task_map),
         source=SOURCE,
-        events_read=n_read,
+        events_read=events_read,
         dropped=dropped,
         user_field="user_id",
         item_field="video_id",
         author_field="author_id" if "author_id" in sparse else None,
-        min_session_events=1 if sessions == "gap_keep_single" else 2,
+        min_session_events=1 if plan.sessions == "gap_keep_single" else 2,
         notes=notes,
         warnings=warnings,
     )
-    return raw
 
 
 # ---------------------------------------------------------------- real-file quirks
@@ -459,18 +500,31 @@ def _read_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep
     on a missing column, a wrong type, a bad value or an empty file.
     """
     columns = list(dict.fromkeys(columns))
+    chunks: dict[str, list[np.ndarray]] = {c: [] for c in columns}
+    n_read = 0
+    for data, rows in iter_csv(path, columns, what, check=check, keep=keep, dtypes=dtypes):
+        n_read += rows
+        for c, v in data.items():
+            chunks[c].append(v)
+    return {c: np.concatenate(v) for c, v in chunks.items()}, n_read
+
+
+def iter_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep=None, dtypes: dict | None = None,
+             block_bytes: int | None = None):
+    """The blocks of :func:`_read_csv` one at a time: yields ``(columns, rows read in the
+    block before filtering)``; memory stays at one block (the sharded prepare's pass 1)."""
+    columns = list(dict.fromkeys(columns))
     header = _header(path)
     for c in columns:
         if c not in header:
             raise DataError(f"missing column; expected the published {what} columns", path=path, column=c)
     types = {c: (pa.string() if c in STRING_COLUMNS else pa.int64() if c in EXACT_INT_COLUMNS else pa.float64())
              for c in columns}
-    chunks: dict[str, list[np.ndarray]] = {c: [] for c in columns}
     n_read = 0
     try:
         reader = pacsv.open_csv(
             path,
-            read_options=pacsv.ReadOptions(block_size=BLOCK_BYTES),
+            read_options=pacsv.ReadOptions(block_size=block_bytes or BLOCK_BYTES),
             convert_options=pacsv.ConvertOptions(include_columns=columns, column_types=types, strings_can_be_null=True),
         )
         for batch in reader:
@@ -481,8 +535,7 @@ def _read_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep
             if keep is not None:
                 mask = keep(data)
                 data = {c: v[mask] for c, v in data.items()}
-            for c, v in data.items():
-                chunks[c].append(v.astype(dtypes[c]) if dtypes and c in dtypes else v)
+            yield {c: (v.astype(dtypes[c]) if dtypes and c in dtypes else v) for c, v in data.items()}, batch.num_rows
     except pa.ArrowInvalid as err:
         raise _csv_error(err, path, header, what) from None
     except (OSError, EOFError) as err:  # a truncated or fake .gz, a file that vanished
@@ -490,7 +543,6 @@ def _read_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep
                         f"{what} CSV", path=path) from None
     if n_read == 0:
         raise DataError("empty file: a header but no rows", path=path)
-    return {c: np.concatenate(v) for c, v in chunks.items()}, n_read
 
 
 def _csv_error(err: Exception, path: Path, header: list[str], what: str) -> DataError:
@@ -565,8 +617,17 @@ def _check_log_block(data: dict[str, np.ndarray], path: Path, first_row: int) ->
 
 
 def _read_log(path: Path, columns: list[str], users: np.ndarray | None) -> tuple[dict[str, np.ndarray], int]:
-    keep = None if users is None else (lambda data: np.isin(data["user_id"], users))
-    return _read_csv(path, columns, "KuaiRand log", check=_check_log_block, keep=keep, dtypes=LOG_DTYPES)
+    return _read_csv(path, columns, "KuaiRand log", check=_check_log_block, keep=_user_filter(users), dtypes=LOG_DTYPES)
+
+
+def iter_log(path: Path, columns: list[str], users: np.ndarray | None, block_bytes: int | None = None):
+    """The validated blocks of one log file (see iter_csv), users filtered, compact dtypes."""
+    return iter_csv(path, columns, "KuaiRand log", check=_check_log_block, keep=_user_filter(users),
+                    dtypes=LOG_DTYPES, block_bytes=block_bytes)
+
+
+def _user_filter(users: np.ndarray | None):
+    return None if users is None else (lambda data: np.isin(data["user_id"], users))
 
 
 def _read_side(paths: list[Path], key: str, columns: list[str], needed: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -606,34 +667,41 @@ def _select_users(chosen, user_files: list[Path]) -> np.ndarray | None:
         raise ConfigError(f"expected a number of users or a list of integer user ids, got {chosen!r}", key="users") from None
 
 
-def _join_side(frame: dict, sparse: list[str], dense: list[str], paths: list[Path], key: str,
-               ids: np.ndarray, columns: list[str]) -> int:
-    """Add the side file's features to ``frame`` per row (by ``key``); returns the number
-    of rows whose id has no side row (they keep unknown features)."""
-    table = _read_side(paths, key, columns, needed=np.unique(ids))
-    idx = _lookup(table, key, ids)
+def load_side(paths: list[Path], key: str, columns: list[str], needed: np.ndarray | None = None) -> dict:
+    """A side file read once: its ids (a pd.Index for the lookup), every sparse column
+    factorised (codes, uniques; ``tag`` cut to its first tag), dense columns as read."""
+    table = _read_side(paths, key, columns, needed=needed)
+    side = {"key": key, "paths": paths, "columns": columns, "index": pd.Index(table[key])}
     for c in columns:
         if c in USER_SPARSE or c in VIDEO_SPARSE:
-            frame[c] = _take_sparse(_first_tag(table[c]) if c == "tag" else table[c], idx)
+            codes, uniques = pd.factorize(_first_tag(table[c]) if c == "tag" else table[c], use_na_sentinel=True)
+            small = np.int32 if len(uniques) < 2**31 - 1 else np.int64
+            side[c] = (codes.astype(small), pd.Index(uniques))
+        else:
+            side[c] = table[c]
+    return side
+
+
+def join_side(frame: dict, sparse: list[str], dense: list[str], side: dict, ids: np.ndarray) -> int:
+    """Add the side file's features to ``frame`` per row (by its key); returns the number
+    of rows whose id has no side row (they keep unknown features)."""
+    idx = side["index"].get_indexer(ids)  # -1 where the id has no side row
+    for c in side["columns"]:
+        if c in USER_SPARSE or c in VIDEO_SPARSE:
+            codes, uniques = side[c]
+            frame[c] = _take_sparse(codes, uniques, idx)
             sparse.append(c)
         else:
-            name, values = _dense_feature(c, table[c], idx, frame["time"], paths)
+            name, values = _dense_feature(c, side[c], idx, frame["time"], side["paths"])
             frame[name] = values
             dense.append(name)
     return int((idx < 0).sum())
 
 
-def _lookup(table: dict, key: str, ids: np.ndarray) -> np.ndarray:
-    """Row of each id in the side table; -1 where the id has no row."""
-    return pd.Index(table[key]).get_indexer(ids)
-
-
-def _take_sparse(values: np.ndarray, idx: np.ndarray) -> pd.Categorical:
+def _take_sparse(codes: np.ndarray, uniques: pd.Index, idx: np.ndarray) -> pd.Categorical:
     """Per-row categorical of an entity-level column; -1 (no side row) and None/NaN -> missing."""
-    codes, uniques = pd.factorize(values, use_na_sentinel=True)
-    small = np.int32 if len(uniques) < 2**31 - 1 else np.int64
-    row_codes = np.append(codes.astype(small), small(-1))[idx]  # idx -1 -> the appended -1
-    return pd.Categorical.from_codes(row_codes, dtype=pd.CategoricalDtype(pd.Index(uniques)), validate=False)
+    row_codes = np.append(codes, codes.dtype.type(-1))[idx]  # idx -1 -> the appended -1
+    return pd.Categorical.from_codes(row_codes, dtype=pd.CategoricalDtype(uniques), validate=False)
 
 
 def _take_dense(values: np.ndarray, idx: np.ndarray) -> np.ndarray:

@@ -100,32 +100,15 @@ def prepare(
     items, seed, task_correlation, ...) instead of the embedded default's.
     """
     read = reader(source)
-    if session_gap is not None:
-        try:
-            session_gap = float(session_gap)
-        except (TypeError, ValueError):
-            raise ConfigError(f"expected seconds or None, got {session_gap!r}", key="session_gap") from None
-        if not (math.isfinite(session_gap) and session_gap > 0):
-            raise ConfigError(f"expected positive seconds or None, got {session_gap!r}", key="session_gap")
-    ratios = check_split_ratios(data_sources.default_split_ratios(source) if split_ratios is None else split_ratios)
-    check_split_order(split_order, source)
-    if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
-        raise ConfigError(f"must be an integer >= 1, got {min_count!r}", key="min_count")
+    options = check_options(source, session_gap=session_gap, split_ratios=split_ratios, split_order=split_order,
+                            min_count=min_count, seed=seed, reader_options=reader_options)
+    session_gap, ratios, reader_options = options["session_gap"], tuple(options["split_ratios"]), options["reader_options"]
     if synthetic and data_dir is not None:
         raise ConfigError("synthetic options apply only without a data_dir", key="synthetic")
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache.default_root()
     data_path = default_data_dir(source, root, synthetic) if data_dir is None else Path(data_dir).expanduser()
     if not data_path.exists():
         raise DataError(f"no such file or directory; expected the raw {source} files", path=data_path)
-    reader_options = dict(reader_options or {})
-    options = {
-        "session_gap": session_gap,
-        "split_ratios": list(ratios),
-        "split_order": split_order,
-        "min_count": int(min_count),
-        "seed": int(seed),
-        "reader_options": reader_options,
-    }
 
     entry = None
     if use_cache:
@@ -153,6 +136,30 @@ def prepare(
     if entry is not None:
         cache.save(entry, log, summary, key_material=material, vocab=vocab)
     return Prepared(log, summary, entry, False, data_path, vocab)
+
+
+def check_options(source: str, *, session_gap, split_ratios, split_order, min_count, seed, reader_options) -> dict:
+    """The builder options of a prepare, checked (ConfigError naming the key) and in the
+    form the cache key hashes; shared by prepare() and the sharded prepare (rmtl.data.shards)."""
+    if session_gap is not None:
+        try:
+            session_gap = float(session_gap)
+        except (TypeError, ValueError):
+            raise ConfigError(f"expected seconds or None, got {session_gap!r}", key="session_gap") from None
+        if not (math.isfinite(session_gap) and session_gap > 0):
+            raise ConfigError(f"expected positive seconds or None, got {session_gap!r}", key="session_gap")
+    ratios = check_split_ratios(data_sources.default_split_ratios(source) if split_ratios is None else split_ratios)
+    check_split_order(split_order, source)
+    if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
+        raise ConfigError(f"must be an integer >= 1, got {min_count!r}", key="min_count")
+    return {
+        "session_gap": session_gap,
+        "split_ratios": list(ratios),
+        "split_order": split_order,
+        "min_count": int(min_count),
+        "seed": int(seed),
+        "reader_options": dict(reader_options or {}),
+    }
 
 
 def default_data_dir(source: str, root: Path, options: dict | None = None) -> Path:

@@ -26,6 +26,7 @@ Planted structure (all vectorised, deterministic per seed):
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,7 @@ def write_kuairand(
     factor_dim: int = 8,
     signal: float = 1.2,
     dynamics: float = 1.0,
+    users_per_chunk: int | None = None,
     **rates: float,
 ) -> dict[str, Path]:
     """Write a synthetic KuaiRand release into ``out_dir``; returns file stem -> path.
@@ -117,7 +119,10 @@ def write_kuairand(
     that share of videos out of video_features_basic (their rows keep unknown features).
     Rare-feedback rates: like_rate, follow_rate, comment_rate, forward_rate, hate_rate,
     profile_enter_rate (unconditional). ``dynamics`` in [0, 3] scales the session dynamics
-    (0 = independent draws).
+    (0 = independent draws). ``users_per_chunk``: simulate and append the users in blocks of
+    this many (memory bounded by one block, for logs of 10^8 rows); each block draws from its
+    own seed ``[seed, block]`` and calibrates its own intercepts, so the files differ from
+    the one-block ones of the same seed (and are deterministic per seed and block size).
     """
     unknown = sorted(set(rates) - set(DEFAULT_RATES))
     if unknown:
@@ -128,17 +133,53 @@ def write_kuairand(
                    long_view_rate, random_share, missing_video_features, factor_dim, rates)
     users, items, factor_dim = int(users), int(items), int(factor_dim)
     dynamics = dyn.check_strength(dynamics)
+    if users_per_chunk is not None and (isinstance(users_per_chunk, bool) or not isinstance(users_per_chunk, (int, np.integer))
+                                        or users_per_chunk < 1):
+        raise ConfigError(f"expected a positive whole number, got {users_per_chunk!r}", key="users_per_chunk")
     rng = np.random.default_rng(seed)
+    sim = dict(items=items, session_length=session_length, random_share=random_share, rho=float(task_correlation),
+               dim=factor_dim, signal=float(signal), click_rate=float(click_rate), lv_rate=float(long_view_rate),
+               rates=rates, dynamics=dynamics)
+    if users_per_chunk is None or users_per_chunk >= users:
+        user_lat = _latents(rng, users, factor_dim)
+        video_lat = _latents(rng, items, factor_dim)
+        n_sessions = 1 + rng.poisson(rng.gamma(2.0, max(sessions_per_user - 1.0, 1e-9) / 2.0, users))
+        user_table = _user_features(rng, users, n_sessions, user_lat)
+        video_table, video_info = _video_features(rng, items, video_lat)
+        blocks = [(user_table, _simulate_log(rng, n_sessions, user_lat, video_lat, video_info, **sim))]
+    else:
+        video_lat = _latents(rng, items, factor_dim)
+        video_table, video_info = _video_features(rng, items, video_lat)
+        blocks = _user_blocks(seed, users, int(users_per_chunk), sessions_per_user, video_lat, video_info, sim)
+    if missing_video_features > 0:
+        keep = rng.random(items) >= missing_video_features
+        video_table = video_table.loc[keep].reset_index(drop=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_blocks = 1 if isinstance(blocks, list) else -(-users // int(users_per_chunk))
+    return _write_release(out, names, blocks, n_blocks, video_table)
 
-    user_lat = _latents(rng, users, factor_dim)
-    video_lat = _latents(rng, items, factor_dim)
-    n_sessions = 1 + rng.poisson(rng.gamma(2.0, max(sessions_per_user - 1.0, 1e-9) / 2.0, users))
-    user_table = _user_features(rng, users, n_sessions, user_lat)
-    video_table, video_info = _video_features(rng, items, video_lat)
 
+def _user_blocks(seed, users: int, per_block: int, sessions_per_user: float, video_lat: dict, video_info: dict, sim: dict):
+    """(user table, sorted log frame) of each block of users, ids offset by the block's start."""
+    for b, first in enumerate(range(0, users, per_block)):
+        n = min(per_block, users - first)
+        rng = np.random.default_rng([seed, b])
+        user_lat = _latents(rng, n, sim["dim"])
+        n_sessions = 1 + rng.poisson(rng.gamma(2.0, max(sessions_per_user - 1.0, 1e-9) / 2.0, n))
+        user_table = _user_features(rng, n, n_sessions, user_lat)
+        frame = _simulate_log(rng, n_sessions, user_lat, video_lat, video_info, **sim)
+        user_table["user_id"] += first
+        frame["user_id"] += first
+        yield user_table, frame
+
+
+def _simulate_log(rng, n_sessions, user_lat, video_lat, video_info, *, items, session_length, random_share, rho, dim,
+                  signal, click_rate, lv_rate, rates, dynamics) -> pd.DataFrame:
+    """The impressions of these users, in the published columns, sorted by (user_id, time_ms)."""
     events = _impressions(rng, n_sessions, items, session_length, random_share, video_info["popularity"])
-    labels, keep = _labels(rng, events, user_lat, video_lat, video_info, float(task_correlation), factor_dim,
-                           float(signal), float(click_rate), float(long_view_rate), rates, dynamics)
+    labels, keep = _labels(rng, events, user_lat, video_lat, video_info, rho, dim, signal, click_rate, lv_rate,
+                           rates, dynamics)
     if not keep.all():  # the user left: later impressions never happened
         n_imp = len(keep)
         events = {k: (v[keep] if len(v) == n_imp and k not in ("session_user", "session_start") else v)
@@ -152,25 +193,37 @@ def write_kuairand(
     reads_comments = (labels["is_comment"] == 1) | ((labels["is_click"] == 1) & (rng.random(len(play)) < 0.03))
     log["comment_stay_time"] = np.where(reads_comments, np.exp(rng.normal(9.5, 1.0, len(play))), 0).astype(np.int64)
     log["is_rand"] = (events["is_rand"] & (log["time_ms"] >= _utc_ms(PERIOD2_START))).astype(np.int64)
+    return pd.DataFrame({c: log[c] for c in _LOG_ORDER}).sort_values(["user_id", "time_ms"], kind="stable")
 
-    if missing_video_features > 0:
-        keep = rng.random(items) >= missing_video_features
-        video_table = video_table.loc[keep].reset_index(drop=True)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    frame = pd.DataFrame({c: log[c] for c in _LOG_ORDER}).sort_values(["user_id", "time_ms"], kind="stable")
-    period2 = frame["date"].to_numpy() >= 20220422
-    is_rand = frame["is_rand"].to_numpy() == 1
+def _write_release(out: Path, names: dict, blocks, n_blocks: int, video_table: pd.DataFrame) -> dict[str, Path]:
+    """Append each block's rows to the span / part files (27k: one block goes to one part,
+    or with a single block its rows are cut in two), the user rows to the user file; every
+    file is written under a temporary name and renamed at the end."""
+    log_names = [*names["log_standard"], names["log_random"][0]]
+    paths = {name: out / name for name in [*log_names, names["user"][0]]}
     written: dict[str, Path] = {}
-    for span_rows, span in ((~period2 & ~is_rand, SPANS[0]), (period2 & ~is_rand, SPANS[1])):
-        files = [n for n in names["log_standard"] if span in n]
-        part = frame.loc[span_rows]
-        cut = np.array_split(np.arange(len(part)), len(files))  # 27k: row chunks part1, part2
-        for name, rows in zip(files, cut):
-            written[name[:-4]] = _write_int_csv(part.iloc[rows], out / name)
-    written[names["log_random"][0][:-4]] = _write_int_csv(frame.loc[is_rand], out / names["log_random"][0])
-    written[names["user"][0][:-4]] = _write_csv(user_table, out / names["user"][0])
+    with ExitStack() as stack:
+        handles = {name: stack.enter_context(open(stack.enter_context(atomic_path(path)), "wb")) for name, path in paths.items()}
+        for name in log_names:
+            handles[name].write((",".join(_LOG_ORDER) + "\n").encode())
+        for b, (user_table, frame) in enumerate(blocks):
+            period2 = frame["date"].to_numpy() >= 20220422
+            is_rand = frame["is_rand"].to_numpy() == 1
+            for span_rows, span in ((~period2 & ~is_rand, SPANS[0]), (period2 & ~is_rand, SPANS[1])):
+                files = [n for n in names["log_standard"] if span in n]
+                part = frame.loc[span_rows]
+                if n_blocks == 1:
+                    cut = np.array_split(np.arange(len(part)), len(files))  # 27k: row chunks part1, part2
+                else:
+                    cut = [np.arange(len(part)) if i == min(b * len(files) // n_blocks, len(files) - 1)
+                           else np.arange(0) for i in range(len(files))]
+                for name, rows in zip(files, cut):
+                    _append_int_csv(part.iloc[rows], handles[name])
+            _append_int_csv(frame.loc[is_rand], handles[names["log_random"][0]])
+            user_table.to_csv(handles[names["user"][0]], index=False, header=b == 0)
+    for name, path in paths.items():
+        written[name[:-4]] = path
     written[names["video"][0][:-4]] = _write_csv(video_table, out / names["video"][0])
     return written
 
@@ -419,13 +472,10 @@ def _utc_ms(beijing: np.datetime64) -> int:
     return int(beijing.astype("datetime64[ms]").astype(np.int64)) - BEIJING_OFFSET_MS
 
 
-def _write_int_csv(frame: pd.DataFrame, path: Path) -> Path:
-    """An all-integer table (the logs), fast: a bare header line, then pyarrow's writer."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        fh.write((",".join(frame.columns) + "\n").encode())
-        table = pa.Table.from_pandas(frame, preserve_index=False)
-        pacsv.write_csv(table, fh, write_options=pacsv.WriteOptions(include_header=False))
-    return path
+def _append_int_csv(frame: pd.DataFrame, fh) -> None:
+    """All-integer rows (the logs) without a header, fast: pyarrow's writer."""
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    pacsv.write_csv(table, fh, write_options=pacsv.WriteOptions(include_header=False))
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> Path:

@@ -15,7 +15,11 @@ on the first call every task's loss is differentiated once w.r.t. all parameters
 W is the last registered weight matrix with an entry that EVERY task's gradient reaches
 (non-zero): the last truly shared layer, not a task head (nor a [K, H] output layer
 holding all heads, whose rows each belong to one task). If no parameter is reached by all tasks,
-a ConfigError says to declare ``shared_parameters()`` or name ``layer``.
+a ConfigError says to declare ``shared_parameters()`` or name ``layer``. The name found is
+kept in ``found_layer``, a plain attribute that checkpoints carry (rmtl.checkpoint.module_state),
+so a resumed run measures the same W instead of rediscovering it on another batch; under
+torch.distributed it is found from the GLOBAL batch's per-task gradients, so every process
+(and one process) picks the same W.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ class GradNorm(LossWeighting):
         self.task_weights = nn.Parameter(torch.ones(self.num_tasks))
         self.register_buffer("initial_losses", torch.zeros(self.num_tasks))
         self.register_buffer("has_initial", torch.zeros((), dtype=torch.bool))
-        self._found_layer: str | None = None  # W found from task ownership (plain nn.Module)
+        self.found_layer: str | None = None  # W found from task ownership (plain nn.Module); saved in last.pt
 
     def _norm_target(self, model: nn.Module, shared: torch.Tensor | None,
                      task_losses: torch.Tensor) -> list[torch.Tensor]:
@@ -70,13 +74,14 @@ class GradNorm(LossWeighting):
         """The last registered parameter (weight matrices first) with a non-zero gradient from
         every task: found once, from the first call's per-task gradients, then remembered."""
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if self._found_layer is None:
+        if self.found_layer is None:
             # element-wise: a [K, H] output layer holds every task's head, but no entry of it
             # gets a gradient from two tasks; a shared layer's entries get one from all of them
             common: list[torch.Tensor | None] = [torch.ones_like(p, dtype=torch.bool) for _, p in named]
             for k in range(self.num_tasks):
                 got = torch.autograd.grad(task_losses[k], [p for _, p in named], retain_graph=True,
                                           allow_unused=True)
+                got = all_reduce_gradients(got, [p for _, p in named])  # the global batch's (no-op in one process)
                 common = [None if c is None or g is None else c & (g.to_dense() if g.is_sparse else g).ne(0)
                           for c, g in zip(common, got)]
             shared = [(n, p) for (n, p), c in zip(named, common) if c is not None and bool(c.any())]
@@ -86,8 +91,8 @@ class GradNorm(LossWeighting):
                                   "(and task_parameters(k)) on the model, or name a parameter with "
                                   "strategy.options.layer", key="strategy.options.layer")
             matrices = [n for n, p in shared if p.dim() >= 2]
-            self._found_layer = (matrices or [n for n, _ in shared])[-1]
-        return dict(named)[self._found_layer]
+            self.found_layer = (matrices or [n for n, _ in shared])[-1]
+        return dict(named)[self.found_layer]
 
     def backward(self, losses: torch.Tensor, model: nn.Module, *, shared: torch.Tensor | None = None,
                  context: dict | None = None) -> torch.Tensor:

@@ -1,0 +1,853 @@
+"""Out-of-core prepare of KuaiRand logs: user-partitioned Parquet shards.
+
+    from rmtl.data.shards import prepare_sharded
+    sp = prepare_sharded("/data/KuaiRand-27K/data", shards=64)
+    sp.shard_files()        # shard-00000.parquet ... one per shard, rows in log order
+    sp.load_log()           # all shards as ONE SessionLog (small data / tests only)
+
+The same SessionLog as ``prepare("kuairand", dir)`` builds in memory, written as shards
+(docs/shards.md), while memory stays bounded by one CSV block plus one shard:
+
+1. **Partition** (one streamed pass over the raw log, ``kuairand.iter_log``): every
+   validated block is cut by ``splitmix64(user_id) % shards`` and appended to that shard's
+   raw Parquet file, with ``pos``, the row's index in the reader's row order.
+2. **Sessions per shard**: a user's events all live in one shard, so duplicate removal, the
+   reader's per-row frame (``kuairand.events_frame``), the session cut and the short-session
+   drop are the in-memory ones applied to the shard. Each kept session leaves its key:
+   (start time, the ``pos`` of its user's first row -- or of its own first row for
+   ``sessions=user_day`` -- and its rank inside the shard). Sorting these keys globally
+   gives the builder's session order exactly (its tie-break is the session id, which
+   follows the user's first appearance); the 6:2:2 cut is then the builder's own
+   (``build._split_bounds``). This table is the one structure that grows with the log:
+   four numbers per session.
+3. **Merged statistics**: per sparse field, each value's first ``pos`` (over all rows, as
+   the builder's factorize sees them) and its train count, folded by min / sum across
+   shards -- the vocabulary index order is that first appearance, exactly; dense mean /
+   std from per-shard (count, mean, M2) merged by Chan's formula (float tolerance); the
+   user / item codes from each one's first row in the final log order.
+4. **Encode** each shard and write it in log order.
+
+Everything lands in a temporary folder beside the entry, renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rmtl.data import cache
+from rmtl.data import kuairand as kr
+from rmtl.data.build import (FIRST_VALUE_INDEX, MISSING_INDEX, RARE_INDEX, _kept_warnings, _split_bounds,
+                             check_split_order)
+from rmtl.data.sessionlog import SPLITS, SessionLog
+from rmtl.data.sessions import assign_sessions, group_time_order
+from rmtl.data.spec import FeatureSpec
+from rmtl.errors import ConfigError, DataError
+
+DEFAULT_SHARDS = 64  # the one default of the shard count (CLI and API)
+MAX_SHARDS = 4096  # one open Parquet writer per shard during pass 1
+SHARD_FORMAT = 1
+SOURCE = "kuairand"
+ENTRY_PREFIX = "kuairand-shards"
+SHARD_NAME = "shard-{:05d}.parquet"
+ROW_GROUP = 1 << 16  # rows per Parquet row group of an output shard: the unit a lazy reader loads
+FOLD_ROWS = 1 << 22  # fold the per-shard partial tables once this many rows pile up
+# the passes' own files are read once or twice and deleted: no dictionary pages, no compression
+TEMP_PARQUET = {"compression": "none", "use_dictionary": False, "write_statistics": False}
+DAY_REF = 19_000  # days since 1970 subtracted before the date-correlation sums (fewer lost digits)
+
+
+@dataclass
+class ShardedPrepared:
+    path: Path  # the entry folder: meta.json, vocab.parquet, shard-*.parquet
+    meta: dict
+    from_cache: bool
+
+    @property
+    def summary(self) -> dict:
+        return self.meta["summary"]
+
+    @property
+    def spec(self) -> FeatureSpec:
+        return FeatureSpec.from_dict(self.meta["spec"])
+
+    def shard_files(self) -> list[Path]:
+        return [self.path / s["file"] for s in self.meta["shards"]]
+
+    def load_log(self) -> SessionLog:
+        return load_log(self.path)
+
+    @property
+    def vocabularies(self) -> dict:
+        return cache.load_vocabularies(self.path)
+
+
+def check_shards(shards) -> int:
+    if isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or not 1 <= shards <= MAX_SHARDS:
+        raise ConfigError(f"expected a whole number of shards in 1..{MAX_SHARDS}, got {shards!r}", key="shards")
+    return int(shards)
+
+
+def check_workers(workers) -> int:
+    if workers is None:
+        return min(os.cpu_count() or 1, 4)
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ConfigError(f"expected a whole number of processes >= 1, got {workers!r}", key="workers")
+    return int(workers)
+
+
+def shard_of(user_id: np.ndarray, shards: int) -> np.ndarray:
+    """The shard of each user id: splitmix64 of the id modulo ``shards`` (ids of a release
+    are often consecutive; the mix spreads them evenly)."""
+    x = np.asarray(user_id).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x % np.uint64(shards)).astype(np.int32)
+
+
+def prepare_sharded(
+    data_dir: str | Path,
+    *,
+    shards: int = DEFAULT_SHARDS,
+    cache_dir: str | Path | None = None,
+    session_gap: float | None = 1800.0,
+    split_ratios=None,
+    split_order: str | None = None,
+    min_count: int = 1,
+    seed: int = 0,
+    reader_options: dict | None = None,
+    block_bytes: int | None = None,
+    workers: int | None = None,
+    progress=None,
+) -> ShardedPrepared:
+    """Build (or reuse) the sharded SessionLog of a KuaiRand release folder.
+
+    The entry lives in the cache root (``cache_dir``, default $RMTL_CACHE) as
+    ``kuairand-shards-<key>/``, keyed like prepare()'s entries plus the shard count.
+    ``block_bytes``: CSV block size of the streamed read (default kuairand.BLOCK_BYTES).
+    ``workers``: processes for the per-shard passes (default: the CPU count, at most 4);
+    each holds one shard at a time, so peak memory grows with it.
+    ``progress``: a callable taking one line of text (phase timings), or None.
+    """
+    from rmtl.data.prepare import check_options
+
+    shards = check_shards(shards)
+    options = check_options(SOURCE, session_gap=session_gap, split_ratios=split_ratios, split_order=split_order,
+                            min_count=min_count, seed=seed, reader_options=reader_options)
+    data_path = Path(data_dir).expanduser()
+    if not data_path.exists():
+        raise DataError(f"no such file or directory; expected the raw {SOURCE} files", path=data_path)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache.default_root()
+    # the layout settings ride in the options part of the key
+    material = {"source": SOURCE, "options": {**options, "shards": shards, "shard_format": SHARD_FORMAT},
+                "files": cache.fingerprint(data_path, cache.input_files(data_path, exclude=root))}
+    entry = cache.entry_path(root, ENTRY_PREFIX, cache.cache_key(**material))
+    if (entry / cache.META_FILE).is_file():
+        meta = json.loads((entry / cache.META_FILE).read_text())
+        if all((entry / s["file"]).is_file() for s in meta.get("shards", [])):
+            return ShardedPrepared(entry, meta, True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        cache.remove_stale_temporaries(root)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-p{os.getpid()}-{entry.name}-", dir=root))
+    except OSError as err:
+        raise DataError(f"cannot write the shards here ({err.strerror or err}); pick another with --out / "
+                        "$RMTL_CACHE", path=root) from None
+    try:
+        os.chmod(tmp, 0o755)
+        meta = _build(data_path, tmp, shards, options, block_bytes, check_workers(workers), progress or (lambda line: None))
+        meta["key_material"] = material
+        meta["summary"]["data_dir"] = str(data_path)
+        meta["summary"]["options"] = options
+        (tmp / cache.META_FILE).write_text(json.dumps(meta, indent=1, default=cache._json_default))
+        try:
+            os.replace(tmp, entry)
+        except OSError:
+            if not (entry / cache.META_FILE).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same entry first
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"cannot write the shards ({err.strerror or str(err).splitlines()[0]}); nothing was written",
+                        path=entry) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ShardedPrepared(entry, meta, False)
+
+
+# ----------------------------------------------------------------------------- the passes
+
+def _build(data_path: Path, out: Path, shards: int, options: dict, block_bytes, workers: int, progress) -> dict:
+    reader_options = dict(options["reader_options"])
+    keep_duplicates = bool(reader_options.pop("keep_duplicates", False))
+    reader_options.pop("session_gap", None)
+    plan = kr.plan_read(data_path, **reader_options)
+    order_kind = check_split_order(options["split_order"], SOURCE)
+    raw_dir, mid_dir = out / "raw", out / "mid"
+    raw_dir.mkdir()
+    mid_dir.mkdir()
+    clock = time.perf_counter()
+
+    # 1. partition
+    part = _partition(plan, raw_dir, shards, block_bytes)
+    progress(f"partition   {part['rows']:,} rows into {shards} shards  {time.perf_counter() - clock:.1f}s")
+    clock = time.perf_counter()
+    ctx = _CTX
+    ctx.clear()
+    ctx.update(plan=plan, sides=kr.load_sides(plan, part.pop("users"), part.pop("videos")), raw_dir=raw_dir,
+               mid_dir=mid_dir, out=out, session_gap=options["session_gap"], keep_duplicates=keep_duplicates,
+               order_kind=order_kind, min_events=1 if plan.sessions == "gap_keep_single" else 2)
+
+    # 2. sessions per shard
+    first_pos: dict[str, _Fold] = {}
+    keys, acc = [], _Acc()
+    spec_fields = None
+    for got in _map(_pass_sessions, range(shards), workers):
+        if got is None:
+            keys.append(None)
+            continue
+        fields, key, firsts, shard_acc = got
+        spec_fields = spec_fields or fields
+        keys.append(key)
+        acc.merge(shard_acc)
+        for name, (values, pos) in firsts.items():
+            first_pos.setdefault(name, _Fold("min")).add(values, pos)
+    if spec_fields is None:
+        raise DataError(f"no log row belongs to the {len(plan.selected)} selected user(s); expected at least one",
+                        path=plan.files["log"][0].parent, column="user_id")
+    where = f"{SOURCE} events"
+    if acc.kept_rows == 0:
+        raise DataError(f"every session has fewer than {ctx['min_events']} events; nothing to build", path=where)
+    progress(f"sessions    {acc.kept_rows:,} rows kept in {sum(len(k['start']) for k in keys if k):,} sessions  "
+             f"{time.perf_counter() - clock:.1f}s")
+    clock = time.perf_counter()
+
+    # global session order and the split
+    rank, session_ptr = _global_order(keys, order_kind, options["seed"])
+    bounds = _split_bounds(session_ptr, tuple(options["split_ratios"]), where)
+    splits = {name: (bounds[i], bounds[i + 1]) for i, name in enumerate(SPLITS)}
+    del keys
+    sparse, dense, tasks, side_fields = spec_fields
+    ctx.update(rank=rank, session_ptr=session_ptr, splits=splits, fields=spec_fields)
+    present = [s for s in range(shards) if rank[s] is not None and len(rank[s])]
+
+    # 3. merged statistics over the train rows
+    counts = {name: _Fold("sum") for name in sparse}
+    moments = {name: [0, 0.0, 0.0, 0] for name in dense}  # n, mean, M2, missing
+    firsts_user, firsts_item = _Fold("min"), _Fold("min")
+    split_acc = {name: {"rows": 0, "users": 0, "pos": np.zeros(len(tasks))} for name in SPLITS}
+    for got in _map(_pass_statistics, present, workers):
+        for name in sparse:
+            counts[name].add(*got["counts"][name])
+        for name in dense:
+            if got["inf"][name]:
+                raise DataError(f"{got['inf'][name]} infinite value(s); expected finite numbers or NaN",
+                                path=where, column=name)
+            moments[name][3] += got["missing"][name]  # the builder counts missing over all kept rows
+            _merge_moments(moments[name], *got["moments"][name])
+        firsts_user.add(*got["user"])
+        firsts_item.add(*got["item"])
+        for name in SPLITS:
+            for k in ("rows", "users", "pos"):
+                split_acc[name][k] = split_acc[name][k] + got["splits"][name][k]
+    vocab_luts, vocab, cards, vocab_sizes = {}, {}, [], {}
+    for name in sparse:
+        values, first = first_pos[name].result()
+        lut, series, frequent, rare = _vocabulary(name, values, first, counts[name], options["min_count"],
+                                                  side_fields.get(name))
+        vocab_luts[name] = (values, lut)
+        vocab[name] = series
+        cards.append(FIRST_VALUE_INDEX + frequent)
+        vocab_sizes[name] = {"frequent": frequent, "rare": rare}
+    del first_pos, counts
+    dense_stats = {}
+    for name, (n, mean, m2, missing) in moments.items():
+        std = float(np.sqrt(m2 / n)) if n else 1.0
+        dense_stats[name] = {"mean": float(mean) if n else 0.0, "std": std if std > 0 else 1.0, "missing": int(missing)}
+    user_code = _codes_by_first(*firsts_user.result())
+    item_code = _codes_by_first(*firsts_item.result())
+    del firsts_user, firsts_item
+    ctx.update(cards=cards, vocab_luts=vocab_luts, dense_stats=dense_stats, user_code=user_code, item_code=item_code)
+    progress(f"statistics  {len(sparse)} vocabularies, {len(dense)} dense columns  {time.perf_counter() - clock:.1f}s")
+    clock = time.perf_counter()
+
+    # 4. encode and write each shard in log order
+    shard_meta = [{"file": SHARD_NAME.format(s), "shard": s, **info}
+                  for s, info in zip(present, _map(_pass_encode, present, workers))]
+    shutil.rmtree(raw_dir)
+    shutil.rmtree(mid_dir)
+    progress(f"encode      {len(shard_meta)} shard files  {time.perf_counter() - clock:.1f}s")
+    pq.write_table(cache._vocab_table(vocab), out / cache.VOCAB_FILE, compression="lz4")
+    ctx.clear()
+
+    spec = FeatureSpec(
+        source=SOURCE, sparse_fields=list(sparse), cardinalities=cards, dense_fields=list(dense), tasks=list(tasks),
+        user_field="user_id", item_field="video_id", author_field="author_id" if "author_id" in sparse else None,
+        extra={
+            "sparse_convention": {"missing_or_unseen": MISSING_INDEX, "rare": RARE_INDEX, "first_value": FIRST_VALUE_INDEX,
+                                  "fitted_on": "train", "min_count": options["min_count"]},
+            "train_vocab_sizes": vocab_sizes,
+            "dense_stats": dense_stats,
+            "split_order": order_kind,
+            "split_ratios": list(options["split_ratios"]),
+            "fixed_test": None,
+            "session_gap": None if plan.sessions == "user_day" else options["session_gap"],
+        },
+    )
+    n_rows, n_sessions = int(session_ptr[-1]), len(session_ptr) - 1
+    summary = _summary(plan, part, acc, spec, n_rows, n_sessions, splits, split_acc, len(user_code[0]),
+                       len(item_code[0]), 1 if plan.sessions == "gap_keep_single" else 2)
+    return {
+        "format": cache.FORMAT_VERSION,
+        "shard_format": SHARD_FORMAT,
+        "layout": {"partition": "splitmix64(user_id) % shards", "shards": shards, "row_group": ROW_GROUP},
+        "spec": spec.to_dict(),
+        "splits": {k: list(v) for k, v in splits.items()},
+        "num_rows": n_rows,
+        "num_sessions": n_sessions,
+        "shards": shard_meta,
+        "summary": summary,
+        "vocab_dtypes": {k: cache._value_dtype(v.index) for k, v in vocab.items()},
+    }
+
+
+# What the per-shard passes read (set before the worker processes fork, so they inherit it).
+_CTX: dict = {}
+
+
+def _map(fn, items, workers: int):
+    """``fn`` over the shard numbers, in order: in this process, or in ``workers`` forked
+    processes (each holds one shard at a time; the results come back in order)."""
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        return map(fn, items)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(fn, items))
+
+
+def _partition(plan, raw_dir: Path, shards: int, block_bytes) -> dict:
+    """Pass 1: stream every log file block by block into per-shard raw Parquet files."""
+    columns = ["pos", *plan.log_columns]
+    writers: dict[int, pq.ParquetWriter] = {}
+    users, videos = _Fold("set"), _Fold("set")
+    pos = n_read = n_random = 0
+    try:
+        for path in plan.files["log"]:
+            is_random = path.name.startswith("log_random")
+            for data, rows in kr.iter_log(path, plan.log_columns, plan.selected, block_bytes):
+                n_read += rows
+                m = len(data["user_id"])
+                if m == 0:
+                    continue
+                n_random += m if is_random else 0
+                data["pos"] = np.arange(pos, pos + m, dtype=np.int64)
+                pos += m
+                shard = shard_of(data["user_id"], shards)
+                order = np.argsort(shard, kind="stable")  # keeps the reader's row order inside a shard
+                table = pa.table({c: data[c][order] for c in columns})
+                bounds = np.searchsorted(shard[order], np.arange(shards + 1))
+                for s in np.flatnonzero(np.diff(bounds)):
+                    if s not in writers:
+                        writers[s] = pq.ParquetWriter(raw_dir / SHARD_NAME.format(s), table.schema, **TEMP_PARQUET)
+                    writers[s].write_table(table.slice(bounds[s], bounds[s + 1] - bounds[s]))
+                for fold, col in ((users, "user_id"), (videos, "video_id")):
+                    fold.add(pd.unique(data[col]), None)
+    finally:
+        for w in writers.values():
+            w.close()
+    return {"rows": pos, "read": n_read, "random": n_random, "users": users.result()[0], "videos": videos.result()[0]}
+
+
+class _Acc:
+    """Counts summed over shards for the summary."""
+
+    def __init__(self):
+        self.impressions = 0
+        self.duplicates = 0
+        self.kept_rows = 0
+        self.notes: dict[str, int] = {}
+        self.rate_all: np.ndarray | None = None
+        self.rate_kept: np.ndarray | None = None
+        self.date: dict[str, np.ndarray] = {}  # dense name -> [n, sx, sy, sxx, syy, sxy, min x, max x]
+        self.day_range = [np.inf, -np.inf]
+
+    def merge(self, other: "_Acc") -> None:
+        self.impressions += other.impressions
+        self.duplicates += other.duplicates
+        self.kept_rows += other.kept_rows
+        for k, v in other.notes.items():
+            self.notes[k] = self.notes.get(k, 0) + v
+        for name in ("rate_all", "rate_kept"):
+            mine = getattr(self, name)
+            setattr(self, name, getattr(other, name) if mine is None else mine + getattr(other, name))
+        self.day_range = [min(self.day_range[0], other.day_range[0]), max(self.day_range[1], other.day_range[1])]
+        for name, s in other.date.items():
+            old = self.date.get(name)
+            self.date[name] = s if old is None else np.r_[old[:6] + s[:6], min(old[6], s[6]), max(old[7], s[7])]
+
+
+def _pass_sessions(s: int):
+    """Pass 2 on one shard: the builder's steps 1-3 on its rows; writes the shard's kept rows
+    (session-sorted log columns) and returns its session keys, each sparse value's first
+    ``pos`` and its counts for the summary."""
+    ctx = _CTX
+    plan, raw_path = ctx["plan"], ctx["raw_dir"] / SHARD_NAME.format(s)
+    if not raw_path.is_file():
+        return None
+    table = pq.read_table(raw_path)
+    pos = table.column("pos").to_numpy()
+    log = {c: table.column(c).to_numpy() for c in plan.log_columns}
+    del table
+    raw_path.unlink()
+    acc = _Acc()
+    if not ctx["keep_duplicates"]:
+        first = ~kr.duplicate_rows(log)
+        if not first.all():
+            acc.duplicates += int((~first).sum())
+            log = {c: v[first] for c, v in log.items()}
+            pos = pos[first]
+    frame, sparse, dense, notes = kr.events_frame(log, plan, ctx["sides"])
+    n = len(pos)
+    acc.impressions += n
+    acc.notes = dict(notes)
+    _date_sums(acc, frame, dense, log["time_ms"])
+    tasks = list(plan.task_map)
+    time_ms = log["time_ms"]
+
+    # sessions: the builder's rule, on this shard's rows (in the reader's order)
+    user_codes = pd.factorize(log["user_id"])[0].astype(np.int64)
+    if "session" in frame:  # user_day: session ids follow first appearance, like the builder's factorize
+        session = pd.factorize(frame["session"])[0].astype(np.int64)
+        by_session = group_time_order(session, time_ms)
+        tie_group = session
+    else:
+        session, by_session = assign_sessions(user_codes, time_ms, ctx["session_gap"])
+        tie_group = user_codes  # gap sessions: ids ascend by (user's first appearance, time)
+    lengths = np.bincount(session)
+    keep = lengths[session] >= ctx["min_events"]
+    y_all = np.stack([np.asarray(frame[t], dtype=np.int64) for t in tasks], axis=1)
+    acc.rate_all = y_all.sum(axis=0)
+    acc.rate_kept = y_all[keep].sum(axis=0)
+    acc.kept_rows = int(keep.sum())
+
+    firsts = {}
+    for name in sparse:
+        if name in _side_of(plan):
+            continue
+        v = _value_ids(frame[name])
+        firsts[name] = _first_by(v[v != -1], pos[v != -1])
+    # a side feature's value first appears with the first row of one of its users / videos:
+    # per entity, not per row (26 user columns over a user's ~40 rows each)
+    for which, key in (("user", "user_id"), ("video", "video_id")):
+        side = ctx["sides"][which]
+        if side is None:
+            continue
+        ids, first = firsts[key]
+        idx = side["index"].get_indexer(ids)
+        for c in side["columns"]:
+            if c in _side_of(plan):
+                codes = np.append(side[c][0], side[c][0].dtype.type(-1))[idx].astype(np.int64)
+                firsts[c] = _first_by(codes[codes != -1], first[codes != -1])
+    side_fields = {name: frame[name].categories for name in sparse if isinstance(frame[name], pd.Categorical)}
+    fields = (sparse, dense, tasks, side_fields)
+    del frame
+    if not keep.any():
+        empty = np.zeros(0, np.int64)
+        return fields, {"start": empty, "k1": empty, "length": empty}, firsts, acc
+
+    by_session = by_session[keep[by_session]]
+    s_sorted = session[by_session]
+    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])
+    session_len = np.diff(np.r_[starts, len(by_session)])
+    start_time = time_ms[by_session[starts]]
+    group_first = pos[np.unique(tie_group, return_index=True)[1]]  # pos of each group's first row
+    k1 = group_first[tie_group[by_session[starts]]]
+    # local order: the global order restricted to this shard (time: start, then session id)
+    local = (np.lexsort((s_sorted[starts], k1, start_time)) if ctx["order_kind"] == "time"
+             else np.lexsort((s_sorted[starts], k1)))
+    new_len = session_len[local]
+    ptr = np.zeros(len(local) + 1, dtype=np.int64)
+    np.cumsum(new_len, out=ptr[1:])
+    gather = np.repeat(starts[local] - ptr[:-1], new_len) + np.arange(ptr[-1])
+    rows = by_session[gather]
+    # the kept rows' log columns: passes 3 and 4 rebuild the (row-local) frame from them
+    cols = {"sess": np.repeat(np.arange(len(local), dtype=np.int64), new_len), "pos": pos[rows],
+            **{c: log[c][rows] for c in plan.log_columns}}
+    pq.write_table(pa.table(cols), ctx["mid_dir"] / SHARD_NAME.format(s), **TEMP_PARQUET)
+    return fields, {"start": start_time[local], "k1": k1[local], "length": new_len}, firsts, acc
+
+
+def _read_mid(s: int):
+    """A shard's kept rows: (sess, row, global session, frame rebuilt by events_frame)."""
+    ctx = _CTX
+    table = pq.read_table(ctx["mid_dir"] / SHARD_NAME.format(s))
+    mid = {name: table.column(name).to_numpy() for name in table.column_names}
+    del table
+    frame, _, _, _ = kr.events_frame({c: mid[c] for c in ctx["plan"].log_columns}, ctx["plan"], ctx["sides"])
+    row, srank = _global_rows(mid["sess"], ctx["rank"][s], ctx["session_ptr"])
+    return mid, frame, row, srank
+
+
+def _pass_statistics(s: int) -> dict:
+    """Pass 3 on one shard: train counts per sparse value, dense moments, first rows of users
+    and items, per-split counts."""
+    ctx = _CTX
+    sparse, dense, tasks, _ = ctx["fields"]
+    mid, frame, row, srank = _read_mid(s)
+    train = srank < ctx["splits"]["train"][1]
+    out = {"counts": {name: _count(_value_ids(frame[name])[train]) for name in sparse},
+           "inf": {}, "missing": {}, "moments": {}, "splits": {}}
+    for name in dense:
+        x = np.asarray(frame[name], dtype=np.float64)
+        out["inf"][name] = int(np.isinf(x).sum())
+        out["missing"][name] = int(np.isnan(x).sum())
+        out["moments"][name] = _moments(x[train])
+    out["user"] = _first_by(mid["user_id"], row)
+    out["item"] = _first_by(mid["video_id"], row)
+    for name, (a, b) in ctx["splits"].items():
+        inside = (srank >= a) & (srank < b)
+        out["splits"][name] = {"rows": int(inside.sum()), "users": len(pd.unique(mid["user_id"][inside])),
+                               "pos": np.array([int(np.asarray(frame[t])[inside].sum(dtype=np.int64)) for t in tasks])}
+    return out
+
+
+def _pass_encode(s: int) -> dict:
+    """Pass 4 on one shard: encode with the merged vocabularies / stats, write it in log order."""
+    ctx = _CTX
+    sparse, dense, tasks, _ = ctx["fields"]
+    mid, frame, row, srank = _read_mid(s)
+    # time order: the shard's session order is already the global one, rows need no move
+    order = slice(None) if (row[1:] > row[:-1]).all() else np.argsort(row, kind="stable")
+    cols = {"row": row[order], "session": srank[order], "user": _lookup(ctx["user_code"], mid["user_id"][order]),
+            "item": _lookup(ctx["item_code"], mid["video_id"][order]), "time": mid["time_ms"][order]}
+    for j, name in enumerate(sparse):
+        v = _value_ids(frame[name])[order]
+        enc = np.zeros(len(v), dtype=np.int64)
+        ok = v != -1
+        enc[ok] = _lookup(ctx["vocab_luts"][name], v[ok])
+        cols[f"s:{name}"] = cache._narrow(enc, ctx["cards"][j])
+    for name in dense:
+        st = ctx["dense_stats"][name]
+        z = (np.asarray(frame[name], dtype=np.float64)[order] - st["mean"]) / st["std"]
+        z[np.isnan(z)] = 0.0
+        cols[f"d:{name}"] = z.astype(np.float32)
+    for t in tasks:
+        cols[f"y:{t}"] = np.asarray(frame[t], dtype=np.int8)[order]
+    name = SHARD_NAME.format(s)
+    pq.write_table(pa.table(cols), ctx["out"] / name, compression="lz4", use_dictionary=False, row_group_size=ROW_GROUP)
+    (ctx["mid_dir"] / name).unlink()
+    session = cols["session"]
+    return {"rows": int(len(session)), "sessions": int(len(pd.unique(session))),
+            "rows_by_split": {k: int(((session >= a) & (session < b)).sum()) for k, (a, b) in ctx["splits"].items()}}
+
+
+def _side_of(plan) -> set:
+    """The sparse features that come from the user / video side files."""
+    return {c for c in [*plan.user_cols, *plan.video_cols] if c in kr.USER_SPARSE or c in kr.VIDEO_SPARSE}
+
+
+def _value_ids(col) -> np.ndarray:
+    """A sparse column as comparable ids, the same in every shard: the raw integers of the
+    log's own fields, the side table's category codes (one side table for all shards)
+    for the side fields; -1 = missing."""
+    if isinstance(col, pd.Categorical):
+        return np.asarray(col.codes, dtype=np.int64)
+    return np.asarray(col)
+
+
+def _global_order(keys: list, order_kind: str, seed: int):
+    """Global rank of every shard's sessions (a list of arrays) and the global session_ptr."""
+    present = [k for k in keys if k is not None]
+    start = np.concatenate([k["start"] for k in present])
+    k1 = np.concatenate([k["k1"] for k in present])
+    local = np.concatenate([np.arange(len(k["start"]), dtype=np.int64) for k in present])
+    length = np.concatenate([k["length"] for k in present])
+    if order_kind == "time":
+        order = np.lexsort((local, k1, start))
+    else:  # session-id order (k1, local), then the builder's permutation under the seed
+        by_id = np.lexsort((local, k1))
+        order = by_id[np.random.default_rng(seed).permutation(len(by_id))]
+    del start, k1, local
+    rank_all = np.empty(len(order), dtype=np.int64)
+    rank_all[order] = np.arange(len(order), dtype=np.int64)
+    session_ptr = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(length[order], out=session_ptr[1:])
+    ranks, at = [], 0
+    for k in keys:
+        if k is None:
+            ranks.append(None)
+            continue
+        ranks.append(rank_all[at: at + len(k["start"])])
+        at += len(k["start"])
+    return ranks, session_ptr
+
+
+def _global_rows(sess: np.ndarray, rank: np.ndarray, session_ptr: np.ndarray):
+    """Global row index and global session index of a shard's rows (grouped by local session)."""
+    srank = rank[sess]
+    starts = np.flatnonzero(np.r_[True, sess[1:] != sess[:-1]]) if len(sess) else np.zeros(0, np.int64)
+    offset = np.arange(len(sess)) - np.repeat(starts, np.diff(np.r_[starts, len(sess)]))
+    return session_ptr[srank] + offset, srank
+
+
+def _first_by(values: np.ndarray, key: np.ndarray):
+    """(unique values in ascending order, the smallest key of each)."""
+    if len(key) and (key[1:] >= key[:-1]).all():  # keys in order (rows in pos / log order): one hash pass
+        codes, uniques = pd.factorize(values, sort=False)
+        # codes appear as 0, 1, 2, ... at their first row: the running maximum steps there
+        first = np.searchsorted(np.maximum.accumulate(codes), np.arange(len(uniques)))
+        uniques = np.asarray(uniques)
+        order = np.argsort(uniques, kind="stable")
+        return uniques[order], key[first][order]
+    order = np.lexsort((key, values))
+    v = values[order]
+    head = np.flatnonzero(np.r_[True, v[1:] != v[:-1]]) if len(v) else np.zeros(0, np.int64)
+    return v[head], key[order][head]
+
+
+class _Fold:
+    """Per-value min or sum over shards (or the set of values), folded whenever the pending rows pile up."""
+
+    def __init__(self, op: str):
+        self.op = op
+        self.parts: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pending = 0
+
+    def add(self, values: np.ndarray, numbers: np.ndarray) -> None:
+        self.parts.append((values, numbers))
+        self.pending += len(values)
+        if self.pending > FOLD_ROWS and len(self.parts) > 1:
+            self.parts = [self.result()]
+            self.pending = len(self.parts[0][0])
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self.parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        values = np.concatenate([p[0] for p in self.parts])
+        if self.op == "set":
+            return np.sort(pd.unique(values)), None
+        numbers = np.concatenate([p[1] for p in self.parts])
+        if self.op == "min":
+            return _first_by(values, numbers)
+        order = np.argsort(values, kind="stable")
+        v = values[order]
+        head = np.flatnonzero(np.r_[True, v[1:] != v[:-1]]) if len(v) else np.zeros(0, np.int64)
+        return v[head], np.add.reduceat(numbers[order], head) if len(v) else numbers[:0]
+
+
+def _moments(x: np.ndarray) -> tuple[int, float, float]:
+    """(count, mean, sum of squared deviations) of the non-NaN values."""
+    seen = x[~np.isnan(x)]
+    if not len(seen):
+        return 0, 0.0, 0.0
+    mean = float(seen.mean())
+    return len(seen), mean, float(((seen - mean) ** 2).sum())
+
+
+def _merge_moments(m: list, nb: int, mb: float, m2b: float) -> None:
+    """Fold a shard's (count, mean, M2) into [n, mean, M2, .] (Chan et al.'s pairwise update)."""
+    if nb == 0:
+        return
+    na = m[0]
+    n = na + nb
+    delta = mb - m[1]
+    m[1] = m[1] + delta * nb / n
+    m[2] = m[2] + m2b + delta * delta * na * nb / n
+    m[0] = n
+
+
+def _vocabulary(name, values, first, counts: _Fold, min_count: int, categories):
+    """lut over ``values`` (sorted ids) and the vocabulary Series, as build._encode_sparse
+    makes them: kept = seen in train; frequent ones numbered 2.. in order of first appearance."""
+    cv, cc = counts.result()
+    count = np.zeros(len(values), dtype=np.int64)
+    count[np.searchsorted(values, cv)] = cc
+    by_first = np.argsort(first, kind="stable")
+    kept = count[by_first] > 0
+    frequent = count[by_first] >= min_count
+    index = np.zeros(len(values), dtype=np.int64)
+    idx_first = np.zeros(len(values), dtype=np.int64)
+    idx_first[kept & ~frequent] = RARE_INDEX
+    idx_first[frequent] = FIRST_VALUE_INDEX + np.arange(int(frequent.sum()))
+    index[by_first] = idx_first
+    ids = values[by_first][kept]
+    if categories is not None:
+        raw = pd.Index(pd.Categorical.from_codes(ids, dtype=pd.CategoricalDtype(categories)))
+    else:
+        raw = pd.Index(ids)
+    series = pd.Series(idx_first[kept], index=raw, name=name)
+    return index, series, int(frequent.sum()), int((kept & ~frequent).sum())
+
+
+def _codes_by_first(values: np.ndarray, first: np.ndarray):
+    """(sorted values, code) with codes numbered by first row: the builder's factorize of the log."""
+    code = np.empty(len(values), dtype=np.int64)
+    code[np.argsort(first, kind="stable")] = np.arange(len(values), dtype=np.int64)
+    return values, code
+
+
+SMALL_IDS = 1 << 22  # ids below this are looked up / counted through a dense array, not a sort
+
+
+def _count(values: np.ndarray):
+    """(distinct values >= 0, their counts); -1 (missing) left out."""
+    values = values[values != -1]
+    if len(values) and values.min() >= 0 and values.max() < SMALL_IDS:
+        c = np.bincount(values.astype(np.int64))
+        u = np.flatnonzero(c)
+        return u.astype(values.dtype), c[u]
+    return np.unique(values, return_counts=True)
+
+
+def _lookup(table, values: np.ndarray) -> np.ndarray:
+    keys, out = table
+    if len(keys) and keys[0] >= 0 and keys[-1] < SMALL_IDS:  # every looked-up value is among the keys
+        dense = np.zeros(int(keys[-1]) + 1, dtype=out.dtype)
+        dense[keys.astype(np.int64)] = out
+        return dense[values.astype(np.int64)]
+    return out[np.searchsorted(keys, values)]
+
+
+def _date_sums(acc: _Acc, frame: dict, dense: list, time_ms: np.ndarray) -> None:
+    """Mergeable sums for kuairand._date_like_warnings (correlation of each dense feature
+    with the impression's Beijing day)."""
+    day = ((time_ms + kr.BEIJING_OFFSET_MS) // kr.DAY_MS).astype(np.float64)
+    if len(day):
+        acc.day_range = [min(acc.day_range[0], day.min()), max(acc.day_range[1], day.max())]
+    d = day - DAY_REF
+    for name in dense:
+        x = np.asarray(frame[name], dtype=np.float64)
+        ok = np.isfinite(x)
+        xo, do = x[ok], d[ok]
+        acc.date[name] = np.array([ok.sum(), xo.sum(), do.sum(), (xo * xo).sum(), (do * do).sum(), (xo * do).sum(),
+                                   xo.min() if len(xo) else np.inf, xo.max() if len(xo) else -np.inf])
+
+
+def _date_warnings(acc: _Acc) -> list[str]:
+    out = []
+    if not acc.day_range[1] > acc.day_range[0]:
+        return out
+    for name, (n, sx, sy, sxx, syy, sxy, lo, hi) in acc.date.items():
+        if n < 3 or not hi > lo:
+            continue
+        cov = sxy - sx * sy / n
+        r = cov / np.sqrt((sxx - sx * sx / n) * (syy - sy * sy / n))
+        if r >= kr.DATE_LIKE_CORRELATION:
+            out.append(f"feature '{name}' follows the calendar date (correlation {r:.2f} with the impression day): "
+                       "under the time split its val/test values lie beyond the train range; "
+                       "leave it out (video_features without upload_dt) unless that is intended")
+    return out
+
+
+def _summary(plan, part, acc: _Acc, spec: FeatureSpec, n_rows, n_sessions, splits, split_acc, n_users, n_items,
+             min_events) -> dict:
+    dropped = {} if part["rows"] == part["read"] else {"user not among the selected users": part["read"] - part["rows"]}
+    if acc.duplicates:
+        dropped[kr.DROP_DUPLICATE] = acc.duplicates
+    builder = {}
+    if acc.kept_rows < acc.impressions:
+        reason = "one-event session" if min_events == 2 else f"session shorter than {min_events} events"
+        builder[reason] = acc.impressions - acc.kept_rows
+    tasks = spec.tasks
+    kept = {"share": acc.kept_rows / acc.impressions if acc.impressions else 1.0,
+            "rate_all": {t: float(acc.rate_all[k] / acc.impressions) for k, t in enumerate(tasks)},
+            "rate_kept": {t: float(acc.rate_kept[k] / acc.kept_rows) for k, t in enumerate(tasks)}}
+    notes = dict(acc.notes)
+    if plan.files["log"] and any(p.name.startswith("log_random") for p in plan.files["log"]):
+        notes = {"random_exposures (log_random)": int(part["random"]), **notes}
+    out_splits = {}
+    for name in SPLITS:
+        a, b = splits[name]
+        rows = split_acc[name]["rows"]
+        out_splits[name] = {
+            "sessions": b - a, "rows": rows, "users": split_acc[name]["users"],
+            "positive_rate": {t: (float(split_acc[name]["pos"][k] / rows) if rows else None) for k, t in enumerate(tasks)},
+        }
+    return {
+        "source": SOURCE,
+        "events_read": int(part["read"]),
+        "impressions": int(acc.impressions),
+        "rows": n_rows,
+        "sessions": n_sessions,
+        "users": n_users,
+        "items": n_items,
+        "tasks": list(tasks),
+        "sparse_fields": dict(zip(spec.sparse_fields, spec.cardinalities)),
+        "dense_fields": list(spec.dense_fields),
+        "splits": out_splits,
+        "dropped": {"reader": dropped, "builder": builder},
+        "notes": notes,
+        "sessions_kept": kept,
+        "warnings": list(plan.warnings) + _date_warnings(acc) + _kept_warnings(kept),
+    }
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_meta(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        meta = json.loads((path / cache.META_FILE).read_text())
+        meta["shards"], meta["spec"]  # noqa: B018 -- the keys a sharded entry must have
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"not a sharded KuaiRand entry ({err}); expected meta.json with 'shards'", path=path) from None
+    return meta
+
+
+def rank_files(meta: dict, rank: int, world: int) -> list[str]:
+    """The shard files process ``rank`` of ``world`` reads: round-robin over the shard list
+    (shard i goes to rank i % world), so every user -- and every session -- has one reader."""
+    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+        raise ConfigError(f"expected 0 <= rank < world, got rank {rank!r} of {world!r}", key="rank")
+    return [s["file"] for i, s in enumerate(meta["shards"]) if i % world == rank]
+
+
+def load_log(path: str | Path, files: list[str] | None = None) -> SessionLog:
+    """The rows of all shards (or of the named shard files) as one SessionLog in log order.
+    With every shard this is the SessionLog the in-memory builder makes; with some of
+    them, their sessions in global order (session_ptr rebuilt, splits recounted)."""
+    path = Path(path)
+    meta = read_meta(path)
+    spec = FeatureSpec.from_dict(meta["spec"])
+    names = [s["file"] for s in meta["shards"]] if files is None else list(files)
+    try:
+        table = pa.concat_tables([pq.read_table(path / name) for name in names])
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"unreadable shard ({err}); prepare again", path=path) from None
+    order = np.argsort(table.column("row").to_numpy(), kind="stable")
+    table = table.take(pa.array(order))
+    session = table.column("session").to_numpy()
+    uniq, local, lengths = np.unique(session, return_inverse=True, return_counts=True)
+    session_ptr = np.zeros(len(uniq) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=session_ptr[1:])
+    splits = {name: (int(np.searchsorted(uniq, a)), int(np.searchsorted(uniq, b))) for name, (a, b) in meta["splits"].items()}
+    n = table.num_rows
+
+    def block(prefix, names_, dtype):
+        if not names_:
+            return np.zeros((n, 0), dtype=dtype)
+        return np.stack([table.column(f"{prefix}{c}").to_numpy() for c in names_], axis=1).astype(dtype, copy=False)
+
+    return SessionLog(
+        spec=spec, session_ptr=session_ptr,
+        user=table.column("user").to_numpy().astype(np.int64), item=table.column("item").to_numpy().astype(np.int64),
+        time=table.column("time").to_numpy().astype(np.int64),
+        sparse=block("s:", spec.sparse_fields, np.int64), dense=block("d:", spec.dense_fields, np.float32),
+        labels=block("y:", spec.tasks, np.float32), splits=splits,
+    )

@@ -1,0 +1,276 @@
+"""Out-of-core (sharded) prepare of KuaiRand logs equals the in-memory prepare on the same files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from rmtl.data import shards as shards_mod
+from rmtl.data.kuairand import LOG_COLUMNS
+from rmtl.data.prepare import prepare
+from rmtl.data.shards import load_log, prepare_sharded, rank_files, shard_of
+from rmtl.data.synth_kuairand import write_kuairand
+from rmtl.errors import ConfigError, DataError
+from shared_data import shared_path
+
+# The dense mean / std are merged from per-shard (count, mean, M2): equal to numpy's
+# one-pass mean / std up to float64 rounding, so the standardised float32 values may
+# differ in the last bit. Everything else must be identical.
+DENSE_STATS_RTOL = 1e-12
+DENSE_ATOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("kr")
+    write_kuairand(out, users=150, items=400, seed=5, missing_video_features=0.1, random_share=0.1)
+    return out
+
+
+def assert_same(ref, sp) -> None:
+    """The in-memory Prepared ``ref`` and the ShardedPrepared ``sp`` hold the same log."""
+    a, b = ref.log, sp.load_log()
+    assert a.splits == b.splits
+    for name in ("session_ptr", "user", "item", "time", "sparse", "labels"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    np.testing.assert_allclose(a.dense, b.dense, rtol=0, atol=DENSE_ATOL)
+    sa, sb = a.spec.to_dict(), b.spec.to_dict()
+    da, db = sa["extra"].pop("dense_stats"), sb["extra"].pop("dense_stats")
+    assert sa == sb
+    assert da.keys() == db.keys()
+    for name in da:
+        assert da[name]["missing"] == db[name]["missing"]
+        np.testing.assert_allclose([da[name]["mean"], da[name]["std"]], [db[name]["mean"], db[name]["std"]],
+                                   rtol=DENSE_STATS_RTOL, err_msg=name)
+    va, vb = ref.vocabularies, sp.vocabularies
+    assert list(va) == list(vb)
+    for name in va:
+        assert list(va[name].index.astype(object)) == list(vb[name].index.astype(object)), name
+        np.testing.assert_array_equal(va[name].to_numpy(), vb[name].to_numpy(), err_msg=name)
+    keys = ["events_read", "impressions", "rows", "sessions", "users", "items", "tasks", "sparse_fields",
+            "dense_fields", "splits", "dropped", "notes", "sessions_kept", "warnings"]
+    assert {k: ref.summary[k] for k in keys} == {k: sp.summary[k] for k in keys}
+
+
+CASES = [  # (builder / reader options, shards, worker processes)
+    ({}, 5, 2),
+    ({}, 1, 1),
+    ({"min_count": 3, "reader_options": {"sessions": "user_day"}}, 4, 1),
+    ({"split_order": "random", "seed": 3, "reader_options": {"sessions": "gap_keep_single", "include_random": True}}, 3, 1),
+    ({"session_gap": None, "reader_options": {"video_features": ["author_id", "tag", "upload_dt"],
+                                               "keep_duplicates": True}}, 6, 1),
+]
+
+
+@pytest.mark.parametrize("options, n_shards, workers", CASES)
+def test_sharded_equals_in_memory_on_synthetic_files(synth, tmp_path, options, n_shards, workers):
+    ref = prepare("kuairand", synth, cache_dir=tmp_path / "mem", **options)
+    sp = prepare_sharded(synth, shards=n_shards, cache_dir=tmp_path / "shards", workers=workers, **options)
+    assert not sp.from_cache
+    assert_same(ref, sp)
+    again = prepare_sharded(synth, shards=n_shards, cache_dir=tmp_path / "shards", workers=workers, **options)
+    assert again.from_cache and again.path == sp.path
+    assert not list((tmp_path / "shards").glob(".tmp-*"))
+
+
+def test_shard_layout_partitions_users_and_keeps_log_order(synth, tmp_path):
+    sp = prepare_sharded(synth, shards=4, cache_dir=tmp_path, workers=1)
+    meta = json.loads((sp.path / "meta.json").read_text())
+    users_seen = {}
+    total = 0
+    for info in meta["shards"]:
+        table = pq.read_table(sp.path / info["file"])
+        row = table.column("row").to_numpy()
+        assert (np.diff(row) > 0).all()  # log order inside a shard
+        assert (np.diff(table.column("session").to_numpy()) >= 0).all()
+        assert info["rows"] == table.num_rows == sum(info["rows_by_split"].values())
+        for u in np.unique(table.column("user").to_numpy()):
+            assert users_seen.setdefault(int(u), info["shard"]) == info["shard"]  # a user lives in one shard
+        total += table.num_rows
+    assert total == meta["num_rows"]
+    assert sorted(p.name for p in sp.path.iterdir()) == sorted(["meta.json", "vocab.parquet", *[s["file"] for s in meta["shards"]]])
+    # each of 3 ranks reads its own shards (round-robin): together every row once, each in the global order
+    full = sp.load_log()
+    seen = []
+    for rank in range(3):
+        files = rank_files(meta, rank, 3)
+        assert files == [s["file"] for s in meta["shards"][rank::3]]
+        part = load_log(sp.path, files)
+        assert part.num_rows == sum(s["rows"] for s in meta["shards"][rank::3])
+        rows = np.concatenate([pq.read_table(sp.path / f, columns=["row"]).column("row").to_numpy() for f in files])
+        rows.sort()
+        np.testing.assert_array_equal(part.sparse, full.sparse[rows])
+        np.testing.assert_array_equal(part.time, full.time[rows])
+        assert sum(b - a for a, b in part.splits.values()) == part.num_sessions
+        seen.append(rows)
+    np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(full.num_rows))
+
+
+def test_shard_of_spreads_consecutive_ids():
+    counts = np.bincount(shard_of(np.arange(10_000), 8), minlength=8)
+    assert counts.min() > 1_100 and counts.max() < 1_400
+    np.testing.assert_array_equal(shard_of(np.arange(50), 8), shard_of(np.arange(50), 8))
+
+
+# ------------------------------------------------- hand-made ties: the global tie-break and the vocab merge
+
+T0 = 1649412000000  # 2022-04-08 18:00 Beijing
+
+
+def _tied_release(folder: Path) -> Path:
+    """Users whose sessions start at the same millisecond, appearing in the file in an order
+    unlike their ids; a video seen first in a one-event (dropped) session."""
+    rows = []
+    users = [50, 3, 81, 1, 7]  # file order; ids out of order on purpose
+    for k, u in enumerate(users):
+        for s, start in enumerate([T0, T0 + 2 * 3600_000]):
+            for j in range(3):
+                rows.append({"user_id": u, "video_id": 100 + (7 * (k + s + j)) % 11, "time_ms": start + 60_000 * j})
+    rows.insert(0, {"user_id": 7, "video_id": 999, "time_ms": T0 - 5 * 3600_000})  # one-event session, dropped
+    log = pd.DataFrame(rows)
+    for c in LOG_COLUMNS:
+        if c not in log:
+            log[c] = 0
+    log["is_click"] = (log.index % 3 == 0).astype(int)
+    log["long_view"] = (log.index % 2 == 0).astype(int)
+    log["duration_ms"] = 20_000 + 1_000 * log.index
+    log["date"], log["hourmin"], log["tab"] = 20220408, 1800, 1
+    folder.mkdir(parents=True, exist_ok=True)
+    log[LOG_COLUMNS].to_csv(folder / "log_standard_4_08_to_4_21_1k.csv", index=False)
+    return folder
+
+
+def test_ties_across_shards_follow_the_builders_session_ids(tmp_path):
+    folder = _tied_release(tmp_path / "tied")
+    opts = {"reader_options": {"user_features": [], "video_features": []}, "split_ratios": (0.5, 0.25, 0.25)}
+    ref = prepare("kuairand", folder, use_cache=False, **opts)
+    for n in (1, 2, 3, 5):
+        assert_same(ref, prepare_sharded(folder, shards=n, cache_dir=tmp_path / f"s{n}", workers=1, **opts))
+    assert len(np.unique(shard_of(np.array([50, 3, 81, 1, 7]), 3))) > 1  # the tie spans shards
+    # a gzipped log is streamed alike
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    name = "log_standard_4_08_to_4_21_1k.csv"
+    with open(folder / name, "rb") as src, gzip.open(gz / f"{name}.gz", "wb") as dst:
+        dst.write(src.read())
+    sp = prepare_sharded(gz, shards=3, cache_dir=tmp_path / "gzc", workers=1, **opts)
+    np.testing.assert_array_equal(sp.load_log().sparse, ref.log.sparse)
+
+
+def test_a_broken_tie_break_or_vocab_merge_is_caught(tmp_path, monkeypatch):
+    folder = _tied_release(tmp_path / "tied")
+    opts = {"reader_options": {"user_features": [], "video_features": []}, "split_ratios": (0.5, 0.25, 0.25)}
+    ref = prepare("kuairand", folder, use_cache=False, **opts)
+
+    real_order = shards_mod._global_order
+
+    def by_start_then_shard(keys, order_kind, seed):  # drops the session-id tie-break
+        for k in keys:
+            if k is not None:
+                k["k1"] = np.zeros_like(k["k1"])
+        return real_order(keys, order_kind, seed)
+
+    monkeypatch.setattr(shards_mod, "_global_order", by_start_then_shard)
+    with pytest.raises(AssertionError):
+        assert_same(ref, prepare_sharded(folder, shards=3, cache_dir=tmp_path / "a", workers=1, **opts))
+    monkeypatch.setattr(shards_mod, "_global_order", real_order)
+
+    real_result = shards_mod._Fold.result
+
+    def last_not_first(self):  # a merge that keeps the LAST appearance
+        if self.op == "min":
+            values, numbers = real_result(self)
+            got = {}
+            for v, k in zip(*[np.concatenate([p[i] for p in self.parts]) for i in (0, 1)]):
+                got[v] = max(got.get(v, k), k)
+            return values, np.array([got[v] for v in values])
+        return real_result(self)
+
+    monkeypatch.setattr(shards_mod._Fold, "result", last_not_first)
+    with pytest.raises(AssertionError):
+        assert_same(ref, prepare_sharded(folder, shards=3, cache_dir=tmp_path / "b", workers=1, **opts))
+
+
+# ------------------------------------------------- the real KuaiRand-Pure sample
+
+
+@pytest.mark.parametrize("sessions", ["gap", "gap_keep_single", "user_day"])
+def test_sharded_equals_in_memory_on_the_real_pure_sample(tmp_path, sessions):
+    sample = shared_path("kuairand-pure-sample")
+    opts = {"reader_options": {"sessions": sessions}}
+    ref = prepare("kuairand", sample, use_cache=False, **opts)
+    sp = prepare_sharded(sample, shards=8, cache_dir=tmp_path, workers=1, **opts)
+    assert_same(ref, sp)
+    assert sp.summary["dropped"]["reader"]  # the sample's duplicate impressions are dropped in both
+
+
+# ------------------------------------------------- bad input
+
+
+def test_bad_shards_value_is_a_config_error(synth, tmp_path):
+    for bad in (0, -1, 2.5, True, "8", 10**6):
+        with pytest.raises(ConfigError, match="shards"):
+            prepare_sharded(synth, shards=bad, cache_dir=tmp_path)
+    with pytest.raises(ConfigError, match="workers"):
+        prepare_sharded(synth, shards=2, workers=0, cache_dir=tmp_path)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_missing_column_fails_with_one_line_and_writes_nothing(synth, tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for p in synth.iterdir():
+        (folder / p.name).symlink_to(p)
+    log_name = "log_standard_4_22_to_5_08_1k.csv"
+    (folder / log_name).unlink()
+    pd.read_csv(synth / log_name).drop(columns=["tab"]).to_csv(folder / log_name, index=False)
+    with pytest.raises(DataError, match="tab") as err:
+        prepare_sharded(folder, shards=3, cache_dir=tmp_path / "cache", workers=1)
+    assert log_name in str(err.value)
+    assert not any((tmp_path / "cache").iterdir())  # no entry, no temporary folder
+
+
+def test_cli_shards_flag(synth, tmp_path, capsys):
+    from rmtl.cli import main
+
+    assert main(["prepare", "--source", "kuairand", "--data-dir", str(synth), "--shards", "3",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "shards: miss, wrote" in out and "(3 shard files)" in out
+    for argv in (["--shards", "0"], ["--shards", "many"], ["--shards", "3", "--no-cache"]):
+        try:  # argparse refuses a bad value by SystemExit(2), the command's own checks return 2
+            code = main(["prepare", "--source", "kuairand", "--data-dir", str(synth), "--out", str(tmp_path), *argv])
+        except SystemExit as exit_:
+            code = exit_.code
+        assert code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "shards" in err
+    assert main(["prepare", "--source", "retailrocket", "--shards", "3", "--out", str(tmp_path)]) == 2
+    assert "KuaiRand" in capsys.readouterr().err
+
+
+def test_chunked_synthetic_writer_appends_user_blocks(tmp_path):
+    """The bench's 10^8-row logs are written in user blocks: same files and schema, users
+    numbered across blocks, each log sorted by (user_id, time_ms), deterministic."""
+    a = write_kuairand(tmp_path / "a", users=90, items=200, seed=4, users_per_chunk=40)
+    b = write_kuairand(tmp_path / "b", users=90, items=200, seed=4, users_per_chunk=40)
+    one = write_kuairand(tmp_path / "one", users=90, items=200, seed=4)
+    assert sorted(p.name for p in a.values()) == sorted(p.name for p in one.values())
+    for stem, path in a.items():
+        assert path.read_bytes() == b[stem].read_bytes()
+        frame = pd.read_csv(path)
+        assert list(frame.columns) == list(pd.read_csv(one[stem], nrows=0).columns)
+        if stem.startswith("log_"):
+            assert frame.set_index(["user_id", "time_ms"]).index.is_monotonic_increasing
+    users = pd.read_csv(a["user_features_1k"])
+    assert list(users["user_id"]) == list(range(90))
+    logs = pd.concat([pd.read_csv(p) for s, p in a.items() if s.startswith("log_standard")])
+    assert logs["user_id"].max() > 40  # later blocks have rows
+    with pytest.raises(ConfigError, match="users_per_chunk"):
+        write_kuairand(tmp_path / "c", users=10, users_per_chunk=0)
