@@ -115,13 +115,17 @@ def _generate(out: str, rows: int) -> None:
     print(f"  wrote {out} in {time.perf_counter() - t:.0f}s (not timed below)", flush=True)
 
 
-def _prepare_child(data: str, cache_dir: str, shards: int, workers: int) -> None:
+def _prepare_child(data: str, cache_dir: str, shards: str, workers: int) -> None:
     from rmtl.data.shards import prepare_sharded
 
     t = time.perf_counter()
-    sp = prepare_sharded(data, shards=shards, cache_dir=cache_dir, workers=workers)
+    sp = prepare_sharded(data, shards=shards if shards == "auto" else int(shards), cache_dir=cache_dir, workers=workers,
+                         progress=lambda line: print(f"    {line}", file=sys.stderr, flush=True))
     seconds = time.perf_counter() - t
-    print(json.dumps({"seconds": seconds, "events": sp.summary["events_read"], "rows": sp.summary["rows"],
+    cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "events": sp.summary["events_read"], "rows": sp.summary["rows"],
+                      "shards": sp.meta["layout"]["shards"],
                       "sessions": sp.summary["sessions"],
                       # Linux: KiB; the main process, and the largest of the forked shard workers
                       "rss_main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -180,7 +184,8 @@ def bench_prepare(args) -> None:
         results.append(r)
         print(f"prepare {r['events']:>12,} events: {r['seconds']:7.1f} s  {r['events'] / r['seconds']:>10,.0f} events/s  "
               f"peak RSS {tree / 2**30:5.2f} GB (process tree; main {r['rss_main'] / 2**30:4.2f}, largest worker "
-              f"{r['rss_worker'] / 2**30:4.2f})  {r['rows']:,} rows kept, {r['sessions']:,} sessions", flush=True)
+              f"{r['rss_worker'] / 2**30:4.2f})  {r['shards']} shards, {r['rows']:,} rows kept, {r['sessions']:,} sessions; "
+              f"CPU {r['cpu_seconds']:.0f} s = {r['events'] / r['cpu_seconds']:,.0f} events per CPU-second", flush=True)
         if not args.keep_data:
             shutil.rmtree(data, ignore_errors=True)
     big = results[-1]
@@ -204,7 +209,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads in total per configuration")
     ap.add_argument("--procs", default="1,2", help="process counts to time ('none': skip the DDP part)")
     ap.add_argument("--sizes", default="10M,50M,100M", help="log sizes for the prepare part ('none': skip it)")
-    ap.add_argument("--shards", type=int, default=64, help="shards of the prepare part")
+    ap.add_argument("--shards", default="auto", help="shards of the prepare part: a number or 'auto' (default: one per "
+                                                       "128 MB of log, so every size has shards of the same rows)")
     ap.add_argument("--workers", type=int, default=2, help="worker processes of the prepare part")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "rmtl-scale"),
                     help="where the synthetic logs and the shards go (needs ~75 B per row for the logs)")
@@ -212,7 +218,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--_generate":
         return _generate(sys.argv[2], int(sys.argv[3]))
     if len(sys.argv) > 1 and sys.argv[1] == "--_prepare":
-        return _prepare_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        return _prepare_child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     args = ap.parse_args()
     bench_prepare(args)
     if args.procs.lower() in ("", "none", "0"):

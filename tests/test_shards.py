@@ -61,7 +61,7 @@ def assert_same(ref, sp) -> None:
 CASES = [  # (builder / reader options, shards, worker processes)
     ({}, 5, 2),
     ({}, 1, 1),
-    ({"min_count": 3, "reader_options": {"sessions": "user_day"}}, 4, 1),
+    ({"min_count": 3, "reader_options": {"sessions": "user_day", "users": 100}}, 4, 1),
     ({"split_order": "random", "seed": 3, "reader_options": {"sessions": "gap_keep_single", "include_random": True}}, 3, 1),
     ({"session_gap": None, "reader_options": {"video_features": ["author_id", "tag", "upload_dt"],
                                                "keep_duplicates": True}}, 6, 1),
@@ -216,10 +216,19 @@ def test_sharded_equals_in_memory_on_the_real_pure_sample(tmp_path, sessions):
 def test_bad_shards_value_is_a_config_error(synth, tmp_path):
     for bad in (0, -1, 2.5, True, "8", 10**6):
         with pytest.raises(ConfigError, match="shards"):
-            prepare_sharded(synth, shards=bad, cache_dir=tmp_path)
+            prepare_sharded(synth, shards=bad, cache_dir=tmp_path / "bad")
+    # "auto": one shard per AUTO_SHARD_BYTES of raw log
+    monkey_bytes = sum(p.stat().st_size for p in synth.glob("log_standard*"))
+    old = shards_mod.AUTO_SHARD_BYTES
+    try:
+        shards_mod.AUTO_SHARD_BYTES = monkey_bytes // 3 + 1
+        sp = prepare_sharded(synth, shards="auto", cache_dir=tmp_path / "auto", workers=1)
+    finally:
+        shards_mod.AUTO_SHARD_BYTES = old
+    assert sp.meta["layout"]["shards"] == 3
     with pytest.raises(ConfigError, match="workers"):
-        prepare_sharded(synth, shards=2, workers=0, cache_dir=tmp_path)
-    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+        prepare_sharded(synth, shards=2, workers=0, cache_dir=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
 
 def test_missing_column_fails_with_one_line_and_writes_nothing(synth, tmp_path):
@@ -243,7 +252,7 @@ def test_cli_shards_flag(synth, tmp_path, capsys):
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "shards: miss, wrote" in out and "(3 shard files)" in out
-    for argv in (["--shards", "0"], ["--shards", "many"], ["--shards", "3", "--no-cache"]):
+    for argv in (["--shards", "0"], ["--shards", "many"], ["--shards", "3", "--no-cache"]):  # "auto" is fine
         try:  # argparse refuses a bad value by SystemExit(2), the command's own checks return 2
             code = main(["prepare", "--source", "kuairand", "--data-dir", str(synth), "--out", str(tmp_path), *argv])
         except SystemExit as exit_:

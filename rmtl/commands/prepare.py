@@ -6,7 +6,7 @@ import argparse
 import json
 
 from rmtl.data.prepare import format_summary, prepare, sources
-from rmtl.data.shards import DEFAULT_SHARDS, MAX_SHARDS, check_shards, prepare_sharded
+from rmtl.data.shards import AUTO_SHARD_BYTES, DEFAULT_SHARDS, MAX_SHARDS, check_shards, prepare_sharded
 from rmtl.data.sources import get_source
 from rmtl.errors import ConfigError
 
@@ -44,11 +44,12 @@ def _reader_option(text: str) -> tuple[str, object]:
     return key.strip(), parsed
 
 
-def _shards(text: str) -> int:
+def _shards(text: str) -> int | str:
     try:
-        return check_shards(int(text))
+        return check_shards(text.strip() if text.strip() == DEFAULT_SHARDS else int(text))
     except (ValueError, ConfigError):
-        raise argparse.ArgumentTypeError(f"expected a whole number of shards in 1..{MAX_SHARDS}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected '{DEFAULT_SHARDS}' or a whole number of shards in 1..{MAX_SHARDS}, "
+                                         f"got {text!r}") from None
 
 
 def register(subparsers) -> None:
@@ -75,10 +76,10 @@ def register(subparsers) -> None:
     p.add_argument("--reader-option", type=_reader_option, action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the source's reader (VALUE parsed as JSON when it can be); repeatable")
     p.add_argument("--no-cache", action="store_true", help="build without reading or writing the cache")
-    p.add_argument("--shards", type=_shards, default=None, metavar="N",
+    p.add_argument("--shards", type=_shards, default=None, metavar=f"N|{DEFAULT_SHARDS}",
                    help=f"kuairand only: out-of-core prepare, the log streamed into N user-partitioned Parquet "
-                        f"shards in the cache root (docs/shards.md; e.g. {DEFAULT_SHARDS}); memory is bounded "
-                        "by one CSV block and one shard, not by the log's size")
+                        f"shards in the cache root (docs/shards.md); '{DEFAULT_SHARDS}': one shard per "
+                        f"{AUTO_SHARD_BYTES >> 20} MB of raw log, so memory does not grow with the log's rows")
     p.add_argument("--strict", action="store_true",
                    help="a release folder missing one of its published files is an error, not a warning "
                         "(kuairand, census; RetailRocket needs every file anyway)")

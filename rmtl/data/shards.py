@@ -54,7 +54,12 @@ from rmtl.data.sessions import assign_sessions, group_time_order
 from rmtl.data.spec import FeatureSpec
 from rmtl.errors import ConfigError, DataError
 
-DEFAULT_SHARDS = 64  # the one default of the shard count (CLI and API)
+DEFAULT_SHARDS = "auto"  # the one default of the shard count (API; the CLI's --shards names it)
+# "auto": one shard per this many bytes of raw log (~1.8 M rows of the published columns), so a
+# shard's rows -- hence a worker's memory -- stay the same whatever the log's size. A .gz
+# log counts GZ_RATIO times its size (KuaiRand's logs compress about that much).
+AUTO_SHARD_BYTES = 128 << 20
+GZ_RATIO = 5
 MAX_SHARDS = 4096  # one open Parquet writer per shard during pass 1
 SHARD_FORMAT = 1
 SOURCE = "kuairand"
@@ -92,10 +97,18 @@ class ShardedPrepared:
         return cache.load_vocabularies(self.path)
 
 
-def check_shards(shards) -> int:
+def check_shards(shards) -> int | str:
+    if shards == "auto":
+        return shards
     if isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or not 1 <= shards <= MAX_SHARDS:
-        raise ConfigError(f"expected a whole number of shards in 1..{MAX_SHARDS}, got {shards!r}", key="shards")
+        raise ConfigError(f"expected 'auto' or a whole number of shards in 1..{MAX_SHARDS}, got {shards!r}", key="shards")
     return int(shards)
+
+
+def auto_shards(log_files: list[Path]) -> int:
+    """The shard count of ``shards="auto"``: one per AUTO_SHARD_BYTES of raw log."""
+    size = sum(p.stat().st_size * (GZ_RATIO if p.suffix == ".gz" else 1) for p in log_files)
+    return int(min(max(-(-size // AUTO_SHARD_BYTES), 1), MAX_SHARDS))
 
 
 def check_workers(workers) -> int:
@@ -120,7 +133,7 @@ def shard_of(user_id: np.ndarray, shards: int) -> np.ndarray:
 def prepare_sharded(
     data_dir: str | Path,
     *,
-    shards: int = DEFAULT_SHARDS,
+    shards: int | str = DEFAULT_SHARDS,
     cache_dir: str | Path | None = None,
     session_gap: float | None = 1800.0,
     split_ratios=None,
@@ -136,6 +149,8 @@ def prepare_sharded(
 
     The entry lives in the cache root (``cache_dir``, default $RMTL_CACHE) as
     ``kuairand-shards-<key>/``, keyed like prepare()'s entries plus the shard count.
+    ``shards``: a number, or "auto" (one per AUTO_SHARD_BYTES of raw log: memory then does
+    not grow with the log's rows, only with its sessions and distinct values).
     ``block_bytes``: CSV block size of the streamed read (default kuairand.BLOCK_BYTES).
     ``workers``: processes for the per-shard passes (default: the CPU count, at most 4);
     each holds one shard at a time, so peak memory grows with it.
@@ -190,11 +205,13 @@ def prepare_sharded(
 
 # ----------------------------------------------------------------------------- the passes
 
-def _build(data_path: Path, out: Path, shards: int, options: dict, block_bytes, workers: int, progress) -> dict:
+def _build(data_path: Path, out: Path, shards: int | str, options: dict, block_bytes, workers: int, progress) -> dict:
     reader_options = dict(options["reader_options"])
     keep_duplicates = bool(reader_options.pop("keep_duplicates", False))
     reader_options.pop("session_gap", None)
     plan = kr.plan_read(data_path, **reader_options)
+    if shards == "auto":
+        shards = auto_shards(plan.files["log"])
     order_kind = check_split_order(options["split_order"], SOURCE)
     raw_dir, mid_dir = out / "raw", out / "mid"
     raw_dir.mkdir()
@@ -203,6 +220,7 @@ def _build(data_path: Path, out: Path, shards: int, options: dict, block_bytes, 
 
     # 1. partition
     part = _partition(plan, raw_dir, shards, block_bytes)
+    pa.default_memory_pool().release_unused()  # the CSV blocks' buffers, before the workers fork
     progress(f"partition   {part['rows']:,} rows into {shards} shards  {time.perf_counter() - clock:.1f}s")
     clock = time.perf_counter()
     ctx = _CTX
@@ -280,7 +298,9 @@ def _build(data_path: Path, out: Path, shards: int, options: dict, block_bytes, 
     user_code = _codes_by_first(*firsts_user.result())
     item_code = _codes_by_first(*firsts_item.result())
     del firsts_user, firsts_item
-    ctx.update(cards=cards, vocab_luts=vocab_luts, dense_stats=dense_stats, user_code=user_code, item_code=item_code)
+    encoders = {name: _encoder(vocab_luts[name], cards[j]) for j, name in enumerate(sparse)}
+    encoders.update(user=_encoder(user_code), item=_encoder(item_code))
+    ctx.update(encoders=encoders, dense_stats=dense_stats)
     progress(f"statistics  {len(sparse)} vocabularies, {len(dense)} dense columns  {time.perf_counter() - clock:.1f}s")
     clock = time.perf_counter()
 
@@ -534,14 +554,11 @@ def _pass_encode(s: int) -> dict:
     mid, frame, row, srank = _read_mid(s)
     # time order: the shard's session order is already the global one, rows need no move
     order = slice(None) if (row[1:] > row[:-1]).all() else np.argsort(row, kind="stable")
-    cols = {"row": row[order], "session": srank[order], "user": _lookup(ctx["user_code"], mid["user_id"][order]),
-            "item": _lookup(ctx["item_code"], mid["video_id"][order]), "time": mid["time_ms"][order]}
-    for j, name in enumerate(sparse):
-        v = _value_ids(frame[name])[order]
-        enc = np.zeros(len(v), dtype=np.int64)
-        ok = v != -1
-        enc[ok] = _lookup(ctx["vocab_luts"][name], v[ok])
-        cols[f"s:{name}"] = cache._narrow(enc, ctx["cards"][j])
+    enc = ctx["encoders"]
+    cols = {"row": row[order], "session": srank[order], "user": _encode(enc["user"], mid["user_id"][order]),
+            "item": _encode(enc["item"], mid["video_id"][order]), "time": mid["time_ms"][order]}
+    for name in sparse:
+        cols[f"s:{name}"] = _encode(enc[name], _value_ids(frame[name])[order])
     for name in dense:
         st = ctx["dense_stats"][name]
         z = (np.asarray(frame[name], dtype=np.float64)[order] - st["mean"]) / st["std"]
@@ -715,13 +732,28 @@ def _count(values: np.ndarray):
     return np.unique(values, return_counts=True)
 
 
-def _lookup(table, values: np.ndarray) -> np.ndarray:
+def _encoder(table, bound: int | None = None):
+    """(sorted ids, their numbers) -> what _encode applies, in the cache's narrow dtype for
+    ``bound``: a dense array over small ids (its extra last slot 0 is what id -1, missing,
+    reads), else the sorted ids for a binary search."""
     keys, out = table
-    if len(keys) and keys[0] >= 0 and keys[-1] < SMALL_IDS:  # every looked-up value is among the keys
-        dense = np.zeros(int(keys[-1]) + 1, dtype=out.dtype)
+    dtype = np.int64 if bound is None else cache._narrow(np.zeros(1, np.int64), bound).dtype
+    if len(keys) and keys[0] >= 0 and keys[-1] < SMALL_IDS:
+        dense = np.zeros(int(keys[-1]) + 2, dtype=dtype)
         dense[keys.astype(np.int64)] = out
-        return dense[values.astype(np.int64)]
-    return out[np.searchsorted(keys, values)]
+        return dense
+    return keys, out.astype(dtype)
+
+
+def _encode(encoder, values: np.ndarray) -> np.ndarray:
+    """The numbers of ``values`` (-1 = missing -> 0); every other value is among the ids."""
+    if isinstance(encoder, np.ndarray):
+        return encoder[values]
+    keys, out = encoder
+    result = np.zeros(len(values), dtype=out.dtype)
+    ok = values != -1
+    result[ok] = out[np.searchsorted(keys, values[ok])]
+    return result
 
 
 def _date_sums(acc: _Acc, frame: dict, dense: list, time_ms: np.ndarray) -> None:
