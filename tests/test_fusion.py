@@ -325,6 +325,23 @@ def test_rmtl_fusion_end_to_end(tmp_path, capsys):
         slate_fqe = ConservativeFQE.load(run_dir / "fqe" / f"{name}_sfqe.pt")  # DR's critic
         assert slate_fqe.estimate(held, act) == pytest.approx(results["table"][name]["sfqe"], rel=1e-5) or \
             name == "bcq"
+    # a saved policy scores logged sessions without retraining: on the run's own held-out data it gives the run's DR
+    score = ["fusion", "score", "--run-dir", str(run_dir), "--sessions", str(run_dir / "logged_heldout.npz")]
+    assert main([*score, "--policy", "cem"]) == 0
+    out = capsys.readouterr().out
+    assert f"DR value (default)  {results['table']['cem']['dr']:.3f}" in out and "shows the logged slate" in out
+    (tmp_path / "bad.npz").write_text("not arrays")
+    for bad, needle in ((["--policy", "dqn"], "no saved policy 'dqn'"),
+                        ([*score[:-1], str(tmp_path / "bad.npz"), "--policy", "cem"], "bad.npz"),
+                        ([*score[:-1], str(run_dir / "config.yaml"), "--policy", "cem"], "config.yaml")):
+        assert main([*score, *bad] if bad[0] == "--policy" else bad) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    old = FusionDataset.load(run_dir / "logged_heldout.npz")
+    old.propensity = None  # data logged without propensities cannot be importance-weighted
+    old.save(tmp_path / "nopro.npz")
+    assert main([*score[:-1], str(tmp_path / "nopro.npz"), "--policy", "cem"]) == 2
+    assert "propensity" in capsys.readouterr().err
 
 
 def test_rmtl_fusion_config_typo_names_the_key(tmp_path, capsys):

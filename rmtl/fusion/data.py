@@ -69,11 +69,28 @@ class FusionDataset:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FusionDataset":
-        with np.load(path, allow_pickle=False) as data:
-            missing = [f.name for f in fields(cls) if f.name not in data.files and f.name not in cls.OPTIONAL]
-            if missing:
-                raise DataError(f"not a FusionDataset file: missing array(s) {', '.join(missing)}", path=path)
-            return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data.files})
+        """Read a ``save``d file (arrays only: allow_pickle=False, nothing in it runs); a missing, corrupt
+        or foreign file is one DataError naming it."""
+        if not Path(path).is_file():
+            raise DataError("no such FusionDataset file (.npz)", path=path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                missing = [f.name for f in fields(cls) if f.name not in data.files and f.name not in cls.OPTIONAL]
+                if missing:
+                    raise DataError(f"not a FusionDataset file: missing array(s) {', '.join(missing)}", path=path)
+                out = cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data.files})
+        except DataError:
+            raise
+        except Exception as err:  # not an .npz, truncated, or object arrays (refused: they would unpickle)
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            if "pickle" in first:  # numpy's message suggests loading it unsafely: we never do
+                first = "it holds pickled objects, and only plain arrays are read"
+            raise DataError(f"cannot read as a FusionDataset .npz ({first})", path=path) from None
+        n = len(out.reward)
+        bad = [f.name for f in fields(cls) if getattr(out, f.name) is not None and len(getattr(out, f.name)) != n]
+        if bad:
+            raise DataError(f"arrays {', '.join(bad)} do not have one row per decision ({n})", path=path)
+        return out
 
     def subset(self, rows: np.ndarray) -> "FusionDataset":
         """The rows ``rows`` (every array indexed alike)."""
