@@ -8,7 +8,8 @@ behind the default estimator, docs/fusion.md "Measured figures").
 Per run: reads the saved policies, the held-out logged data (with its candidates and slate
 propensities) and the truth in results.json; refits, per estimator, on the same data, the
 estimators of rmtl.fusion.estimators (dr, wpdis, sfqe, fqe, fqe_cql: one critic each, bootstrap
-intervals for dr / wpdis) and the critic ensembles fqe_ens / sfqe_ens (--members critics, critic m on
+intervals for dr / wpdis), dr_avg (DR with the mean Q of --members slate critics as control variate)
+and the critic ensembles fqe_ens / sfqe_ens (--members critics, critic m on
 bootstrap resample m of the episodes; the mean is the estimate, the members' spread the interval), and
 prints estimate (+- s.e.), Spearman with the truth, the share of the truth's significant pairs ordered
 right, and the tie-aware check (rmtl.fusion.validation.tie_aware). --truth-repeats N > 0 recomputes
@@ -28,10 +29,20 @@ import torch
 
 from rmtl.fusion.data import FusionDataset
 from rmtl.fusion.estimators import ESTIMATORS, estimate_all, make_critic
-from rmtl.fusion.ope import bootstrap_counts, fqe_ensemble
+from rmtl.fusion.ope import bootstrap_counts, dr_with_bootstrap, fqe_ensemble
 from rmtl.fusion.policies import load_policy
 from rmtl.fusion.slates import SlateSpec
 from rmtl.fusion.validation import distinguishable_pairs, spearman, tie_aware
+
+
+class MeanCritic:
+    """The mean Q of several critics (what DR needs of a critic: q_values)."""
+
+    def __init__(self, critics):
+        self.critics = critics
+
+    def q_values(self, data, policy=None):
+        return np.mean([c.q_values(data, policy) for c in self.critics], axis=0)
 
 
 def judge(point: dict, samples: dict | None, truth: dict, pairs: list, z: float) -> dict:
@@ -94,13 +105,20 @@ def main() -> None:
         for key in only:
             t0 = time.time()
             point, samples = {}, {}
-            if key.endswith("_ens"):  # critic ensembles: the mean is the estimate, the members the samples
+            if key == "dr_avg":  # DR whose control variate is the mean Q of --members slate critics (seeds)
+                for n, act in policies.items():
+                    members = [make_critic("sfqe", held, spec, dataclasses.replace(fqe_cfg), cfg.seed + m)
+                               .fit(held, act, steps=args.steps) for m in range(args.members)]
+                    point[n], samples[n] = dr_with_bootstrap(held, act, spec, cfg.fqe.gamma, MeanCritic(members),
+                                                             counts)
+            elif key.endswith("_ens"):  # critic ensembles: the mean is the estimate, the members the samples
                 ens, _ = fqe_ensemble(held, policies, members=args.members, seed=cfg.seed, steps=args.steps,
                                       gamma=cfg.fqe.gamma, cql_alpha=0.0, hidden=cfg.fqe.hidden, lr=cfg.fqe.lr,
                                       tau=args.tau, slate=spec.to_dict() if key == "sfqe_ens" else None)
                 point, samples = {n: float(v.mean()) for n, v in ens.items()}, ens
-            kind = None if key.endswith("_ens") else ESTIMATORS[key].critic
-            for n, act in (() if key.endswith("_ens") else policies.items()):
+            own = key.endswith("_ens") or key == "dr_avg"
+            kind = None if own else ESTIMATORS[key].critic
+            for n, act in (() if own else policies.items()):
                 if kind and (kind, n) not in critics:
                     torch.manual_seed(cfg.seed)
                     critics[kind, n] = make_critic(kind, held, spec, fqe_cfg, cfg.seed).fit(held, act,
