@@ -8,9 +8,10 @@ support them (CQL's regulariser with the evaluated policy as the penalised
 distribution). Q is squashed into the range of values reachable on the logged sessions
 (reward range x discounted longest session), so the penalty pulls an unsupported
 policy down to that floor instead of to minus infinity. The estimate is
-mean_s0 Q(s0, pi(s0)) over the sessions' initial states. cql_alpha = 0 is plain FQE (the
-fusion run's default estimate; with a penalty it is a lower bound). ``save`` / ``load`` keep a
-fitted critic (weights-only file).
+mean_s0 Q(s0, pi(s0)) over the sessions' initial states. cql_alpha = 0 is plain FQE (with a
+penalty it is a lower bound). ``slate=`` (a SlateSpec dict) makes Q's action input the slate alpha
+shows (rmtl.fusion.slates) instead of alpha: the slate FQE behind the run's default DR estimate
+(rmtl.fusion.ope). ``save`` / ``load`` keep a fitted critic (weights-only file).
 
 **MTF-GAUC.** For each logged request of held-out sessions, the policy's alpha fuses the
 ranker's predictions of the items logged in that request; the fused score is scored

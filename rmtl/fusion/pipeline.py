@@ -10,17 +10,19 @@
    (BCQ's data) and on test sessions in the evaluation simulator (FQE / MTF-GAUC data).
 5. Policies: equal weights, the behaviour default, CEM (on the training simulator),
    BCQ (offline, on the logged data), SB3 TD3 (online, training simulator).
-6. Evaluation per policy: FQE value (and the conservative lower bound), MTF-GAUC, simulator
-   total reward and depth under the held-out user model (and under the training one).
+6. Evaluation per policy: the offline value estimates of ``ope.estimators`` (DR on slates, the
+   default, with bootstrap intervals; WPDIS; slate FQE; optionally FQE on alpha and the
+   conservative lower bound; rmtl.fusion.estimators), MTF-GAUC, simulator total reward and
+   depth under the held-out user model (and under the training one).
 
 6b. Validation of the offline estimators: the evaluation simulator's true discounted value
    of each policy next to each estimate (error per policy) and each estimator's rank
-   correlation with the truth (rmtl.fusion.validation).
+   correlation with the truth, and the tie-aware pair check (rmtl.fusion.validation).
 
 Writes RUN_DIR/results.json, RUN_DIR/config.yaml, RUN_DIR/logged_{train,heldout}.npz,
-RUN_DIR/policies/<policy>.pt, RUN_DIR/fqe/<policy>_<estimator>.pt and TensorBoard events in RUN_DIR/tb (bcq/alpha/<task>, bcq/critic_q, bcq/critic_loss,
+RUN_DIR/policies/<policy>.pt, RUN_DIR/fqe/<policy>_<critic>.pt and TensorBoard events in RUN_DIR/tb (bcq/alpha/<task>, bcq/critic_q, bcq/critic_loss,
 bcq/vae_loss, bcq/actor_loss, cem/alpha/<task>, cem/best_return, fqe/<policy>/<estimate>_loss,
-eval/<column>/<policy>)..
+eval/<column>/<policy>).
 """
 
 from __future__ import annotations
@@ -154,7 +156,7 @@ def run_fusion(cfg: FusionConfig, *, run_dir: str | os.PathLike | None = None, v
     """Train and evaluate every configured policy; returns the comparison table.
 
     Trained policies are saved to RUN_DIR/policies/<policy>.pt and the FQE critics to
-    RUN_DIR/fqe/<policy>_<estimator>.pt (rmtl.fusion.policies.load_policy,
+    RUN_DIR/fqe/<policy>_<critic>.pt (rmtl.fusion.policies.load_policy,
     ConservativeFQE.load read them back)."""
     from torch.utils.tensorboard import SummaryWriter
 
