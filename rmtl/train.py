@@ -55,6 +55,9 @@ def load_data(data: DataConfig, seed: int = 0):
     """The Prepared data of a DataConfig (through rmtl.data.prepare)."""
     from rmtl.data.prepare import prepare
 
+    if data.shards:  # streamed by fit (load_shards); the other commands need the whole log
+        raise ConfigError("data.shards is read by `rmtl train` only; this command needs the whole log "
+                          "(drop data.shards and give data.source / data.data_dir)", key="data.shards")
     data_dir = resolve_data_dir(data.data_dir)
     kwargs: dict[str, Any] = dict(
         cache_dir=data.cache_dir, session_gap=data.session_gap, split_ratios=tuple(data.split_ratios),

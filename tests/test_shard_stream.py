@@ -17,10 +17,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_distributed import RecordGradients  # noqa: E402
 from test_train import small_cfg  # noqa: E402
 
 from rmtl import checkpoint as ckpt  # noqa: E402
 from rmtl.backbones import build  # noqa: E402
+from rmtl.callbacks import Callback  # noqa: E402
+from rmtl.data.batches import gather_batch  # noqa: E402
 from rmtl.cli import main  # noqa: E402
 from rmtl.data.batches import BatchIterator  # noqa: E402
 from rmtl.data.shard_stream import ShardSource, evaluate_gathered  # noqa: E402
@@ -118,11 +121,22 @@ def test_one_shard_stream_equals_the_in_memory_batches_and_training(entries, tmp
         assert sharded.metrics[split] == evaluate(memory.model, rows.split(split))
 
 
+GRAD_CASES = {"ew": ["strategy.name=ew"], "pcgrad": ["strategy.name=pcgrad"]}
+ONE_EPOCH = ["model.options.dropout=0", "train.batch_size=64", "train.epochs=1", "train.patience=null"]
+
+
+def _grad_run(root: Path, name: str, extra=(), prepared=None, callbacks=()) -> list:
+    recorder = RecordGradients()
+    fit(small_cfg(root, *ONE_EPOCH, *GRAD_CASES[name], *extra), prepared=prepared, run_dir=root / f"g-{name}",
+        callbacks=[*callbacks, recorder])
+    return torch.stack(recorder.steps)
+
+
 def _worker(rank: int, world: int, init_file: str, root: str, path: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        out = {}
+        out = {"grads": {name: _grad_run(Path(root), name, [f"data.shards={path}"]) for name in GRAD_CASES}}
         result = fit(small_cfg(Path(root), *COMMON, f"data.shards={path}"), run_dir=Path(root) / "ddp")
         out["steps"], out["metrics"] = result.steps, result.metrics
         out["weights"] = {k: v.clone() for k, v in result.model.state_dict().items()}
@@ -178,6 +192,49 @@ def test_two_process_shard_training_runs_equal_steps_and_writes_one_set(entries,
     assert last["loop"]["step"] == 2 * per_epoch
 
 
+class UnionBatches:
+    """One process's iterator: at step t, rank 0's then rank 1's local batch of the 2-process run."""
+
+    def __init__(self, path, train_log):
+        self.streams = [ShardSource.open(path, r, 2).train_stream(64, seed=0) for r in range(2)]
+        self.train_log = train_log
+
+    def set_epoch(self, epoch):
+        for s in self.streams:
+            s.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.streams[0])
+
+    def __iter__(self):
+        for parts in zip(*self.streams):
+            yield gather_batch(self.train_log, torch.cat([p.rows for p in parts]).numpy())
+
+
+class UseUnionBatches(Callback):
+    name = "union_batches"
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_fit_start(self, trainer):
+        trainer.iterator = UnionBatches(self.path, trainer.train_log)
+
+
+@pytest.mark.parametrize("name", list(GRAD_CASES))
+def test_two_rank_shard_gradients_equal_one_process_on_the_union_batch(entries, two_ranks, tmp_path, name):
+    """Each step's reduced gradient = one process's on the two local batches together, the
+    last step included (there the smaller rank has fewer rows: its share is smaller)."""
+    path, _ = entries
+    _, outs = two_ranks
+    stream = ShardSource.open(path, 1, 2).train_stream(64)
+    assert stream.step_rows(len(stream) - 1).tolist()[0] != stream.step_rows(len(stream) - 1).tolist()[1]
+    single = _grad_run(tmp_path, name, prepared=load_log(path), callbacks=[UseUnionBatches(path)])
+    assert single.shape[0] == outs[0]["grads"][name].shape[0] == len(stream)
+    for out in outs:
+        torch.testing.assert_close(out["grads"][name], single, rtol=1e-4, atol=1e-6)
+
+
 def test_bad_shards_folder_exits_2_and_leaves_nothing(entries, tmp_path, capsys):
     path, _ = entries
     (tmp_path / "empty").mkdir()
@@ -188,3 +245,11 @@ def test_bad_shards_folder_exits_2_and_leaves_nothing(entries, tmp_path, capsys)
         assert code == 2
         assert len(err) == 1 and "meta.json" in err[0] and str(bad) in err[0]
         assert not (tmp_path / "run").exists()
+
+
+def test_commands_that_need_the_whole_log_refuse_data_shards(entries, tmp_path, capsys):
+    path, _ = entries
+    code = main(["pipeline", "-c", "quickstart", f"data.shards={path}", f"run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "data.shards" in err[0]
+    assert not (tmp_path / "run").exists()
