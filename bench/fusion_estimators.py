@@ -1,5 +1,6 @@
-"""Offline estimators of a finished `rmtl fusion` run against its simulator truth, over a grid
-of CQL penalties and FQE seeds (the measurement behind the default estimator, docs/fusion.md).
+"""FQE on alpha (and its CQL-penalised lower bound) of a finished `rmtl fusion` run against its simulator
+truth, over a grid of CQL penalties and FQE seeds (bench/fusion_ope.py measures every estimator, the default
+DR among them; docs/fusion.md).
 
     rmtl fusion --run-dir runs/mtf
     python bench/fusion_estimators.py runs/mtf [--alphas 0,0.01,0.03,0.1] [--seeds 0,1,2] [--steps 1000]

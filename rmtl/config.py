@@ -67,6 +67,10 @@ class DataConfig:
     # Options of the synthetic writer (users, items, task_correlation, ...). Used only
     # when data_dir is None; empty = the data core's embedded default.
     synthetic: Dict[str, Any] = field(default_factory=dict)
+    # A sharded prepare's entry folder (`rmtl prepare --shards`): training streams each process's
+    # own shards (rmtl.data.shard_stream) and the keys above are not used. None = the in-memory log.
+    shards: Optional[str] = None
+    shard_buffer_rows: int = bounded(1 << 18, low=1)  # rows shuffled together when streaming shards
 
 
 @dataclass

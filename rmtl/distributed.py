@@ -159,6 +159,12 @@ def current_share() -> float:
     return _share
 
 
+def set_share(share: float) -> None:
+    """Called by an iterator before it yields a batch: this rank's rows / the step's rows."""
+    global _share
+    _share = float(share)
+
+
 def check_global_batch(batch_size: int, key: str, world: int | None = None) -> None:
     """Every process needs rows of every global batch."""
     world = world_size() if world is None else world
@@ -405,5 +411,21 @@ def setup(trainer: "Trainer") -> None:
     trainer.iterator = ShardedBatchIterator(trainer.train_log, tc.batch_size, world_size=world_size(),
                                             shuffle=True, seed=trainer.iterator.seed, device=trainer.device)
     trainer.predictor = predict_sharded
+    add_callbacks(trainer)
+
+
+def add_callbacks(trainer: "Trainer") -> None:
+    """The gradient reducer (first) and the rank sync (last), when torch.distributed is running."""
+    if not active():
+        return
     trainer.callbacks.callbacks.insert(0, GradientReducer())
     trainer.callbacks.callbacks.append(RankSync())
+
+
+def all_gather_objects(value) -> list:
+    """Every rank's picklable ``value``, in rank order ([value] in one process)."""
+    if not active():
+        return [value]
+    out = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out

@@ -68,6 +68,9 @@ class StepTable:
 
 # ----------------------------------------------------------------------------- sources
 
+FUSION_OPE_EXTRAS = ("cand_o", "cand_mask", "propensity")  # FusionDataset's optional off-policy evaluation logs
+
+
 def fusion_steps(data) -> StepTable:
     """A FusionDataset (rows interleaved across episodes by request index) as a StepTable."""
     order = np.argsort(data.episode, kind="stable")  # keeps each episode's step order
@@ -76,7 +79,9 @@ def fusion_steps(data) -> StepTable:
                      next_obs=data.next_obs[order], terminated=data.done[order].astype(bool) & ~truncated,
                      truncated=truncated, episode=data.episode[order].astype(np.int64),
                      extras={"user": data.user[order], "req_rows": data.req_rows[order],
-                             "req_o": data.req_o[order]}).check()
+                             "req_o": data.req_o[order],
+                             **{k: getattr(data, k)[order] for k in FUSION_OPE_EXTRAS
+                                if getattr(data, k) is not None}}).check()
 
 
 def steps_to_fusion(table: StepTable):
@@ -90,7 +95,14 @@ def steps_to_fusion(table: StepTable):
     first[table.bounds()[:-1]] = True
     n, req_rows = len(table), np.asarray(table.extras["req_rows"]).reshape(len(table), -1)
     req_o = np.asarray(table.extras["req_o"]).reshape(n, req_rows.shape[1], -1)  # Minari keeps extras 2-D
-    return FusionDataset(obs=table.obs, action=table.action, reward=table.reward, next_obs=table.next_obs,
+    ope = {}
+    if "cand_mask" in table.extras:  # the off-policy evaluation logs, when the data has them
+        mask = np.asarray(table.extras["cand_mask"]).reshape(n, -1).astype(bool)
+        ope["cand_mask"] = mask
+        ope["cand_o"] = np.asarray(table.extras["cand_o"], np.float32).reshape(n, mask.shape[1], -1)
+    if "propensity" in table.extras:
+        ope["propensity"] = np.asarray(table.extras["propensity"], np.float64).reshape(n)
+    return FusionDataset(**ope, obs=table.obs, action=table.action, reward=table.reward, next_obs=table.next_obs,
                          done=table.terminated | table.truncated, first=first, episode=table.episode,
                          user=np.asarray(table.extras["user"]).reshape(n), req_rows=req_rows, req_o=req_o,
                          truncated=table.truncated)

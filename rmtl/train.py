@@ -27,6 +27,7 @@ from rmtl import distributed
 from rmtl.atomic import read_json
 from rmtl.callbacks import Callback, default_callbacks
 from rmtl.config import DataConfig, ModelConfig, RunConfig, StrategyConfig
+from rmtl.data import shard_stream
 from rmtl.data.prepare import as_session_log
 from rmtl.device import resolve_device
 from rmtl.errors import ConfigError, DataError
@@ -54,6 +55,9 @@ def load_data(data: DataConfig, seed: int = 0):
     """The Prepared data of a DataConfig (through rmtl.data.prepare)."""
     from rmtl.data.prepare import prepare
 
+    if data.shards:  # streamed by fit (load_shards); the other commands need the whole log
+        raise ConfigError("data.shards is read by `rmtl train` only; this command needs the whole log "
+                          "(drop data.shards and give data.source / data.data_dir)", key="data.shards")
     data_dir = resolve_data_dir(data.data_dir)
     kwargs: dict[str, Any] = dict(
         cache_dir=data.cache_dir, session_gap=data.session_gap, split_ratios=tuple(data.split_ratios),
@@ -145,16 +149,23 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
     check_names(cfg, need_model=model is None, need_strategy=strategy is None)  # before a slow data load
     baseline = _baseline_metrics(cfg.baseline_run, tag)  # a missing baseline fails before training, not after
 
-    log = load_everywhere(cfg, prepared)
+    stream = None
+    if cfg.data.shards and prepared is None:  # each process streams its own shards
+        log, stream = load_shards(cfg, device)
+    else:
+        log = load_everywhere(cfg, prepared)
     for name in ("train", "val", "test"):
         if name not in log.splits:
             raise DataError(f"the session log has no '{name}' split (has {sorted(log.splits)})")
-    if log.split("train").num_rows == 0:
+    if stream is None and log.split("train").num_rows == 0:
         raise DataError("the train split is empty")
     model = model if model is not None else build_model(cfg.model, log.spec)
     if strategy is None:
         strategy = build_strategy(cfg.strategy, len(task_columns(model, log.spec.num_tasks)))
     if hasattr(strategy, "bind_log"):  # rmtl: each train row's leak-free critic set and session context
+        if stream is not None:
+            raise ConfigError(f"strategy {cfg.strategy.name} needs the whole train split in memory; "
+                              "it does not train from data.shards", key="strategy.name")
         strategy.bind_log(log.split("train"), model)
 
     root = Path(run_dir if run_dir is not None else _resolved(cfg.run_dir))
@@ -162,8 +173,24 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
     trainer = Trainer(tc, model, strategy, log, out_dir=out_dir, run_dir=root, device=device,
                       seed=cfg.seed, callbacks=[*default_callbacks(tc), *callbacks], tag=tag,
                       step_offset=step_offset, config=cfg, baseline=baseline)
-    distributed.setup(trainer)  # under torchrun: this rank's slices of the global batches, gradient all-reduce
+    if stream is not None:  # this rank's own batches, metrics gathered over ranks
+        shard_stream.setup(trainer, stream)
+    else:  # under torchrun: this rank's slices of the global batches, gradient all-reduce
+        distributed.setup(trainer)
     return trainer.fit(resume=resume)
+
+
+def load_shards(cfg: RunConfig, device):
+    """(this rank's val / test rows as a SessionLog, its train ShardStream) of cfg.data.shards;
+    a failure on any rank stops all of them with one line (distributed.all_or_none)."""
+    with distributed.all_or_none("loading the shards"):
+        source = shard_stream.ShardSource.open(resolve_data_dir(cfg.data.shards), distributed.rank(),
+                                               distributed.world_size())
+        log = source.eval_log()
+        stream = source.train_stream(cfg.train.batch_size, seed=cfg.seed, buffer_rows=cfg.data.shard_buffer_rows,
+                                     device=device)
+    stream.check_agreement()
+    return log, stream
 
 
 def _baseline_metrics(baseline_run: str | None, tag: str) -> dict | None:

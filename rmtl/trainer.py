@@ -118,6 +118,7 @@ class Trainer:
         self.reports_gates = isinstance(model, ReportsGateUsage)
 
         self.predictor = predict  # how val / test rows are predicted (rmtl.distributed shards them)
+        self.evaluator = evaluate  # metrics of a split (rmtl.data.shard_stream gathers them over ranks)
         self.iterator = BatchIterator(self.train_log, train_cfg.batch_size, shuffle=True, seed=seed,
                                       device=self.device)
         self.state = LoopState(epoch_loss_sum=[0.0] * self.num_tasks)
@@ -238,7 +239,7 @@ class Trainer:
     def validate(self, *, scheduled: bool = True) -> EvalOutput:
         """Metrics on val; tracks the best mean AUC (a NaN score never beats a number)."""
         st = self.state
-        metrics = evaluate(self.model, self.val_log, self.tc.eval_batch_size, predictor=self.predictor)
+        metrics = self.evaluator(self.model, self.val_log, self.tc.eval_batch_size, predictor=self.predictor)
         score = mean_metric(metrics, "auc")
         st.last_eval_step = st.step
         improved = (not math.isnan(score) and score > st.best_score) or st.best_step < 0
@@ -251,8 +252,8 @@ class Trainer:
 
     def final_result(self) -> TrainResult:
         """Val and test metrics of the model as it is now (the best weights, when a callback restored them)."""
-        metrics = {"val": evaluate(self.model, self.val_log, self.tc.eval_batch_size, predictor=self.predictor),
-                   "test": evaluate(self.model, self.test_log, self.tc.eval_batch_size, predictor=self.predictor)}
+        metrics = {"val": self.evaluator(self.model, self.val_log, self.tc.eval_batch_size, predictor=self.predictor),
+                   "test": self.evaluator(self.model, self.test_log, self.tc.eval_batch_size, predictor=self.predictor)}
         gain = mtl_gain(metrics["test"], self.baseline["test"]) if self.baseline else None
         st = self.state
         return TrainResult(model=self.model, metrics=metrics, run_dir=self.run_dir,

@@ -286,19 +286,22 @@ def test_rmtl_fusion_end_to_end(tmp_path, capsys):
     from rmtl.cli import main
 
     run_dir = tmp_path / "run"
-    code = main(["fusion", f"run_dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}", *TINY_RUN])
+    code = main(["fusion", f"run_dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}", *TINY_RUN,
+                 "ope.estimators=[dr,wpdis,sfqe,fqe,fqe_cql]", "ope.resamples=20"])
     out = capsys.readouterr().out
     assert code == 0
     results = json.loads((run_dir / "results.json").read_text())
     assert list(results["table"]) == ["equal", "behaviour", "cem", "bcq", "td3"]
     for row in results["table"].values():
-        assert np.isfinite([row["true_value"], row["fqe"], row["fqe_cql"], row["sim_reward"],
-                            row["sim_depth"]]).all()
+        assert np.isfinite([row["true_value"], row["dr"], row["dr_se"], row["wpdis"], row["sfqe"], row["fqe"],
+                            row["fqe_cql"], row["sim_reward"], row["sim_depth"]]).all()
         assert row["sim_depth"] >= 1
     for name in ("equal", "bcq", "td3"):
         assert any(line.startswith(name) for line in out.splitlines())
     assert "true_value" in out and "mtf_gauc" in out and "rank correlation" in out
-    for col in ("fqe", "fqe_cql"):  # estimate - truth per policy, and the rank correlation
+    assert "DR (slate IS + slate FQE) [default]" in out and "cannot distinguish" in out
+    assert set(results["estimators"]["tie_aware"]) == {"dr", "wpdis"}  # the ones with bootstrap intervals
+    for col in ("dr", "sfqe", "fqe", "fqe_cql"):  # estimate - truth per policy, and the rank correlation
         errors = results["estimators"]["errors"][col]
         assert errors["bcq"] == pytest.approx(results["table"]["bcq"][col] - results["table"]["bcq"]["true_value"])
         assert -1 <= results["estimators"]["rank_corr"][col] <= 1
@@ -319,6 +322,26 @@ def test_rmtl_fusion_end_to_end(tmp_path, capsys):
         fqe = ConservativeFQE.load(run_dir / "fqe" / f"{name}_fqe.pt")
         assert fqe.value(held.initial_obs, act) == pytest.approx(results["table"][name]["fqe"], rel=1e-5) or \
             name == "bcq"
+        slate_fqe = ConservativeFQE.load(run_dir / "fqe" / f"{name}_sfqe.pt")  # DR's critic
+        assert slate_fqe.estimate(held, act) == pytest.approx(results["table"][name]["sfqe"], rel=1e-5) or \
+            name == "bcq"
+    # a saved policy scores logged sessions without retraining: on the run's own held-out data it gives the run's DR
+    score = ["fusion", "score", "--run-dir", str(run_dir), "--sessions", str(run_dir / "logged_heldout.npz")]
+    assert main([*score, "--policy", "cem"]) == 0
+    out = capsys.readouterr().out
+    assert f"DR value (default)  {results['table']['cem']['dr']:.3f}" in out and "shows the logged slate" in out
+    (tmp_path / "bad.npz").write_text("not arrays")
+    for bad, needle in ((["--policy", "dqn"], "no saved policy 'dqn'"),
+                        ([*score[:-1], str(tmp_path / "bad.npz"), "--policy", "cem"], "bad.npz"),
+                        ([*score[:-1], str(run_dir / "config.yaml"), "--policy", "cem"], "config.yaml")):
+        assert main([*score, *bad] if bad[0] == "--policy" else bad) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    old = FusionDataset.load(run_dir / "logged_heldout.npz")
+    old.propensity = None  # data logged without propensities cannot be importance-weighted
+    old.save(tmp_path / "nopro.npz")
+    assert main([*score[:-1], str(tmp_path / "nopro.npz"), "--policy", "cem"]) == 2
+    assert "propensity" in capsys.readouterr().err
 
 
 def test_rmtl_fusion_config_typo_names_the_key(tmp_path, capsys):

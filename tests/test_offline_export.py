@@ -10,7 +10,7 @@ import pytest
 
 from rmtl.envs.synthetic_log import random_session_log
 from rmtl.envs.transitions import build_transitions
-from rmtl.fusion.data import FusionDataset, collect, constant_policy
+from rmtl.fusion.data import FusionDataset, behaviour_policy, collect
 from rmtl.offline import (d3rlpy_arrays, from_d3rlpy, from_minari, fusion_steps, load_d3rlpy_npz, save_d3rlpy_npz,
                           session_steps, steps_to_fusion, to_d3rlpy, to_minari)
 
@@ -25,7 +25,8 @@ def logged(world):  # noqa: F811
     _, _, sim, _, _ = world
     sim.cfg.max_depth = 3  # some sessions are cut (truncated), others end with the user leaving
     try:
-        return collect(sim, constant_policy(np.zeros(len(TASKS))), sim.sessions[:12], passes=2)
+        # the noisy logger: its candidates and slate propensities travel with the data too
+        return collect(sim, behaviour_policy(np.zeros(len(TASKS)), 0.3, -1, 1, seed=0), sim.sessions[:12], passes=2)
     finally:
         sim.cfg.max_depth = 8
 
@@ -33,6 +34,7 @@ def logged(world):  # noqa: F811
 def _same_fusion(a: FusionDataset, b: FusionDataset) -> None:
     order = np.argsort(a.episode, kind="stable")
     for f in fields(FusionDataset):
+        assert getattr(a, f.name) is not None, f.name  # every array, the optional ones included, round-trips
         np.testing.assert_array_equal(getattr(b, f.name), getattr(a, f.name)[order], err_msg=f.name)
 
 

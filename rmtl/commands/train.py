@@ -19,6 +19,8 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.01")
     p.add_argument("--run-dir", help="output folder (default: the config's run_dir)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/train/last.pt")
+    p.add_argument("--shards", metavar="DIR", help="train from a sharded prepare's entry folder (`rmtl prepare "
+                   "--shards`), each process streaming its own shards: the same as data.shards=DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -43,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give a config with -c (a YAML file or one of the packaged names), or "
                           "--resume --run-dir DIR for a run dir holding config.yaml")
     overrides = list(args.overrides) + (["train.progress=false"] if args.no_progress else [])
+    if args.shards:
+        overrides.append(f"data.shards={args.shards}")
     with started_run(config, overrides, args.run_dir) as cfg:
         result = fit(cfg, run_dir=Path(cfg.run_dir), resume=args.resume)
     if not distributed.is_main():  # under torchrun: rank 0 reports

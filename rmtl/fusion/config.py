@@ -58,6 +58,7 @@ class BehaviourSection:
     noise: float = bounded(0.3, low=0)  # std of the Gaussian noise per task and request (then clipped to the action box)
     passes: int = bounded(3, low=1)  # logged rollouts over the train sessions
     heldout_passes: int = bounded(2, low=1)  # logged rollouts over the test sessions (FQE / MTF-GAUC data)
+    propensity_draws: int = bounded(256, low=1)  # Monte Carlo draws behind each logged slate propensity
 
 
 @dataclass
@@ -92,20 +93,28 @@ class TD3Section:
 
 
 @dataclass
-class FQESection:
-    steps: int = bounded(1000, low=1)
+class FQESection:  # every FQE critic of the run (slate FQE, the DR estimate's critic, and FQE on alpha)
+    steps: int = bounded(2000, low=1)
     batch_size: int = bounded(256, low=1)
     gamma: float = bounded(0.95, low=0, high=1, high_open=True)
-    cql_alpha: float = bounded(0.1, low=0)  # CQL penalty of the conservative estimate, reported as a lower bound
-    lower_bound: bool = True  # also fit conservative FQE (cql_alpha); plain FQE is the default estimate
+    cql_alpha: float = bounded(0.1, low=0)  # CQL penalty of fqe_cql, reported as a lower bound
     hidden: int = bounded(64, low=1)
     lr: float = bounded(0.001, low=0, low_open=True)
+    tau: float = bounded(0.05, low=0, high=1, low_open=True)  # target network update (0.01 left Q unconverged)
+
+
+@dataclass
+class OPESection:  # the offline value estimators (rmtl.fusion.estimators) and their validation
+    default: str = "dr"  # THE value estimate: the first column, the one to trust (docs/fusion.md measurements)
+    estimators: List[str] = field(default_factory=lambda: ["dr", "wpdis", "sfqe"])  # also fqe, fqe_cql
+    resamples: int = bounded(200, low=2)  # bootstrap resamples of the held-out episodes (intervals, verdicts)
+    z: float = bounded(2.0, low=0, low_open=True)  # a pair is "distinguishable" beyond z bootstrap s.e.
 
 
 @dataclass
 class EvalSection:
     repeats: int = bounded(3, low=1)  # simulator passes over the test sessions per policy
-    truth_repeats: int = bounded(20, low=1)  # passes for each policy's true discounted value (the estimators' yardstick)
+    truth_repeats: int = bounded(100, low=1)  # passes for each policy's true discounted value (the estimators' yardstick)
     label: str = "long_view"  # valid consumption for MTF-GAUC
     equal_alpha: float = 0.5  # the "equal" baseline's weight for every task
 
@@ -121,6 +130,7 @@ class FusionConfig:
     cem: CEMSection = field(default_factory=CEMSection)
     td3: TD3Section = field(default_factory=TD3Section)
     fqe: FQESection = field(default_factory=FQESection)
+    ope: OPESection = field(default_factory=OPESection)
     eval: EvalSection = field(default_factory=EvalSection)
     policies: List[str] = field(default_factory=lambda: list(POLICIES))
     seed: int = bounded(0, low=0)
@@ -149,6 +159,14 @@ def validate(cfg: FusionConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"expected a positive integer, got {value}", key=key)
+    from rmtl.fusion.estimators import ESTIMATORS
+
+    for name in cfg.ope.estimators:
+        if name not in ESTIMATORS:
+            raise ConfigError(f"unknown estimator '{name}'; known: {', '.join(ESTIMATORS)}", key="ope.estimators")
+    if cfg.ope.default not in cfg.ope.estimators:
+        raise ConfigError(f"the default estimator '{cfg.ope.default}' must be one of ope.estimators "
+                          f"{list(cfg.ope.estimators)}", key="ope.default")
     if cfg.ranker.kind not in RANKERS:
         raise ConfigError(f"unknown ranker '{cfg.ranker.kind}'; known: {', '.join(RANKERS)}", key="ranker.kind")
     if cfg.td3.timesteps < 0:

@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 from rmtl.fusion.simulator import FusionSimulator
+from rmtl.fusion.slates import SlateSpec, shown, slate_propensity
 
 from rmtl.atomic import atomic_path
 from rmtl.errors import ConfigError, DataError
@@ -36,6 +37,12 @@ class FusionDataset:
     req_rows: np.ndarray  # int64 [N, W]: logged rows offered in the request (-1 = none)
     req_o: np.ndarray  # float32 [N, W, K]: ranker predictions of those rows
     truncated: np.ndarray | None = None  # bool [N]: ended by max_depth, not by the user (None: no truncations)
+    # What a real logger keeps for off-policy evaluation (None in files written before they were logged):
+    cand_o: np.ndarray | None = None  # float32 [N, C, K]: ranker predictions of every candidate (window first)
+    cand_mask: np.ndarray | None = None  # bool [N, C]: real candidates (False = padding)
+    propensity: np.ndarray | None = None  # float64 [N]: P(behaviour shows the logged slate | request)
+
+    OPTIONAL = ("truncated", "cand_o", "cand_mask", "propensity")
 
     def __post_init__(self) -> None:
         if self.truncated is None:
@@ -51,7 +58,8 @@ class FusionDataset:
     def save(self, path: str | os.PathLike) -> Path:
         """Write as .npz (temporary name, then rename)."""
         with atomic_path(path, suffix=".npz") as tmp:
-            np.savez_compressed(tmp, **{f.name: getattr(self, f.name) for f in fields(self)})
+            np.savez_compressed(tmp, **{f.name: getattr(self, f.name) for f in fields(self)
+                                        if getattr(self, f.name) is not None})
         return Path(path)
 
     @property
@@ -61,11 +69,36 @@ class FusionDataset:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FusionDataset":
-        with np.load(path, allow_pickle=False) as data:
-            missing = [f.name for f in fields(cls) if f.name not in data.files]
-            if missing:
-                raise DataError(f"not a FusionDataset file: missing array(s) {', '.join(missing)}", path=path)
-            return cls(**{f.name: data[f.name] for f in fields(cls)})
+        """Read a ``save``d file (arrays only: allow_pickle=False, nothing in it runs); a missing, corrupt
+        or foreign file is one DataError naming it."""
+        if not Path(path).is_file():
+            raise DataError("no such FusionDataset file (.npz)", path=path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                missing = [f.name for f in fields(cls) if f.name not in data.files and f.name not in cls.OPTIONAL]
+                if missing:
+                    raise DataError(f"not a FusionDataset file: missing array(s) {', '.join(missing)}", path=path)
+                out = cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data.files})
+        except DataError:
+            raise
+        except Exception as err:  # not an .npz, truncated, or object arrays (refused: they would unpickle)
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            if "pickle" in first:  # numpy's message suggests loading it unsafely: we never do
+                first = "it holds pickled objects, and only plain arrays are read"
+            raise DataError(f"cannot read as a FusionDataset .npz ({first})", path=path) from None
+        n = len(out.reward)
+        bad = [f.name for f in fields(cls) if getattr(out, f.name) is not None and len(getattr(out, f.name)) != n]
+        if bad:
+            raise DataError(f"arrays {', '.join(bad)} do not have one row per decision ({n})", path=path)
+        return out
+
+    def subset(self, rows: np.ndarray) -> "FusionDataset":
+        """The rows ``rows`` (every array indexed alike)."""
+        return FusionDataset(**{f.name: getattr(self, f.name)[rows] for f in fields(self)
+                                if getattr(self, f.name) is not None})
+
+    def has_candidates(self) -> bool:
+        return self.cand_o is not None and self.cand_mask is not None
 
 
 def constant_policy(alpha) -> Policy:
@@ -79,7 +112,8 @@ def constant_policy(alpha) -> Policy:
     return act
 
 
-def behaviour_policy(default_alpha, noise: float, low: float, high: float, seed: int = 0) -> Policy:
+def behaviour_policy(default_alpha, noise: float, low: float, high: float, seed: int = 0,
+                     propensity_draws: int = 256) -> Policy:
     """The logging policy: default weighting + independent N(0, noise^2) per task and request, clipped."""
     if noise < 0:
         raise ConfigError(f"expected a non-negative standard deviation, got {noise}", key="behaviour.noise")
@@ -89,6 +123,10 @@ def behaviour_policy(default_alpha, noise: float, low: float, high: float, seed:
     def act(obs: np.ndarray) -> np.ndarray:
         return np.clip(alpha + noise * rng.standard_normal((len(obs), len(alpha))), low, high).astype(np.float32)
 
+    act.distribution = {"default_alpha": alpha, "noise": float(noise), "low": float(low), "high": float(high),
+                        "draws": np.random.default_rng([seed, 1]),  # type: ignore[attr-defined]
+                        "num_draws": int(propensity_draws)}
+    # (the logger logs its slates' propensities from it; own stream: the logged draws stay as they were)
     return act
 
 
@@ -119,11 +157,20 @@ def rollout(sim: FusionSimulator, act: Policy, sessions: np.ndarray, *, record: 
             parts["user"].append(sim.user[idx])
             parts["req_rows"].append(rows[idx])
             parts["req_o"].append(o[idx])
+            parts["cand_o"].append(sim.cand_o[idx].astype(np.float32))
+            parts["cand_mask"].append(sim.cand_mask[idx])
         obs = next_obs
         step += 1
     dataset = None
     if record:
-        dataset = FusionDataset(**{k: np.concatenate(v) for k, v in parts.items()})
+        dataset = FusionDataset(**{k: np.concatenate(v) for k, v in parts.items() if v})
+        dist = getattr(act, "distribution", None)
+        if dist is not None and len(dataset):  # the logger knows its distribution: log each slate's probability
+            spec = SlateSpec.of(sim.cfg)
+            logged = shown(dataset.cand_o, dataset.cand_mask, dataset.action, spec)
+            dataset.propensity = slate_propensity(dataset.cand_o, dataset.cand_mask, logged, dist["default_alpha"],
+                                                  dist["noise"], dist["low"], dist["high"], spec,
+                                                  draws=dist["num_draws"], seed=int(dist["draws"].integers(1 << 31)))
     return returns, sim.t.copy(), dataset
 
 
@@ -135,7 +182,7 @@ def collect(sim: FusionSimulator, act: Policy, sessions: np.ndarray, passes: int
         data.episode = data.episode + p * len(sessions)
         datasets.append(data)
     return FusionDataset(**{f.name: np.concatenate([getattr(d, f.name) for d in datasets])
-                            for f in fields(FusionDataset)})
+                            for f in fields(FusionDataset) if getattr(datasets[0], f.name) is not None})
 
 
 def simulate(sim: FusionSimulator, act: Policy, sessions: np.ndarray, repeats: int = 1) -> dict[str, float]:

@@ -8,9 +8,10 @@ support them (CQL's regulariser with the evaluated policy as the penalised
 distribution). Q is squashed into the range of values reachable on the logged sessions
 (reward range x discounted longest session), so the penalty pulls an unsupported
 policy down to that floor instead of to minus infinity. The estimate is
-mean_s0 Q(s0, pi(s0)) over the sessions' initial states. cql_alpha = 0 is plain FQE (the
-fusion run's default estimate; with a penalty it is a lower bound). ``save`` / ``load`` keep a
-fitted critic (weights-only file).
+mean_s0 Q(s0, pi(s0)) over the sessions' initial states. cql_alpha = 0 is plain FQE (with a
+penalty it is a lower bound). ``slate=`` (a SlateSpec dict) makes Q's action input the slate alpha
+shows (rmtl.fusion.slates) instead of alpha: the slate FQE behind the run's default DR estimate
+(rmtl.fusion.ope). ``save`` / ``load`` keep a fitted critic (weights-only file).
 
 **MTF-GAUC.** For each logged request of held-out sessions, the policy's alpha fuses the
 ranker's predictions of the items logged in that request; the fused score is scored
@@ -35,6 +36,7 @@ from rmtl.fusion.data import FusionDataset
 from rmtl.checkpoint import load_user_file, save_atomic
 from rmtl.errors import ConfigError, DataError
 from rmtl.fusion.functions import fuse
+from rmtl.fusion.slates import SlateSpec, shown, slate_feature_dim, slate_features
 
 Policy = Callable[[np.ndarray], np.ndarray]
 FQE_FORMAT = "rmtl-fqe/1"
@@ -42,16 +44,18 @@ FQE_FORMAT = "rmtl-fqe/1"
 
 class ConservativeFQE:
     def __init__(self, obs_dim: int, act_dim: int, *, gamma: float = 0.95, cql_alpha: float = 0.1,
-                 hidden: int = 128, lr: float = 1e-3, tau: float = 0.01, seed: int = 0):
+                 hidden: int = 128, lr: float = 1e-3, tau: float = 0.01, seed: int = 0, slate: dict | None = None):
         if not 0 <= gamma < 1:
             raise ConfigError(f"expected 0 <= gamma < 1, got {gamma}", key="fqe.gamma")
         if cql_alpha < 0:
             raise ConfigError(f"expected a non-negative penalty, got {cql_alpha}", key="fqe.cql_alpha")
         self._config = {"obs_dim": int(obs_dim), "act_dim": int(act_dim), "gamma": float(gamma),
                         "cql_alpha": float(cql_alpha), "hidden": int(hidden), "lr": float(lr), "tau": float(tau),
-                        "seed": int(seed)}
+                        "seed": int(seed), "slate": dict(slate) if slate else None}
+        # slate: Q's action input is the slate alpha shows (rmtl.fusion.slates), not alpha itself
+        self.slate = SlateSpec(**slate) if slate else None
         torch.manual_seed(seed)
-        self.q = mlp(obs_dim + act_dim, 1, hidden)
+        self.q = mlp(obs_dim + (slate_feature_dim(act_dim) if self.slate else act_dim), 1, hidden)
         self.q_target = copy.deepcopy(self.q)
         self.opt = torch.optim.Adam(self.q.parameters(), lr=lr)
         self.gamma, self.cql_alpha, self.tau = gamma, cql_alpha, tau
@@ -76,21 +80,44 @@ class ConservativeFQE:
         self.q_low = min(float(data.reward.min()), 0.0) * horizon
         self.q_high = max(float(data.reward.max()), 0.0) * horizon + 1e-3
 
+    def action_input(self, data: FusionDataset, alpha: np.ndarray, rows: np.ndarray | None = None) -> torch.Tensor:
+        """Q's action input for ``alpha`` [n, K] at ``rows`` of ``data`` (all rows by default): alpha, or
+        the features of the slate it shows there (needs the logged candidates)."""
+        alpha = np.asarray(alpha, np.float32)
+        if self.slate is None:
+            return torch.as_tensor(alpha)
+        if not data.has_candidates():
+            raise DataError("slate FQE needs the logged candidates (cand_o, cand_mask): re-log the data",
+                            column="cand_o")
+        rows = np.arange(len(data)) if rows is None else rows
+        cand_o, mask = data.cand_o[rows], data.cand_mask[rows]
+        return torch.as_tensor(slate_features(cand_o, shown(cand_o, mask, alpha, self.slate), self.slate))
+
     def fit(self, data: FusionDataset, policy: Policy, steps: int = 2000, batch_size: int = 256,
-            on_log: Callable[[int, dict], None] | None = None, log_every: int = 200) -> "ConservativeFQE":
+            on_log: Callable[[int, dict], None] | None = None, log_every: int = 200,
+            weights: np.ndarray | None = None) -> "ConservativeFQE":
+        """Fit on ``data``; ``weights`` [N] (e.g. a bootstrap's episode counts) sets how often each row is drawn."""
         if len(data) == 0:
             raise ConfigError("the held-out dataset is empty", key="fqe")
         obs = torch.as_tensor(data.obs)
         self.obs_mean, self.obs_std = obs.mean(0), obs.std(0).clamp_min(1e-3)
         self._set_bounds(data)
         s_all, s2_all = self._s(data.obs), self._s(data.next_obs)
-        a_all = torch.as_tensor(data.action, dtype=torch.float32)
-        pi_s = torch.as_tensor(np.asarray(policy(data.obs), np.float32))  # the policy once, on every state
-        pi_s2 = torch.as_tensor(np.asarray(policy(data.next_obs), np.float32))
+        a_all = self.action_input(data, data.action)
+        pi_s = self.action_input(data, policy(data.obs))  # the policy once, on every state
+        nxt = next_row(data)
+        nxt_rows = np.where(nxt >= 0, nxt, np.arange(len(data)))  # after the last step: masked by done
+        pi_s2 = self.action_input(data, policy(data.next_obs), nxt_rows) if self.slate else \
+            torch.as_tensor(np.asarray(policy(data.next_obs), np.float32))
         r_all = torch.as_tensor(data.reward, dtype=torch.float32)
         nd_all = 1.0 - torch.as_tensor(data.done, dtype=torch.float32)
+        cdf = None if weights is None else np.cumsum(np.asarray(weights, np.float64)) / float(np.sum(weights))
         for step in range(1, int(steps) + 1):
-            idx = torch.as_tensor(self.gen.integers(0, len(data), size=batch_size))
+            if cdf is None:
+                idx = torch.as_tensor(self.gen.integers(0, len(data), size=batch_size))
+            else:
+                idx = torch.as_tensor(np.minimum(np.searchsorted(cdf, self.gen.random(batch_size), side="right"),
+                                                 len(data) - 1))
             s, a = s_all[idx], a_all[idx]
             with torch.no_grad():
                 target = r_all[idx] + self.gamma * nd_all[idx] * self._q(self.q_target, s2_all[idx], pi_s2[idx])
@@ -129,9 +156,36 @@ class ConservativeFQE:
 
     @torch.no_grad()
     def value(self, obs: np.ndarray, policy: Policy) -> float:
-        """mean Q(s, pi(s)) over the given (initial) states."""
+        """mean Q(s, pi(s)) over the given (initial) states (alpha-input critics; see ``estimate``)."""
+        if self.slate is not None:
+            raise ConfigError("a slate critic needs the requests' candidates: use estimate(data, policy)",
+                              key="fqe.action_input")
         a = torch.as_tensor(np.asarray(policy(obs), np.float32))
         return float(self._q(self.q, self._s(obs), a).mean())
+
+    @torch.no_grad()
+    def q_values(self, data: FusionDataset, policy: Policy | None = None) -> np.ndarray:
+        """float64 [N]: Q(s, a) at every row, a = the logged action (policy None) or pi(s)."""
+        alpha = data.action if policy is None else policy(data.obs)
+        return self._q(self.q, self._s(data.obs), self.action_input(data, alpha)).double().numpy()
+
+    def estimate(self, data: FusionDataset, policy: Policy, weights: np.ndarray | None = None) -> float:
+        """The value estimate: mean Q(s0, pi(s0)) over ``data``'s initial states (``weights`` [N] per row)."""
+        first = np.flatnonzero(data.first)
+        sub = data.subset(first)
+        v = self.q_values(sub, policy)
+        w = np.ones(len(first)) if weights is None else np.asarray(weights, np.float64)[first]
+        return float((v * w).sum() / w.sum())
+
+
+def next_row(data: FusionDataset) -> np.ndarray:
+    """int64 [N]: the row of the same episode's next request (-1 after its last one). Rows of an
+    episode are stored in step order (rollout appends request by request)."""
+    order = np.argsort(data.episode, kind="stable")
+    same = data.episode[order][1:] == data.episode[order][:-1]
+    out = np.full(len(data), -1, np.int64)
+    out[order[:-1][same]] = order[1:][same]
+    return out
 
 
 def fqe_value(data: FusionDataset, policy: Policy, *, steps: int = 2000, batch_size: int = 256,

@@ -10,17 +10,19 @@
    (BCQ's data) and on test sessions in the evaluation simulator (FQE / MTF-GAUC data).
 5. Policies: equal weights, the behaviour default, CEM (on the training simulator),
    BCQ (offline, on the logged data), SB3 TD3 (online, training simulator).
-6. Evaluation per policy: FQE value (and the conservative lower bound), MTF-GAUC, simulator
-   total reward and depth under the held-out user model (and under the training one).
+6. Evaluation per policy: the offline value estimates of ``ope.estimators`` (DR on slates, the
+   default, with bootstrap intervals; WPDIS; slate FQE; optionally FQE on alpha and the
+   conservative lower bound; rmtl.fusion.estimators), MTF-GAUC, simulator total reward and
+   depth under the held-out user model (and under the training one).
 
 6b. Validation of the offline estimators: the evaluation simulator's true discounted value
    of each policy next to each estimate (error per policy) and each estimator's rank
-   correlation with the truth (rmtl.fusion.validation).
+   correlation with the truth, and the tie-aware pair check (rmtl.fusion.validation).
 
 Writes RUN_DIR/results.json, RUN_DIR/config.yaml, RUN_DIR/logged_{train,heldout}.npz,
-RUN_DIR/policies/<policy>.pt, RUN_DIR/fqe/<policy>_<estimator>.pt and TensorBoard events in RUN_DIR/tb (bcq/alpha/<task>, bcq/critic_q, bcq/critic_loss,
+RUN_DIR/policies/<policy>.pt, RUN_DIR/fqe/<policy>_<critic>.pt and TensorBoard events in RUN_DIR/tb (bcq/alpha/<task>, bcq/critic_q, bcq/critic_loss,
 bcq/vae_loss, bcq/actor_loss, cem/alpha/<task>, cem/best_return, fqe/<policy>/<estimate>_loss,
-eval/<column>/<policy>)..
+eval/<column>/<policy>).
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ import torch
 from omegaconf import OmegaConf
 
 from rmtl.fusion.bcq import BCQ
+from rmtl.fusion.estimators import ESTIMATORS, critics_for, estimate_all, labels, make_critic
 from rmtl.fusion.fqe import ConservativeFQE, mtf_gauc
+from rmtl.fusion.ope import bootstrap_counts
+from rmtl.fusion.slates import SlateSpec
 from rmtl.fusion.baselines import cem_search, train_td3
 from rmtl.fusion.data import behaviour_policy, collect, constant_policy, simulate
 from rmtl.atomic import write_text
@@ -49,18 +54,7 @@ from rmtl.errors import ConfigError
 from rmtl.fusion.config import FusionConfig
 from rmtl.tables import text_table
 
-COLUMNS = ["true_value", "fqe", "fqe_cql", "mtf_gauc", "sim_reward", "sim_depth", "train_sim_reward"]
-ESTIMATOR_LABELS = {"fqe": "FQE (default)", "fqe_cql": "FQE-CQL lower bound"}
-
-
-def ESTIMATORS(cfg: FusionConfig) -> list[tuple[str, float]]:
-    """(column, CQL penalty) of the value estimators: plain FQE, the default value estimate,
-    and conservative FQE (``fqe.lower_bound``), labelled a lower bound: on the default world
-    its penalty puts off-log policies 30-60 below their true value (docs/fusion.md)."""
-    out = [("fqe", 0.0)]
-    if cfg.fqe.lower_bound and cfg.fqe.cql_alpha > 0:
-        out.append(("fqe_cql", float(cfg.fqe.cql_alpha)))
-    return out
+COLUMNS = ["true_value", "mtf_gauc", "sim_reward", "sim_depth", "train_sim_reward"]  # + each estimator's column
 
 
 @dataclass
@@ -95,9 +89,8 @@ def load_log(cfg: FusionConfig):
     return prepared.log
 
 
-def _fit_fqe(cfg: FusionConfig, held, act, cql: float, writer, tag: str, advance) -> ConservativeFQE:
-    fqe = ConservativeFQE(held.obs.shape[1], held.action.shape[1], gamma=cfg.fqe.gamma, cql_alpha=cql,
-                          hidden=cfg.fqe.hidden, lr=cfg.fqe.lr, seed=cfg.seed)
+def _fit_critic(cfg: FusionConfig, kind: str, held, act, spec, writer, tag: str, advance) -> ConservativeFQE:
+    fqe = make_critic(kind, held, spec, cfg.fqe, cfg.seed)
     done = 0
 
     def on_log(step, logs):
@@ -163,7 +156,7 @@ def run_fusion(cfg: FusionConfig, *, run_dir: str | os.PathLike | None = None, v
     """Train and evaluate every configured policy; returns the comparison table.
 
     Trained policies are saved to RUN_DIR/policies/<policy>.pt and the FQE critics to
-    RUN_DIR/fqe/<policy>_<estimator>.pt (rmtl.fusion.policies.load_policy,
+    RUN_DIR/fqe/<policy>_<critic>.pt (rmtl.fusion.policies.load_policy,
     ConservativeFQE.load read them back)."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -182,10 +175,11 @@ def run_fusion(cfg: FusionConfig, *, run_dir: str | os.PathLike | None = None, v
     low, high = train_sim.cfg.action_low, train_sim.cfg.action_high
     default_alpha = world.default_alpha
     with progress.stage("logging"):
-        logged = collect(train_sim, behaviour_policy(default_alpha, cfg.behaviour.noise, low, high, seed=cfg.seed),
-                         train_sim.sessions, cfg.behaviour.passes)
-        held = collect(eval_sim, behaviour_policy(default_alpha, cfg.behaviour.noise, low, high, seed=cfg.seed + 1),
-                       test_sessions, cfg.behaviour.heldout_passes)
+        draws = cfg.behaviour.propensity_draws
+        logged = collect(train_sim, behaviour_policy(default_alpha, cfg.behaviour.noise, low, high, seed=cfg.seed,
+                                                     propensity_draws=draws), train_sim.sessions, cfg.behaviour.passes)
+        held = collect(eval_sim, behaviour_policy(default_alpha, cfg.behaviour.noise, low, high, seed=cfg.seed + 1,
+                                                  propensity_draws=draws), test_sessions, cfg.behaviour.heldout_passes)
         logged.save(run_dir / "logged_train.npz")
         held.save(run_dir / "logged_heldout.npz")
     say(f"logged fusion decisions: {len(logged):,} (train sessions), {len(held):,} (held-out sessions)")
@@ -241,18 +235,21 @@ def run_fusion(cfg: FusionConfig, *, run_dir: str | os.PathLike | None = None, v
             save_policy(act, run_dir / "policies" / f"{name}.pt")
         say(f"policies trained: {', '.join(policies)} (saved in {run_dir / 'policies'})")
 
-        table, alphas, true_returns = {}, {}, {}
+        table, alphas, true_returns, boot = {}, {}, {}, {}
         label_index = tasks.index(cfg.eval.label)
-        estimates = [(col, cql) for col, cql in ESTIMATORS(cfg)]
-        fqe_total = len(policies) * len(estimates) * cfg.fqe.steps
-        with progress.stage("evaluation", total=fqe_total, unit="FQE step",
-                            detail=f"{len(policies)} policies x {len(estimates)} FQE fits") as advance:
+        names = list(cfg.ope.estimators)
+        kinds = critics_for(names)
+        spec = SlateSpec.of(eval_sim.cfg)
+        counts = bootstrap_counts(held, cfg.ope.resamples, cfg.seed)  # the same resamples for every policy
+        with progress.stage("evaluation", total=max(1, len(policies) * len(kinds) * cfg.fqe.steps), unit="FQE step",
+                            detail=f"{len(policies)} policies x {len(kinds)} FQE critics") as advance:
             for name, act in policies.items():
-                values = {}
-                for col, cql in estimates:
-                    fqe = _fit_fqe(cfg, held, act, cql, writer, f"fqe/{name}/{col}_loss", advance)
-                    fqe.save(run_dir / "fqe" / f"{name}_{col}.pt")
-                    values[col] = fqe.value(held.initial_obs, act)
+                critics = {}
+                for kind in kinds:
+                    critics[kind] = _fit_critic(cfg, kind, held, act, spec, writer, f"fqe/{name}/{kind}_loss", advance)
+                    critics[kind].save(run_dir / "fqe" / f"{name}_{kind}.pt")
+                values, samples = estimate_all(names, held, act, spec, cfg.fqe.gamma, critics, counts)
+                boot[name] = samples
                 true_returns[name] = true_value(eval_sim, act, test_sessions, gamma=cfg.fqe.gamma,
                                                 repeats=cfg.eval.truth_repeats, seed=cfg.seed + 3000)
                 eval_sim.rng = np.random.default_rng(cfg.seed + 1000)  # the same draws for every policy
@@ -263,6 +260,7 @@ def run_fusion(cfg: FusionConfig, *, run_dir: str | os.PathLike | None = None, v
                     "true_value": float(true_returns[name].mean()),
                     "true_value_se": float(true_returns[name].std() / np.sqrt(len(true_returns[name]))),
                     **values,
+                    **{f"{col}_se": float(np.std(b, ddof=1)) for col, b in samples.items()},
                     "mtf_gauc": mtf_gauc(held, act, log.labels, eval_sim.reward_w, label_index=label_index,
                                          beta=eval_sim.cfg.beta, kind=eval_sim.cfg.fusion),
                     "sim_reward": sim_stats["total_reward"],
@@ -274,8 +272,10 @@ def run_fusion(cfg: FusionConfig, *, run_dir: str | os.PathLike | None = None, v
                 alphas[name] = dict(zip(tasks, np.asarray(act(held.initial_obs), np.float64).mean(0).round(4).tolist()))
                 for col, value in row.items():
                     writer.add_scalar(f"eval/{col}/{name}", value, 0)
-        report = estimator_report(table, {col: ESTIMATOR_LABELS[col] for col, _ in estimates},
-                                  pairs=distinguishable_pairs(true_returns))
+        samples_by_col = {col: {p: boot[p][col] for p in policies} for col in names if col in boot[next(iter(boot))]}
+        report = estimator_report(table, labels(names, cfg.ope.default), pairs=distinguishable_pairs(true_returns),
+                                  samples=samples_by_col, z=cfg.ope.z)
+        report["default"], report["z"] = cfg.ope.default, cfg.ope.z
         for col, rho in report["rank_corr"].items():
             writer.add_scalar(f"eval/rank_corr/{col}", rho, 0)
     finally:
@@ -289,9 +289,10 @@ def run_fusion(cfg: FusionConfig, *, run_dir: str | os.PathLike | None = None, v
     return result
 
 
-def format_table(table: dict) -> str:
-    """One row per policy: simulator truth, FQE estimates, MTF-GAUC, simulator reward (+- s.e.) and depth."""
-    cols = [c for c in ESTIMATOR_LABELS if any(c in r for r in table.values())]
+def format_table(table: dict, estimators: list[str] | None = None) -> str:
+    """One row per policy: simulator truth, the value estimates, MTF-GAUC, simulator reward (+- s.e.) and depth."""
+    first = next(iter(table.values()))
+    cols = [c for c in (estimators or ESTIMATORS) if c in first]
     head = ["policy", "true_value", *cols, "mtf_gauc", "sim_reward", "+-se", "sim_depth", "train_sim_reward"]
     rows = [head]
     for name, r in table.items():
@@ -302,5 +303,10 @@ def format_table(table: dict) -> str:
 
 
 def format_estimators(result: FusionResult) -> str:
-    """Each estimator against the simulator truth: estimate and error per policy, rank correlation."""
-    return format_report(result.table, result.estimators, ESTIMATOR_LABELS)
+    """Each estimator against the simulator truth: estimate, interval and error per policy, rank
+    correlation, share of the truth's pairs, and the default estimator's verdicts."""
+    first = next(iter(result.table.values()))
+    names = [c for c in ESTIMATORS if c in first]
+    default = result.estimators.get("default", names[0] if names else "")
+    names = sorted(names, key=lambda c: c != default)  # the default first
+    return format_report(result.table, result.estimators, labels(names, default))

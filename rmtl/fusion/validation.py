@@ -64,17 +64,36 @@ def spearman(x, y) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def tie_aware(point: dict, samples: dict, pairs: list, z: float = 2.0) -> dict:
+    """The tie-aware check of one estimator: its verdict per pair from paired bootstrap ``samples``
+    (rmtl.fusion.ope.verdicts: ">", "<" or "~" cannot distinguish) against the truth's established
+    ``pairs`` (better, worse). Passes when every established pair is ordered right by the point
+    estimates and no pair the truth does not establish is claimed either way."""
+    from rmtl.fusion.ope import verdicts
+
+    v = verdicts(samples, z)
+    established = {tuple(p) for p in pairs}
+    claimed = [[a, b] if s == ">" else [b, a] for (a, b), s in v.items()
+               if s != "~" and (a, b) not in established and (b, a) not in established]
+    wrong_way = [[a, b] for a, b in pairs if not point[a] > point[b]]
+    ties = [[a, b] for a, b in pairs if v.get((a, b), v.get((b, a))) == "~"]
+    return {"verdicts": {f"{a} {s} {b}": s for (a, b), s in v.items()}, "established_wrong_way": wrong_way,
+            "claimed_untrue": claimed, "established_called_tie": ties, "pass": not wrong_way and not claimed}
+
+
 def estimator_report(table: dict, estimators: dict[str, str], *, truth: str = "true_value",
-                     rank_only: tuple[str, ...] = ("mtf_gauc",), pairs: list[tuple[str, str]] | None = None) -> dict:
+                     rank_only: tuple[str, ...] = ("mtf_gauc",), pairs: list[tuple[str, str]] | None = None,
+                     samples: dict | None = None, z: float = 2.0) -> dict:
     """For the value ``estimators`` (column -> label) and the ``rank_only`` columns over the
     policies of ``table``: {"errors": {col: {policy: estimate - truth}}, "rank_corr": {col: rho},
     "same_order": {col: bool}, "pairs": [[better, worse], ...] (the truth's significant order),
-    "concordant": {col: share of those pairs the estimator orders the same way}}."""
+    "concordant": {col: share of those pairs the estimator orders the same way},
+    "tie_aware": {col: tie_aware(...)} for the columns with bootstrap ``samples`` {col: {policy: [B]}}}."""
     names = list(table)
     t = np.asarray([table[p][truth] for p in names], np.float64)
     pairs = list(pairs or [])
     report: dict = {"errors": {}, "rank_corr": {}, "same_order": {}, "pairs": [list(x) for x in pairs],
-                    "concordant": {}}
+                    "concordant": {}, "tie_aware": {}}
     for col in [*estimators, *rank_only]:
         est = np.asarray([table[p].get(col, np.nan) for p in names], np.float64)
         if not np.isfinite(est).all():
@@ -85,26 +104,47 @@ def estimator_report(table: dict, estimators: dict[str, str], *, truth: str = "t
         report["same_order"][col] = bool(np.array_equal(rank(est), rank(t)))
         if pairs:
             report["concordant"][col] = float(np.mean([table[a][col] > table[b][col] for a, b in pairs]))
+        if samples and col in samples:
+            report["tie_aware"][col] = tie_aware({p: table[p][col] for p in names}, samples[col], pairs, z)
     return report
 
 
 def format_report(table: dict, report: dict, estimators: dict[str, str], truth: str = "true_value") -> str:
-    """Per policy: the truth, then estimate and error of each value estimator; then each
-    estimator's rank correlation with the truth."""
+    """Per policy: the truth, then estimate, +-2 s.e. (bootstrap, where there is one) and error of each
+    value estimator; then each estimator's rank correlation with the truth, share of the truth's
+    pairs, the tie-aware check, and the first (default) estimator's verdicts."""
     cols = [c for c in estimators if c in report["errors"]]
-    head = ["policy", truth] + [h for c in cols for h in (estimators[c], "error")]
+    head = ["policy", truth]
+    for c in cols:
+        head += [estimators[c], "+-2se", "error"] if f"{c}_se" in next(iter(table.values())) else \
+            [estimators[c], "error"]
     rows = [head]
     for p, r in table.items():
-        rows.append([p, f"{r[truth]:.3f}"] + [v for c in cols for v in (f"{r[c]:.3f}",
-                                                                      f"{report['errors'][c][p]:+.3f}")])
+        row = [p, f"{r[truth]:.3f}"]
+        for c in cols:
+            row += [f"{r[c]:.3f}"] + ([f"{2 * r[c + '_se']:.3f}"] if f"{c}_se" in r else []) + \
+                   [f"{report['errors'][c][p]:+.3f}"]
+        rows.append(row)
     pairs = report.get("pairs", [])
     shown = ", ".join(f"{a} > {b}" for a, b in pairs) or "none"
     lines = [text_table(rows, label_columns=1),
              f"order the truth establishes (paired difference > 2 s.e.): {shown}",
-             "rank correlation with the simulator truth (Spearman) and share of those pairs ordered right:"]
+             "rank correlation with the simulator truth (Spearman), share of those pairs ordered right, tie-aware check:"]
     for c, rho in report["rank_corr"].items():
         label = estimators.get(c, c)
         same = "  same order" if report["same_order"][c] else ""
         conc = f"  pairs {report['concordant'][c]:.0%}" if c in report.get("concordant", {}) else ""
-        lines.append(f"  {label:22s} {rho:+.3f}{conc}{same}")
+        ta = report.get("tie_aware", {}).get(c)
+        check = ""
+        if ta is not None:
+            check = (f"  tie-aware {'PASS' if ta['pass'] else 'fail'} (wrong way {len(ta['established_wrong_way'])},"
+                     f" claimed without the truth {len(ta['claimed_untrue'])})")
+        lines.append(f"  {label:32s} {rho:+.3f}{conc}{same}{check}")
+    first = cols[0] if cols else None
+    ta = report.get("tie_aware", {}).get(first)
+    if ta is not None:
+        ties = [k for k, s in ta["verdicts"].items() if s == "~"]
+        sure = [k for k, s in ta["verdicts"].items() if s != "~"]
+        lines.append(f"{estimators[first]} verdicts (paired bootstrap, z = {report.get('z', 2.0)}): "
+                     f"distinguishes {', '.join(sure) or 'no pair'}; cannot distinguish {', '.join(ties) or 'none'}")
     return "\n".join(lines)

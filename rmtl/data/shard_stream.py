@@ -1,0 +1,282 @@
+"""Training from a sharded prepare (rmtl.data.shards): each process streams its own shards.
+
+    source = ShardSource.open(entry_dir, rank, world)         # meta.json + this rank's files
+    stream = source.train_stream(global_batch, seed=0)        # Batches, lazily, row group by row group
+    log = source.eval_log()                                   # this rank's val / test rows (a SessionLog)
+
+Process ``rank`` of ``world`` reads the shards ``rank_files(meta, rank, world)`` (every
+session has exactly one reader). The batch rule under N processes: each rank trains on
+a LOCAL batch of ``global_batch // world`` rows of its own sessions, every step; the
+steps per epoch are the minimum over ranks of ceil(train rows / local batch), computed
+by every rank from meta.json (the per-shard ``rows_by_split``) and checked with an
+all-reduce. A rank with more rows drops the tail of its shuffled epoch (different rows
+every epoch); the last step may be partial on the smallest rank, and each rank's share
+of a step (its rows / the step's rows over all ranks) follows from the same counts, so
+the gradient all-reduce (rmtl.distributed) weights it right without a per-step message.
+
+The shuffle, deterministic under (seed, epoch) for a fixed process count: the rank's
+shard files and each file's row groups in a seeded order, the rows in a buffer of about
+``buffer_rows`` rows permuted before it is cut into batches (what is left over joins the
+next buffer). Memory: one buffer plus one row group, whatever the data size. With one
+shard of one row group and a buffer larger than the train split, the batches are
+exactly rmtl.data.batches.BatchIterator's (the same permutation of the same rows).
+
+Evaluation: each rank predicts its own val / test rows (held in memory: they are predicted
+at every validation); predictions, labels, session ids and users are gathered to every
+rank, so the metrics are those of one process over all shards (``evaluate_gathered``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from rmtl import distributed
+from rmtl.data.batches import Batch
+from rmtl.data.sessionlog import SessionLog
+from rmtl.data.shards import rank_files, read_meta
+from rmtl.data.spec import FeatureSpec
+from rmtl.errors import DataError
+
+DEFAULT_BUFFER_ROWS = 1 << 18  # rows shuffled together: 4 row groups of a shard (shards.ROW_GROUP)
+
+
+@dataclass
+class ShardSource:
+    path: Path
+    meta: dict
+    rank: int
+    world: int
+
+    @classmethod
+    def open(cls, path, rank: int = 0, world: int = 1) -> "ShardSource":
+        path = Path(path)
+        meta = read_meta(path)  # DataError naming the folder when it is not a sharded entry
+        for name in ("train", "val", "test"):
+            if name not in meta.get("splits", {}):
+                raise DataError(f"the sharded entry has no '{name}' split", path=path / "meta.json")
+        return cls(path, meta, int(rank), int(world))
+
+    @property
+    def spec(self) -> FeatureSpec:
+        return FeatureSpec.from_dict(self.meta["spec"])
+
+    def files(self, rank: int | None = None) -> list[str]:
+        return rank_files(self.meta, self.rank if rank is None else rank, self.world)
+
+    def rows(self, split: str, rank: int | None = None) -> int:
+        """Rows of ``split`` in a rank's shards (from meta.json, nothing read)."""
+        mine = set(self.files(rank))
+        return sum(int(s["rows_by_split"][split]) for s in self.meta["shards"] if s["file"] in mine)
+
+    def row_offset(self, split: str) -> int:
+        """Global index of the split's first row: the rows of the splits whose sessions come first."""
+        start = self.meta["splits"][split][0]
+        return sum(int(s["rows_by_split"][name]) for s in self.meta["shards"]
+                   for name, (a, _) in self.meta["splits"].items() if a < start)
+
+    def train_stream(self, global_batch: int, *, seed: int = 0, buffer_rows: int = DEFAULT_BUFFER_ROWS,
+                     shuffle: bool = True, device="cpu") -> "ShardStream":
+        distributed.check_global_batch(global_batch, "train.batch_size", self.world)
+        local = global_batch // self.world
+        counts = np.array([self.rows("train", r) for r in range(self.world)], dtype=np.int64)
+        empty = np.flatnonzero(counts == 0)
+        if len(empty):
+            raise DataError(f"process {int(empty[0])} of {self.world} has no train rows in its shards "
+                            f"({len(self.meta['shards'])} shards): prepare with more shards", path=self.path)
+        return ShardStream(self, local, counts, seed=seed, buffer_rows=buffer_rows, shuffle=shuffle, device=device)
+
+    def eval_log(self) -> SessionLog:
+        """This rank's rows outside the train split, as a SessionLog (train split empty)."""
+        lo, hi = self.meta["splits"]["train"]
+        spec = self.spec
+        tables = []
+        try:
+            for name in self.files():
+                tables.append(pq.read_table(self.path / name, columns=_columns(spec) + ["item", "time"],
+                                            filters=[[("session", "<", lo)], [("session", ">=", hi)]]))
+        except (OSError, pa.ArrowException) as err:
+            raise DataError(f"unreadable shard ({err}); prepare again", path=self.path) from None
+        cols = _concat(tables, spec, ("item", "time"))
+        order = np.argsort(cols["row"], kind="stable")  # the shards' sessions in global order
+        cols = {k: v[order] for k, v in cols.items()}
+        uniq, lengths = np.unique(cols["session"], return_counts=True)
+        session_ptr = np.zeros(len(uniq) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=session_ptr[1:])
+        splits = {name: (int(np.searchsorted(uniq, a)), int(np.searchsorted(uniq, b)))
+                  for name, (a, b) in self.meta["splits"].items()}
+        return SessionLog(spec=spec, session_ptr=session_ptr, user=cols["user"], item=cols["item"],
+                          time=cols["time"], sparse=cols["sparse"], dense=cols["dense"], labels=cols["labels"],
+                          splits=splits)
+
+
+def _columns(spec: FeatureSpec) -> list[str]:
+    return (["row", "session", "user"] + [f"s:{f}" for f in spec.sparse_fields]
+            + [f"d:{f}" for f in spec.dense_fields] + [f"y:{t}" for t in spec.tasks])
+
+
+def _concat(tables: list, spec: FeatureSpec, extra=()) -> dict[str, np.ndarray]:
+    """Column arrays of Arrow tables with the shard layout: sparse / dense / labels stacked."""
+    table = pa.concat_tables(tables) if tables else None
+    n = 0 if table is None else table.num_rows
+
+    def col(name, dtype):
+        return (np.zeros(0, dtype=dtype) if table is None
+                else table.column(name).to_numpy().astype(dtype, copy=False))
+
+    def block(prefix, names, dtype):
+        if not names or table is None:
+            return np.zeros((n, len(names)), dtype=dtype)
+        return np.stack([col(f"{prefix}{c}", dtype) for c in names], axis=1)
+
+    out = {k: col(k, np.int64) for k in ("row", "session", "user", *extra)}
+    out["sparse"] = block("s:", spec.sparse_fields, np.int64)
+    out["dense"] = block("d:", spec.dense_fields, np.float32)
+    out["labels"] = block("y:", spec.tasks, np.float32)
+    return out
+
+
+def _take(cols: dict, index) -> dict:
+    return {k: v[index] for k, v in cols.items()}
+
+
+class ShardStream:
+    """This rank's train Batches for the trainer (``set_epoch``, ``__len__``, ``__iter__``)."""
+
+    def __init__(self, source: ShardSource, local_batch: int, counts: np.ndarray, *, seed: int,
+                 buffer_rows: int, shuffle: bool, device):
+        self.source, self.spec = source, source.spec
+        self.batch_size = int(local_batch)
+        self.counts = counts  # train rows of every rank
+        self.seed, self.shuffle = int(seed), shuffle
+        self.buffer_rows = max(int(buffer_rows), self.batch_size)
+        self.device = torch.device(device)
+        self.epoch = 0
+        self.train_range = tuple(source.meta["splits"]["train"])
+        self.row0 = source.row_offset("train")
+        self.steps = int(min(-(-counts // self.batch_size)))
+
+    def check_agreement(self) -> None:
+        """Every rank must run the same number of steps, or one would hang in a collective
+        (a collective itself: call it on every rank, outside distributed.all_or_none)."""
+        got = distributed.sum_over_ranks([float(self.steps), float(self.steps) ** 2])
+        w = self.source.world
+        if got[0] * got[0] != got[1] * w:  # all equal iff (sum x)^2 = N sum x^2
+            raise DataError("the processes disagree on the steps per epoch: do all read the same meta.json?",
+                            path=self.source.path)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def step_rows(self, step: int) -> np.ndarray:
+        """Rows of every rank at ``step`` of an epoch."""
+        return np.clip(self.counts - step * self.batch_size, 0, self.batch_size)
+
+    def dropped_rows(self) -> np.ndarray:
+        """Train rows each rank leaves out per epoch (the tail of its shuffled order)."""
+        return self.counts - sum(self.step_rows(t) for t in range(self.steps))
+
+    def __iter__(self):
+        me = self.source.rank
+        step = 0
+        for cols in self._buffers():
+            n = len(cols["row"])
+            for lo in range(0, n, self.batch_size):
+                if step >= self.steps:
+                    return
+                rows = self.step_rows(step)
+                distributed.set_share(float(rows[me]) / float(rows.sum()))
+                yield self._batch(_take(cols, slice(lo, lo + self.batch_size)))
+                step += 1
+
+    def _buffers(self):
+        """Shuffled buffers of rows; every one but the last a multiple of the batch size."""
+        order_rng = np.random.default_rng([self.seed, self.epoch, 1])
+        buffer_rng = np.random.default_rng([self.seed, self.epoch])  # BatchIterator's, see the module doc
+        pending, size = [], 0
+        for cols in self._chunks(order_rng):
+            pending.append(cols)
+            size += len(cols["row"])
+            if size >= self.buffer_rows:
+                buf = self._mix(pending, buffer_rng)
+                full = (size // self.batch_size) * self.batch_size
+                yield _take(buf, slice(0, full))
+                pending, size = [_take(buf, slice(full, size))], size - full
+        if size:
+            yield self._mix(pending, buffer_rng)
+
+    def _mix(self, parts: list, rng) -> dict:
+        cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        if self.shuffle:
+            cols = _take(cols, rng.permutation(len(cols["row"])))
+        return cols
+
+    def _chunks(self, rng):
+        """This rank's train rows, one row group at a time, files and row groups in a seeded order."""
+        lo, hi = self.train_range
+        files = self.source.files()
+        names = _columns(self.spec)
+        for f in (rng.permutation(len(files)) if self.shuffle else range(len(files))):
+            try:
+                pf = pq.ParquetFile(self.source.path / files[f], memory_map=True)
+                groups = [g for g in range(pf.num_row_groups) if _may_hold(pf, g, lo, hi)]
+                for g in (rng.permutation(groups) if self.shuffle else groups):
+                    cols = _concat([pf.read_row_group(int(g), columns=names)], self.spec)
+                    inside = (cols["session"] >= lo) & (cols["session"] < hi)
+                    if not inside.all():
+                        cols = _take(cols, inside)
+                    if len(cols["row"]):
+                        yield cols
+            except (OSError, pa.ArrowException) as err:
+                raise DataError(f"unreadable shard ({err}); prepare again", path=self.source.path / files[f]) from None
+
+    def _batch(self, cols: dict) -> Batch:
+        batch = Batch(rows=torch.from_numpy(cols["row"] - self.row0), sparse=torch.from_numpy(cols["sparse"]),
+                      dense=torch.from_numpy(cols["dense"]), labels=torch.from_numpy(cols["labels"]),
+                      session=torch.from_numpy(cols["session"] - self.train_range[0]),
+                      user=torch.from_numpy(cols["user"]))
+        return batch if self.device.type == "cpu" else batch.to(self.device)
+
+
+def _may_hold(pf, group: int, lo: int, hi: int) -> bool:
+    """False when the row group's session statistics prove it holds no session of [lo, hi)."""
+    meta = pf.metadata.row_group(group)
+    for c in range(meta.num_columns):
+        col = meta.column(c)
+        if col.path_in_schema == "session" and col.statistics is not None and col.statistics.has_min_max:
+            return col.statistics.max >= lo and col.statistics.min < hi
+    return True
+
+
+def evaluate_gathered(model, log_split: SessionLog, batch_size: int = 8192, *, predictor=None) -> dict:
+    """Metrics of the model over every rank's rows of a split: each rank predicts its own,
+    labels / probabilities / sessions / users are gathered to all, so the numbers are those
+    of one process over all shards. ``predictor`` is ignored (kept for the Trainer's call)."""
+    from rmtl.metrics import evaluate_predictions
+    from rmtl.predict import predict, task_columns
+
+    cols = task_columns(model, log_split.spec.num_tasks)
+    part = (log_split.labels[:, cols], predict(model, log_split, batch_size), log_split.session_of_row(),
+            log_split.user, log_split.num_sessions)
+    parts = distributed.all_gather_objects(part)
+    offsets = np.cumsum([0] + [p[4] for p in parts[:-1]])  # session ids unique across ranks
+    return evaluate_predictions(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                                np.concatenate([p[2] + o for p, o in zip(parts, offsets)]),
+                                np.concatenate([p[3] for p in parts]),
+                                [log_split.spec.tasks[c] for c in cols])
+
+
+def setup(trainer, stream: ShardStream) -> None:
+    """A Trainer that trains on ``stream`` and evaluates over all ranks' rows (plus, under
+    torchrun, rmtl.distributed's gradient reducer and rank sync)."""
+    trainer.iterator = stream
+    trainer.evaluator = evaluate_gathered
+    distributed.add_callbacks(trainer)

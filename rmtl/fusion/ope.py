@@ -1,0 +1,153 @@
+"""Off-policy value estimates with their uncertainty: FQE ensembles and doubly robust estimates.
+
+``fqe_ensemble`` fits ``members`` critics per policy, member m on the m-th bootstrap resample of
+the held-out episodes (the same resample for every policy, so differences between policies
+are paired), and returns each member's estimate. The mean is the estimate; the members'
+spread is its bootstrap standard error; ``verdicts`` tells, pair by pair, whether the
+estimator can order two policies at all (paired difference beyond ``z`` standard errors) or
+cannot distinguish them.
+
+``doubly_robust`` is the weighted per-decision doubly robust estimate (Thomas & Brunskill 2016)
+on the slate as the action (rmtl.fusion.slates): a deterministic target policy's weight at a
+request is 1[its slate = the logged slate] / the logged propensity of that slate, the
+cumulative weights are self-normalised over episodes per step, and a critic's Q and V = Q(s, pi(s))
+are the control variate. ``critic=None`` gives weighted per-decision importance sampling.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from rmtl.errors import DataError
+from rmtl.fusion.data import FusionDataset
+from rmtl.fusion.fqe import ConservativeFQE
+from rmtl.fusion.slates import SlateSpec, same_slate, shown
+
+Policy = Callable[[np.ndarray], np.ndarray]
+
+
+def bootstrap_weights(data: FusionDataset, members: int, seed: int) -> np.ndarray:
+    """float64 [members, N]: row weights = how often each row's episode is drawn in resample m
+    (episodes drawn with replacement; one member = the data itself, all ones)."""
+    episodes, inverse = np.unique(data.episode, return_inverse=True)
+    if members == 1:
+        return np.ones((1, len(data)))
+    draws = np.random.default_rng(seed).integers(0, len(episodes), size=(members, len(episodes)))
+    counts = np.stack([np.bincount(d, minlength=len(episodes)) for d in draws])  # members, not samples
+    return counts[:, inverse].astype(np.float64)
+
+
+def fqe_ensemble(data: FusionDataset, policies: dict[str, Policy], *, members: int, seed: int = 0,
+                 steps: int = 1000, batch_size: int = 256, on_fit: Callable | None = None,
+                 **fqe_options) -> tuple[dict[str, np.ndarray], dict[str, list[ConservativeFQE]]]:
+    """({policy: estimates [members]}, {policy: the fitted critics}). Member m: FQE seed ``seed + m`` on
+    bootstrap resample m of the episodes; ``on_fit(policy, m, critic)`` after each fit."""
+    weights = bootstrap_weights(data, members, seed)
+    estimates: dict[str, np.ndarray] = {}
+    critics: dict[str, list[ConservativeFQE]] = {}
+    for name, act in policies.items():
+        vals, fitted = [], []
+        for m in range(members):
+            fqe = ConservativeFQE(data.obs.shape[1], data.action.shape[1], seed=seed + m, **fqe_options)
+            fqe.fit(data, act, steps=steps, batch_size=batch_size, weights=weights[m])
+            vals.append(fqe.estimate(data, act, weights[m]))
+            fitted.append(fqe)
+            if on_fit is not None:
+                on_fit(name, m, fqe)
+        estimates[name], critics[name] = np.asarray(vals), fitted
+    return estimates, critics
+
+
+def episode_grid(data: FusionDataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(episode index [N] in 0..E-1, step [N] within the episode, E): rows on an episode x step grid."""
+    _, ep = np.unique(data.episode, return_inverse=True)
+    order = np.argsort(ep, kind="stable")  # rows of an episode are in step order
+    start = np.r_[0, np.flatnonzero(np.diff(ep[order])) + 1]
+    step = np.empty(len(ep), np.int64)
+    step[order] = np.arange(len(ep)) - np.repeat(start, np.diff(np.r_[start, len(ep)]))
+    return ep, step, int(ep.max()) + 1
+
+
+def slate_ratios(data: FusionDataset, policy: Policy, spec: SlateSpec) -> np.ndarray:
+    """float64 [N]: 1[pi's slate = the logged slate] / logged propensity, per request."""
+    if data.propensity is None or not data.has_candidates():
+        raise DataError("importance weights need the logged candidates and slate propensities (cand_o, "
+                        "cand_mask, propensity): log the data with a behaviour policy", column="propensity")
+    logged = shown(data.cand_o, data.cand_mask, data.action, spec)
+    target = shown(data.cand_o, data.cand_mask, policy(data.obs), spec)
+    return same_slate(logged, target) / np.asarray(data.propensity, np.float64)
+
+
+def doubly_robust(data: FusionDataset, policy: Policy, spec: SlateSpec, gamma: float,
+                  critic: ConservativeFQE | None = None, episode_weights: np.ndarray | None = None) -> float:
+    """Weighted per-decision doubly robust value of ``policy`` (WPDIS when ``critic`` is None).
+    ``episode_weights`` [N] (rows of an episode alike): a bootstrap resample's episode counts."""
+    grids = dr_terms(data, policy, spec, gamma, critic)
+    count = None
+    if episode_weights is not None:
+        ep, _, n_ep = episode_grid(data)
+        count = np.ones(n_ep)
+        count[ep] = np.asarray(episode_weights, np.float64)
+    return weighted_dr(grids, count)
+
+
+def dr_terms(data: FusionDataset, policy: Policy, spec: SlateSpec, gamma: float,
+             critic: ConservativeFQE | None = None) -> dict:
+    """The episode x step grids the estimate is made of: ratios, rewards, Q(s, a_logged), V(s) = Q(s, pi(s))
+    (zeros without a critic) and the discounts. After an episode ends: reward 0, ratio 1 (absorbing)."""
+    ep, step, n_ep = episode_grid(data)
+    horizon = int(step.max()) + 1
+
+    def grid(values, fill):
+        out = np.full((n_ep, horizon), fill, np.float64)
+        out[ep, step] = values
+        return out
+
+    q = critic.q_values(data) if critic is not None else np.zeros(len(data))
+    v = critic.q_values(data, policy) if critic is not None else np.zeros(len(data))
+    return {"rho": grid(slate_ratios(data, policy, spec), 1.0), "reward": grid(data.reward, 0.0),
+            "q": grid(q, 0.0), "v": grid(v, 0.0), "disc": gamma ** np.arange(horizon)}
+
+
+def weighted_dr(g: dict, count: np.ndarray | None = None) -> float:
+    """The weighted per-decision DR estimate from ``dr_terms`` grids; ``count`` [E] weights episodes
+    (a bootstrap resample)."""
+    n_ep = g["rho"].shape[0]
+    count = np.ones(n_ep) if count is None else count
+    wc = np.cumprod(g["rho"], axis=1) * count[:, None]
+    total = wc.sum(0, keepdims=True)
+    wn = np.divide(wc, total, out=np.zeros_like(wc), where=total > 0)  # self-normalised per step
+    wn_prev = np.concatenate([count[:, None] / count.sum(), wn[:, :-1]], axis=1)
+    terms = wn * g["reward"] - (wn * g["q"] - wn_prev * g["v"])
+    return float((g["disc"] * terms.sum(0)).sum())
+
+
+def bootstrap_counts(data: FusionDataset, resamples: int, seed: int) -> np.ndarray:
+    """float64 [resamples, E]: episode counts of ``resamples`` bootstrap resamples (the same for every
+    policy under one seed, so differences between policies are paired)."""
+    _, _, n_ep = episode_grid(data)
+    draws = np.random.default_rng(seed).integers(0, n_ep, size=(resamples, n_ep))
+    return np.stack([np.bincount(d, minlength=n_ep) for d in draws]).astype(np.float64)  # resamples, not samples
+
+
+def dr_with_bootstrap(data: FusionDataset, policy: Policy, spec: SlateSpec, gamma: float,
+                      critic: ConservativeFQE | None, counts: np.ndarray) -> tuple[float, np.ndarray]:
+    """(the estimate on the data, its value on each bootstrap resample ``counts`` [B, E]) with the
+    critic held fixed (the interval covers the data's sampling noise, not the critic's fit)."""
+    g = dr_terms(data, policy, spec, gamma, critic)
+    return weighted_dr(g), np.array([weighted_dr(g, c) for c in counts])
+
+
+def verdicts(estimates: dict[str, np.ndarray], z: float = 2.0) -> dict[tuple[str, str], str]:
+    """Per pair (a, b): ">" or "<" when the paired member differences put the mean beyond ``z``
+    standard deviations of the members (a bootstrap standard error), else "~" (cannot distinguish)."""
+    names = list(estimates)
+    out = {}
+    for i, a in enumerate(names):  # a handful of policies: pairs, not samples
+        for b in names[i + 1:]:
+            diff = np.asarray(estimates[a]) - np.asarray(estimates[b])
+            se = diff.std(ddof=1) if len(diff) > 1 else np.inf
+            out[(a, b)] = "~" if abs(diff.mean()) <= z * se else (">" if diff.mean() > 0 else "<")
+    return out
