@@ -71,6 +71,10 @@ def test_each_rank_streams_its_own_train_rows_once_per_epoch(entries):
         assert len(rows) == len(np.unique(rows)) == src.rows("train") == len(expected)
         np.testing.assert_array_equal(np.sort(rows), expected)
         assert not np.array_equal(rows, np.sort(rows))  # shuffled
+        # memory: a buffer holds < buffer_rows + one row group (here a whole shard) + one batch
+        sizes = [len(b["row"]) for b in stream._buffers()]
+        group = max(s["rows"] for s in src.meta["shards"])
+        assert len(sizes) > 1 and max(sizes) < 200 + group + 32
         np.testing.assert_array_equal(_epoch_rows(stream), rows)  # deterministic under (seed, epoch)
         stream.set_epoch(1)
         assert not np.array_equal(_epoch_rows(stream), rows)
@@ -130,6 +134,20 @@ def _grad_run(root: Path, name: str, extra=(), prepared=None, callbacks=()) -> l
     fit(small_cfg(root, *ONE_EPOCH, *GRAD_CASES[name], *extra), prepared=prepared, run_dir=root / f"g-{name}",
         callbacks=[*callbacks, recorder])
     return torch.stack(recorder.steps)
+
+
+def test_resume_from_shards_is_bit_exact(entries, tmp_path):
+    """Cut at step 40 of a 62-step epoch, resumed past the epoch end: the straight run's weights."""
+    path, _ = entries
+    base = ["model.options.dropout=0.1", "train.batch_size=64", "train.patience=null", f"data.shards={path}"]
+    fit(small_cfg(tmp_path, *base, "train.max_steps=40"), run_dir=tmp_path / "cut")
+    resumed = fit(small_cfg(tmp_path, *base, "train.max_steps=90"), run_dir=tmp_path / "cut", resume=True)
+    straight = fit(small_cfg(tmp_path, *base, "train.max_steps=90"), run_dir=tmp_path / "straight")
+    assert resumed.steps == straight.steps == 90 and resumed.epochs == 1
+    a = ckpt.load_user_file(tmp_path / "cut" / "train" / "last.pt", "test")["model"]
+    b = ckpt.load_user_file(tmp_path / "straight" / "train" / "last.pt", "test")["model"]
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
 def _worker(rank: int, world: int, init_file: str, root: str, path: str) -> None:
