@@ -1,4 +1,4 @@
-"""Benchmark: out-of-core prepare (peak RSS, events/s) and data-parallel training throughput.
+"""Benchmark: out-of-core prepare (peak memory, events/s) and data-parallel training throughput.
 
     python bench/scale.py                    # prepare 10 M, 50 M, 100 M rows; then DDP 1 and 2 processes
     python bench/scale.py --sizes 1M --procs 1,2 --steps 10   # a quick run
@@ -7,10 +7,14 @@
 **Prepare.** For each size a synthetic KuaiRand log of about that many rows is written
 first (chunked: ``write_kuairand(users_per_chunk=...)``, in a child process; kept in
 ``--workdir`` and reused by later runs; not timed), then ``prepare_sharded`` runs in a
-FRESH child process, so its peak RSS (``ru_maxrss``) is its own; events/s = log rows read /
-prepare seconds (partition, sessions, statistics, encode and write; not generation). The
-322 M-row line extrapolates the time linearly from the largest size and the peak RSS
-linearly from the two largest (its growth is the per-session key table and the vocabularies).
+FRESH child process (with its forked shard workers), so its peak memory is its own: the sum
+of the PSS of that process tree, sampled every 50 ms (PSS counts a page the workers share
+with their parent once; ``ru_maxrss`` of the main process and of the largest worker are
+printed too). events/s = log rows read / prepare seconds (partition, sessions, statistics,
+encode and write; not generation); CPU seconds (main + workers) give a rate the load of a
+shared machine does not change. The 322 M-row line extrapolates the time linearly from the
+largest size and the peak memory linearly from the two largest (what grows is the
+per-session key table and the per-user tables).
 
 **DDP.**
 Each configuration trains the same model on the same global batches: 1 process (with
@@ -132,15 +136,16 @@ def _prepare_child(data: str, cache_dir: str, shards: str, workers: int) -> None
                       "rss_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
 
 
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (/proc; shared pages counted
-    in every process that maps them, so an upper bound)."""
+def _tree_memory(pid: int) -> int:
+    """Memory of a process and all its descendants: the sum of their PSS (proportional set
+    size, /proc/PID/smaps_rollup), so the pages forked workers share with the main process
+    are counted once, not once per process as a sum of RSS would."""
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
         try:
-            with open(f"/proc/{p}/status") as fh:
-                total += next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+            with open(f"/proc/{p}/smaps_rollup") as fh:
+                total += next(int(line.split()[1]) * 1024 for line in fh if line.startswith("Pss:"))
             with open(f"/proc/{p}/task/{p}/children") as fh:
                 todo += [int(c) for c in fh.read().split()]
         except (OSError, StopIteration, ValueError):
@@ -149,11 +154,11 @@ def _tree_rss(pid: int) -> int:
 
 
 def _run_sampled(argv: list[str]) -> tuple[str, int]:
-    """Run a child; return its stdout and the peak RSS of its process tree, sampled every 50 ms."""
+    """Run a child; return its stdout and the peak memory (PSS) of its process tree, sampled every 50 ms."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, _tree_rss(proc.pid))
+        peak = max(peak, _tree_memory(proc.pid))
         time.sleep(0.05)
     out = proc.stdout.read()
     if proc.returncode:
@@ -183,8 +188,8 @@ def bench_prepare(args) -> None:
         r["peak_rss"] = tree
         results.append(r)
         print(f"prepare {r['events']:>12,} events: {r['seconds']:7.1f} s  {r['events'] / r['seconds']:>10,.0f} events/s  "
-              f"peak RSS {tree / 2**30:5.2f} GB (process tree; main {r['rss_main'] / 2**30:4.2f}, largest worker "
-              f"{r['rss_worker'] / 2**30:4.2f})  {r['shards']} shards, {r['rows']:,} rows kept, {r['sessions']:,} sessions; "
+              f"peak memory {tree / 2**30:5.2f} GB (PSS of the process tree; peak RSS of the main process "
+              f"{r['rss_main'] / 2**30:4.2f}, of the largest worker {r['rss_worker'] / 2**30:4.2f})  {r['shards']} shards, {r['rows']:,} rows kept, {r['sessions']:,} sessions; "
               f"CPU {r['cpu_seconds']:.0f} s = {r['events'] / r['cpu_seconds']:,.0f} events per CPU-second", flush=True)
         if not args.keep_data:
             shutil.rmtree(data, ignore_errors=True)
@@ -197,7 +202,7 @@ def bench_prepare(args) -> None:
         slope = 0.0
     peak = big["peak_rss"] + slope * (FULL_27K_ROWS - big["events"])
     print(f"extrapolated to {FULL_27K_ROWS:,} events (KuaiRand-27K): {FULL_27K_ROWS / rate / 60:5.1f} min at "
-          f"{rate:,.0f} events/s, peak RSS {peak / 2**30:5.2f} GB (+{slope:.1f} B per event from the last two sizes)",
+          f"{rate:,.0f} events/s, peak memory {peak / 2**30:5.2f} GB (+{slope:.1f} B per event from the last two sizes)",
           flush=True)
 
 

@@ -506,7 +506,9 @@ def _read_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep
         n_read += rows
         for c, v in data.items():
             chunks[c].append(v)
-    return {c: np.concatenate(v) for c, v in chunks.items()}, n_read
+    # column by column, each column's blocks dropped once joined: the peak is the table plus
+    # one column, not twice the table
+    return {c: np.concatenate(chunks.pop(c)) for c in columns}, n_read
 
 
 def iter_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep=None, dtypes: dict | None = None,
@@ -521,9 +523,14 @@ def iter_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep=
     types = {c: (pa.string() if c in STRING_COLUMNS else pa.int64() if c in EXACT_INT_COLUMNS else pa.float64())
              for c in columns}
     n_read = 0
+    # Given a path, arrow reads a plain file ahead far beyond the block being parsed (about a
+    # GB held on a 1 GB log); through a Python file object it reads block by block. The
+    # streaming pass (block_bytes given) needs memory bounded by the block; .gz keeps the path
+    # (arrow picks the codec from the name).
+    source = open(path, "rb") if block_bytes and path.suffix != ".gz" else path
     try:
         reader = pacsv.open_csv(
-            path,
+            source,
             read_options=pacsv.ReadOptions(block_size=block_bytes or BLOCK_BYTES),
             convert_options=pacsv.ConvertOptions(include_columns=columns, column_types=types, strings_can_be_null=True),
         )
@@ -541,6 +548,9 @@ def iter_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep=
     except (OSError, EOFError) as err:  # a truncated or fake .gz, a file that vanished
         raise DataError(f"cannot read the file after row {n_read} ({_os_reason(err)}); expected a complete "
                         f"{what} CSV", path=path) from None
+    finally:
+        if source is not path:
+            source.close()
     if n_read == 0:
         raise DataError("empty file: a header but no rows", path=path)
 
@@ -640,7 +650,8 @@ def _read_side(paths: list[Path], key: str, columns: list[str], needed: np.ndarr
         part, _ = _read_csv(p, [key, *columns], what, keep=keep,
                             check=lambda d, path, row: _require_values(d, [key], path, row))
         parts.append(part)
-    table = {c: np.concatenate([t[c] for t in parts]) for c in [key, *columns]}
+    # one file (the usual case): its arrays as read, not a concatenated copy (the 27K video file is large)
+    table = parts[0] if len(parts) == 1 else {c: np.concatenate([t[c] for t in parts]) for c in [key, *columns]}
     ids = table[key].astype(np.int64)
     uniq, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
@@ -677,6 +688,7 @@ def load_side(paths: list[Path], key: str, columns: list[str], needed: np.ndarra
             codes, uniques = pd.factorize(_first_tag(table[c]) if c == "tag" else table[c], use_na_sentinel=True)
             small = np.int32 if len(uniques) < 2**31 - 1 else np.int64
             side[c] = (codes.astype(small), pd.Index(uniques))
+            del table[c]  # the raw (often text) column goes as soon as it is coded
         else:
             side[c] = table[c]
     return side
