@@ -11,7 +11,8 @@ process, --threads intra-op threads) in a FRESH child process, so its peak RSS
 - ``memory``: ``fit(cfg, prepared=load_log(entry))``: the whole log in memory, the
   in-memory BatchIterator;
 - ``shards``: ``fit(cfg with data.shards=entry)``: train rows streamed from the shards
-  (rmtl.data.shard_stream, ``--buffer`` rows shuffled together), val / test rows in memory.
+  (rmtl.data.shard_stream, ``--buffer`` rows shuffled together), val / test rows read
+  row group by row group at each evaluation.
 
 Samples/s = train rows per second between step ends after --warmup steps (forward,
 backward, optimiser step and, for shards, the Parquet reads and the shuffle; not

@@ -181,12 +181,13 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
 
 
 def load_shards(cfg: RunConfig, device):
-    """(this rank's val / test rows as a SessionLog, its train ShardStream) of cfg.data.shards;
-    a failure on any rank stops all of them with one line (distributed.all_or_none)."""
+    """(a SessionLog without rows for the Trainer's construction, this rank's train ShardStream)
+    of cfg.data.shards; a failure on any rank stops all of them with one line
+    (distributed.all_or_none)."""
     with distributed.all_or_none("loading the shards"):
         source = shard_stream.ShardSource.open(resolve_data_dir(cfg.data.shards), distributed.rank(),
                                                distributed.world_size())
-        log = source.eval_log()
+        log = source.empty_log()
         stream = source.train_stream(cfg.train.batch_size, seed=cfg.seed, buffer_rows=cfg.data.shard_buffer_rows,
                                      device=device)
     stream.check_agreement()

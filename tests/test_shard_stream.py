@@ -26,10 +26,10 @@ from rmtl.callbacks import Callback  # noqa: E402
 from rmtl.data.batches import gather_batch  # noqa: E402
 from rmtl.cli import main  # noqa: E402
 from rmtl.data.batches import BatchIterator  # noqa: E402
-from rmtl.data.shard_stream import ShardSource, evaluate_gathered  # noqa: E402
+from rmtl.data.shard_stream import ShardSource, evaluate_gathered, gather_predictions  # noqa: E402
 from rmtl.data.shards import load_log, prepare_sharded, rank_files  # noqa: E402
 from rmtl.data.synth_kuairand import write_kuairand  # noqa: E402
-from rmtl.predict import evaluate  # noqa: E402
+from rmtl.predict import evaluate, predict  # noqa: E402
 from rmtl.train import fit  # noqa: E402
 
 COMMON = ["model.options.dropout=0", "train.batch_size=64", "train.epochs=2", "train.eval_every=20",
@@ -117,12 +117,23 @@ def test_one_shard_stream_equals_the_in_memory_batches_and_training(entries, tmp
         b = ckpt.load_user_file(tmp_path / "memory" / "train" / name, "test")["model"]
         for key in b:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
-    # and the same metrics: the in-memory run's best model on the shard reader's val / test rows
-    # (equal arrays; see METRIC_ATOL for why not on the whole log's views)
-    rows = ShardSource.open(one).eval_log()
+    # and the same evaluation: the rows of one process's split in its order, the in-memory
+    # model's probabilities (up to the last float32 bit, see METRIC_ATOL), the fit's metrics
+    source = ShardSource.open(one)
     for split in ("val", "test"):
-        assert rows.split(split).num_rows == log.split(split).num_rows
-        assert sharded.metrics[split] == evaluate(memory.model, rows.split(split))
+        got = gather_predictions(memory.model, source.split(split))
+        _assert_same_rows(got, log, split, predict(memory.model, log.split(split)))
+        assert sharded.metrics[split] == evaluate_gathered(memory.model, source.split(split))
+
+
+def _assert_same_rows(got: dict, full, split: str, probs: np.ndarray) -> None:
+    first, last = full.splits[split]
+    lo, hi = full.session_ptr[first], full.session_ptr[last]
+    np.testing.assert_array_equal(got["row"], np.arange(lo, hi))
+    np.testing.assert_array_equal(got["labels"], full.labels[lo:hi])
+    np.testing.assert_array_equal(got["user"], full.user[lo:hi])
+    np.testing.assert_array_equal(got["session"], full.session_of_row()[lo:hi])
+    np.testing.assert_allclose(got["probs"], probs, rtol=0, atol=1e-6)
 
 
 GRAD_CASES = {"ew": ["strategy.name=ew"], "pcgrad": ["strategy.name=pcgrad"]}
@@ -161,9 +172,9 @@ def _worker(rank: int, world: int, init_file: str, root: str, path: str) -> None
         torch.manual_seed(0)  # the same model on both ranks; each evaluates its own shards' rows
         src = ShardSource.open(path, rank, world)
         model = build("mmoe", src.spec, embed_dim=8, num_experts=3, expert_dims=[32], tower_dims=[16])
-        log = src.eval_log()
-        out["eval"] = {s: evaluate_gathered(model, log.split(s)) for s in ("val", "test")}
-        out["local_val_rows"] = log.split("val").num_rows
+        out["eval"] = {s: evaluate_gathered(model, src.split(s)) for s in ("val", "test")}
+        out["gathered"] = {s: gather_predictions(model, src.split(s)) for s in ("val", "test")}
+        out["local_val_rows"] = src.split("val").num_rows
         torch.save(out, Path(root) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -187,6 +198,7 @@ def test_metrics_from_two_ranks_shards_equal_one_process(entries, two_ranks):
     for split in ("val", "test"):
         ref = evaluate(model, full.split(split))
         for out in outs:
+            _assert_same_rows(out["gathered"][split], full, split, predict(model, full.split(split)))
             for task, mets in ref.items():
                 for name, value in mets.items():
                     got = out["eval"][split][task][name]

@@ -2,7 +2,7 @@
 
     source = ShardSource.open(entry_dir, rank, world)         # meta.json + this rank's files
     stream = source.train_stream(global_batch, seed=0)        # Batches, lazily, row group by row group
-    log = source.eval_log()                                   # this rank's val / test rows (a SessionLog)
+    val = source.split("val")                                 # this rank's val rows, read at each evaluation
 
 Process ``rank`` of ``world`` reads the shards ``rank_files(meta, rank, world)`` (every
 session has exactly one reader). The batch rule under N processes: each rank trains on
@@ -21,9 +21,10 @@ next buffer). Memory: one buffer plus one row group, whatever the data size. Wit
 shard of one row group and a buffer larger than the train split, the batches are
 exactly rmtl.data.batches.BatchIterator's (the same permutation of the same rows).
 
-Evaluation: each rank predicts its own val / test rows (held in memory: they are predicted
-at every validation); predictions, labels, session ids and users are gathered to every
-rank, so the metrics are those of one process over all shards (``evaluate_gathered``).
+Evaluation: each rank reads and predicts its own val / test rows row group by row group
+at every evaluation, keeping only (row, labels, probabilities, session, user); these are
+gathered to every rank and sorted by global row, so the metrics are those of one process
+over all shards (``gather_predictions``, ``evaluate_gathered``).
 """
 
 from __future__ import annotations
@@ -91,28 +92,54 @@ class ShardSource:
                             f"({len(self.meta['shards'])} shards): prepare with more shards", path=self.path)
         return ShardStream(self, local, counts, seed=seed, buffer_rows=buffer_rows, shuffle=shuffle, device=device)
 
-    def eval_log(self) -> SessionLog:
-        """This rank's rows outside the train split, as a SessionLog (train split empty)."""
-        lo, hi = self.meta["splits"]["train"]
-        spec = self.spec
-        tables = []
-        try:
-            for name in self.files():
-                tables.append(pq.read_table(self.path / name, columns=_columns(spec) + ["item", "time"],
-                                            filters=[[("session", "<", lo)], [("session", ">=", hi)]]))
-        except (OSError, pa.ArrowException) as err:
-            raise DataError(f"unreadable shard ({err}); prepare again", path=self.path) from None
-        cols = _concat(tables, spec, ("item", "time"))
-        order = np.argsort(cols["row"], kind="stable")  # the shards' sessions in global order
-        cols = {k: v[order] for k, v in cols.items()}
-        uniq, lengths = np.unique(cols["session"], return_counts=True)
-        session_ptr = np.zeros(len(uniq) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=session_ptr[1:])
-        splits = {name: (int(np.searchsorted(uniq, a)), int(np.searchsorted(uniq, b)))
-                  for name, (a, b) in self.meta["splits"].items()}
-        return SessionLog(spec=spec, session_ptr=session_ptr, user=cols["user"], item=cols["item"],
-                          time=cols["time"], sparse=cols["sparse"], dense=cols["dense"], labels=cols["labels"],
-                          splits=splits)
+    def empty_log(self) -> SessionLog:
+        """A SessionLog without rows (the spec and the three split names): what the Trainer is
+        built with; its iterator and its val / test splits are then set by ``setup``."""
+        spec, z = self.spec, np.zeros(0, dtype=np.int64)
+        return SessionLog(spec=spec, session_ptr=np.zeros(1, dtype=np.int64), user=z, item=z, time=z,
+                          sparse=np.zeros((0, spec.num_sparse), dtype=np.int64),
+                          dense=np.zeros((0, spec.num_dense), dtype=np.float32),
+                          labels=np.zeros((0, spec.num_tasks), dtype=np.float32),
+                          splits={name: (0, 0) for name in self.meta["splits"]})
+
+    def split(self, name: str) -> "ShardSplit":
+        return ShardSplit(self, name)
+
+    def chunks(self, split: str, rng=None):
+        """This rank's rows of ``split``, one row group at a time (column arrays); files and row
+        groups in file order, or in ``rng``'s order. Row groups whose session statistics show
+        no session of the split are not read."""
+        lo, hi = self.meta["splits"][split]
+        files, names, spec = self.files(), _columns(self.spec), self.spec
+        for f in (rng.permutation(len(files)) if rng is not None else range(len(files))):
+            try:
+                pf = pq.ParquetFile(self.path / files[f], memory_map=True)
+                groups = [g for g in range(pf.num_row_groups) if _may_hold(pf, g, lo, hi)]
+                for g in (rng.permutation(groups) if rng is not None else groups):
+                    cols = _concat([pf.read_row_group(int(g), columns=names)], spec)
+                    inside = (cols["session"] >= lo) & (cols["session"] < hi)
+                    if not inside.all():
+                        cols = _take(cols, inside)
+                    if len(cols["row"]):
+                        yield cols
+            except (OSError, pa.ArrowException) as err:
+                raise DataError(f"unreadable shard ({err}); prepare again", path=self.path / files[f]) from None
+
+
+@dataclass
+class ShardSplit:
+    """The val or test rows of this rank's shards, read row group by row group at every
+    evaluation (what the Trainer evaluates instead of an in-memory split)."""
+    source: ShardSource
+    name: str
+
+    @property
+    def spec(self) -> FeatureSpec:
+        return self.source.spec
+
+    @property
+    def num_rows(self) -> int:
+        return self.source.rows(self.name)
 
 
 def _columns(spec: FeatureSpec) -> list[str]:
@@ -120,7 +147,7 @@ def _columns(spec: FeatureSpec) -> list[str]:
             + [f"d:{f}" for f in spec.dense_fields] + [f"y:{t}" for t in spec.tasks])
 
 
-def _concat(tables: list, spec: FeatureSpec, extra=()) -> dict[str, np.ndarray]:
+def _concat(tables: list, spec: FeatureSpec) -> dict[str, np.ndarray]:
     """Column arrays of Arrow tables with the shard layout: sparse / dense / labels stacked."""
     table = pa.concat_tables(tables) if tables else None
     n = 0 if table is None else table.num_rows
@@ -134,7 +161,7 @@ def _concat(tables: list, spec: FeatureSpec, extra=()) -> dict[str, np.ndarray]:
             return np.zeros((n, len(names)), dtype=dtype)
         return np.stack([col(f"{prefix}{c}", dtype) for c in names], axis=1)
 
-    out = {k: col(k, np.int64) for k in ("row", "session", "user", *extra)}
+    out = {k: col(k, np.int64) for k in ("row", "session", "user")}
     out["sparse"] = block("s:", spec.sparse_fields, np.int64)
     out["dense"] = block("d:", spec.dense_fields, np.float32)
     out["labels"] = block("y:", spec.tasks, np.float32)
@@ -199,10 +226,10 @@ class ShardStream:
 
     def _buffers(self):
         """Shuffled buffers of rows; every one but the last a multiple of the batch size."""
-        order_rng = np.random.default_rng([self.seed, self.epoch, 1])
+        order_rng = np.random.default_rng([self.seed, self.epoch, 1]) if self.shuffle else None
         buffer_rng = np.random.default_rng([self.seed, self.epoch])  # BatchIterator's, see the module doc
         pending, size = [], 0
-        for cols in self._chunks(order_rng):
+        for cols in self.source.chunks("train", order_rng):
             pending.append(cols)
             size += len(cols["row"])
             if size >= self.buffer_rows:
@@ -218,25 +245,6 @@ class ShardStream:
         if self.shuffle:
             cols = _take(cols, rng.permutation(len(cols["row"])))
         return cols
-
-    def _chunks(self, rng):
-        """This rank's train rows, one row group at a time, files and row groups in a seeded order."""
-        lo, hi = self.train_range
-        files = self.source.files()
-        names = _columns(self.spec)
-        for f in (rng.permutation(len(files)) if self.shuffle else range(len(files))):
-            try:
-                pf = pq.ParquetFile(self.source.path / files[f], memory_map=True)
-                groups = [g for g in range(pf.num_row_groups) if _may_hold(pf, g, lo, hi)]
-                for g in (rng.permutation(groups) if self.shuffle else groups):
-                    cols = _concat([pf.read_row_group(int(g), columns=names)], self.spec)
-                    inside = (cols["session"] >= lo) & (cols["session"] < hi)
-                    if not inside.all():
-                        cols = _take(cols, inside)
-                    if len(cols["row"]):
-                        yield cols
-            except (OSError, pa.ArrowException) as err:
-                raise DataError(f"unreadable shard ({err}); prepare again", path=self.source.path / files[f]) from None
 
     def _batch(self, cols: dict) -> Batch:
         batch = Batch(rows=torch.from_numpy(cols["row"] - self.row0), sparse=torch.from_numpy(cols["sparse"]),
@@ -256,27 +264,43 @@ def _may_hold(pf, group: int, lo: int, hi: int) -> bool:
     return True
 
 
-def evaluate_gathered(model, log_split: SessionLog, batch_size: int = 8192, *, predictor=None) -> dict:
-    """Metrics of the model over every rank's rows of a split: each rank predicts its own,
-    labels / probabilities / sessions / users are gathered to all, so the numbers are those
-    of one process over all shards. ``predictor`` is ignored (kept for the Trainer's call)."""
-    from rmtl.metrics import evaluate_predictions
-    from rmtl.predict import predict, task_columns
+def gather_predictions(model, split: ShardSplit, batch_size: int = 8192) -> dict[str, np.ndarray]:
+    """Every rank's rows of a split with the model's probabilities: ``row`` (global), ``labels``
+    and ``probs`` [N, K] (the model's task columns), ``session`` (global) and ``user``, from all
+    ranks, sorted by global row: one process's order over all shards. Each rank reads and
+    predicts its own rows row group by row group and keeps only these columns."""
+    from rmtl.predict import predict_arrays, task_columns
 
-    cols = task_columns(model, log_split.spec.num_tasks)
-    part = (log_split.labels[:, cols], predict(model, log_split, batch_size), log_split.session_of_row(),
-            log_split.user, log_split.num_sessions)
-    parts = distributed.all_gather_objects(part)
-    offsets = np.cumsum([0] + [p[4] for p in parts[:-1]])  # session ids unique across ranks
-    return evaluate_predictions(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
-                                np.concatenate([p[2] + o for p, o in zip(parts, offsets)]),
-                                np.concatenate([p[3] for p in parts]),
-                                [log_split.spec.tasks[c] for c in cols])
+    cols = task_columns(model, split.spec.num_tasks)
+    parts = {k: [] for k in ("row", "labels", "probs", "session", "user")}
+    for chunk in split.source.chunks(split.name):
+        parts["probs"].append(predict_arrays(model, chunk["sparse"], chunk["dense"], batch_size))
+        parts["labels"].append(chunk["labels"][:, cols])
+        for k in ("row", "session", "user"):
+            parts[k].append(chunk[k])
+    empty = {"row": np.zeros(0, np.int64), "session": np.zeros(0, np.int64), "user": np.zeros(0, np.int64),
+             "labels": np.zeros((0, len(cols)), np.float32), "probs": np.zeros((0, len(cols)), np.float32)}
+    mine = {k: np.concatenate(v) if v else empty[k] for k, v in parts.items()}
+    every = distributed.all_gather_objects(mine)
+    out = {k: np.concatenate([m[k] for m in every]) for k in mine}
+    return _take(out, np.argsort(out["row"], kind="stable"))
+
+
+def evaluate_gathered(model, split: ShardSplit, batch_size: int = 8192, *, predictor=None) -> dict:
+    """Metrics of the model over every rank's rows of a split (gather_predictions), the
+    numbers of one process over all shards. ``predictor`` is ignored (the Trainer's call)."""
+    from rmtl.metrics import evaluate_predictions
+    from rmtl.predict import task_columns
+
+    got = gather_predictions(model, split, batch_size)
+    tasks = [split.spec.tasks[c] for c in task_columns(model, split.spec.num_tasks)]
+    return evaluate_predictions(got["labels"], got["probs"], got["session"], got["user"], tasks)
 
 
 def setup(trainer, stream: ShardStream) -> None:
     """A Trainer that trains on ``stream`` and evaluates over all ranks' rows (plus, under
     torchrun, rmtl.distributed's gradient reducer and rank sync)."""
     trainer.iterator = stream
+    trainer.val_log, trainer.test_log = stream.source.split("val"), stream.source.split("test")
     trainer.evaluator = evaluate_gathered
     distributed.add_callbacks(trainer)
