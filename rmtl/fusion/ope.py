@@ -31,12 +31,10 @@ Policy = Callable[[np.ndarray], np.ndarray]
 def bootstrap_weights(data: FusionDataset, members: int, seed: int) -> np.ndarray:
     """float64 [members, N]: row weights = how often each row's episode is drawn in resample m
     (episodes drawn with replacement; one member = the data itself, all ones)."""
-    episodes, inverse = np.unique(data.episode, return_inverse=True)
     if members == 1:
         return np.ones((1, len(data)))
-    draws = np.random.default_rng(seed).integers(0, len(episodes), size=(members, len(episodes)))
-    counts = np.stack([np.bincount(d, minlength=len(episodes)) for d in draws])  # members, not samples
-    return counts[:, inverse].astype(np.float64)
+    episode, _, _ = episode_grid(data)
+    return bootstrap_counts(data, members, seed)[:, episode]
 
 
 def fqe_ensemble(data: FusionDataset, policies: dict[str, Policy], *, members: int, seed: int = 0,
