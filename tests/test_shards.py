@@ -283,3 +283,26 @@ def test_chunked_synthetic_writer_appends_user_blocks(tmp_path):
     assert logs["user_id"].max() > 40  # later blocks have rows
     with pytest.raises(ConfigError, match="users_per_chunk"):
         write_kuairand(tmp_path / "c", users=10, users_per_chunk=0)
+
+
+def test_fold_sorts_each_row_a_logarithmic_number_of_times(monkeypatch):
+    """The per-value tables (user ids seen, first pos, counts) are folded geometrically: a
+    table holding more than FOLD_ROWS values is not re-sorted at every add (that made pass
+    1 and the shard loop grow with the square of the users past ~1 M users)."""
+    monkeypatch.setattr(shards_mod, "FOLD_ROWS", 100)
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 100_000, size=50) for _ in range(400)]  # 20,000 values, ~18,000 distinct
+    for op in ("set", "min", "sum"):
+        fold = shards_mod._Fold(op)
+        for k, v in enumerate(parts):
+            fold.add(v, None if op == "set" else np.full(len(v), (k * 7919) % 400 if op == "min" else 1))
+        values, numbers = fold.result()
+        allv = np.concatenate(parts)
+        np.testing.assert_array_equal(values, np.unique(allv))
+        if op == "sum":
+            np.testing.assert_array_equal(numbers, np.unique(allv, return_counts=True)[1])
+        if op == "min":
+            keys = np.concatenate([np.full(50, (k * 7919) % 400) for k in range(400)])
+            want = pd.Series(keys).groupby(allv).min()
+            np.testing.assert_array_equal(numbers, want.to_numpy())
+        assert 3 <= fold.folds <= 12, (op, fold.folds)  # was one fold per add (~390) once 100 values were held
