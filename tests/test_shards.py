@@ -306,3 +306,110 @@ def test_fold_sorts_each_row_a_logarithmic_number_of_times(monkeypatch):
             want = pd.Series(keys).groupby(allv).min()
             np.testing.assert_array_equal(numbers, want.to_numpy())
         assert 3 <= fold.folds <= 12, (op, fold.folds)  # was one fold per add (~390) once 100 values were held
+
+
+# ------------------------------------------------- pass 1 in parallel: byte ranges of the log
+
+
+def test_line_ranges_cut_at_line_starts_and_read_like_the_whole_file(tmp_path):
+    import pyarrow.csv as pacsv
+
+    from rmtl.data.csv_ranges import ByteRange, line_ranges
+
+    path = tmp_path / "x.csv"
+    # CRLF line ends, a quoted field without a newline, an empty line, a last line without a newline
+    path.write_bytes(b"a,b,c\r\n" + b"".join(b"%d,%d,v%d\r\n" % (i, i * i, i) for i in range(40))
+                     + b'40,1600,"v40"\r\n\r\n41,1681,v41')
+    whole = pacsv.read_csv(path).to_pydict()
+    assert whole["a"] == list(range(42))
+    for parts in (1, 2, 3, 7, 50, 500):
+        header_end, ranges = line_ranges(path, parts)
+        assert header_end == 7 and ranges[0][0] == 7 and ranges[-1][1] == path.stat().st_size
+        assert all(b == c for (_, b), (c, _) in zip(ranges[:-1], ranges[1:]))  # contiguous
+        got, quoted = {"a": [], "b": [], "c": []}, []
+        data = path.read_bytes()
+        for a, b in ranges:
+            assert data[a - 1:a] == b"\n"  # every range starts a line
+            with ByteRange(path, header_end, a, b) as src:
+                t = pacsv.open_csv(src, read_options=pacsv.ReadOptions(block_size=64)).read_all().to_pydict()
+                quoted.append(src.quoted)
+            for k in got:
+                got[k] += t[k]
+        assert got == whole
+        assert sum(quoted) == 1  # only the range holding "v40" saw a quote
+    assert line_ranges(tmp_path / "x.csv", 3)[1] is not None
+    (tmp_path / "h.csv").write_bytes(b"a,b\n")
+    assert line_ranges(tmp_path / "h.csv", 3)[1] is None  # no rows: read in one piece (its own error)
+    (tmp_path / "q.csv").write_bytes(b'"a",b\n1,2\n')
+    assert line_ranges(tmp_path / "q.csv", 3)[1] is None  # a quoted header: not cut
+
+
+def _rewrite_logs(src: Path, dst: Path, quoted_file: str | None = None) -> Path:
+    """The release in ``src`` with its logs written with CRLF line ends and no final newline;
+    in ``quoted_file``, an extra (unread) column whose quoted text holds a newline."""
+    dst.mkdir()
+    for p in src.iterdir():
+        if not p.name.startswith("log_"):
+            (dst / p.name).symlink_to(p)
+            continue
+        frame = pd.read_csv(p)
+        if p.name == quoted_file:
+            frame["note"] = ["line one\nline two" if i % 97 == 5 else "x" for i in range(len(frame))]
+        text = frame.to_csv(index=False, lineterminator="\r\n")
+        (dst / p.name).write_bytes(text.rstrip("\r\n").encode())
+    return dst
+
+
+def test_parallel_partition_equals_one_reader(synth, tmp_path, monkeypatch):
+    """Pass 1 with 2 workers over many byte ranges (CRLF, no final newline) gives the entry of
+    one worker reading each file in one piece, and so the in-memory prepare's log; a file
+    with a quoted newline is read in one piece (its cut ranges saw a quote)."""
+    seen = []
+    real = shards_mod._partition
+
+    def spy(plan, raw_dir, shards, block_bytes, workers):
+        part = real(plan, raw_dir, shards, block_bytes, workers)
+        seen.append([t for t, _ in part["parts"]])
+        return part
+
+    monkeypatch.setattr(shards_mod, "_partition", spy)
+    monkeypatch.setattr(shards_mod, "PARTITION_RANGE_BYTES", 20_000)  # ~8 ranges per log file
+    monkeypatch.setattr(shards_mod, "PARTITION_ROWS", 300)
+    crlf = _rewrite_logs(synth, tmp_path / "crlf")
+    logs = sorted(p.name for p in crlf.glob("log_standard*"))  # log_random is not read by default
+    ref = prepare("kuairand", crlf, cache_dir=tmp_path / "mem")
+    one = prepare_sharded(crlf, shards=4, cache_dir=tmp_path / "one", workers=1)
+    two = prepare_sharded(crlf, shards=4, cache_dir=tmp_path / "two", workers=2)
+    assert len(seen[0]) == len(logs) and len(seen[1]) > 3 * len(logs)  # one part per file; many ranges
+    assert_same(ref, one)
+    assert_same(ref, two)
+    for f in one.meta["shards"]:
+        a, b = pq.read_table(one.path / f["file"]), pq.read_table(two.path / f["file"])
+        assert a.equals(b), f["file"]
+
+    quoted = _rewrite_logs(synth, tmp_path / "quoted", quoted_file=logs[0])
+    ref_q = prepare("kuairand", quoted, cache_dir=tmp_path / "memq")
+    two_q = prepare_sharded(quoted, shards=4, cache_dir=tmp_path / "twoq", workers=2)
+    assert_same(ref_q, two_q)
+    assert len(seen[1]) // 2 < len(seen[2]) < len(seen[1])  # the quoted file in one piece, the other cut
+    assert not list((tmp_path / "twoq").glob(".tmp-*"))
+
+
+def test_bad_value_in_a_later_range_names_the_row_of_the_whole_file(synth, tmp_path, monkeypatch):
+    monkeypatch.setattr(shards_mod, "PARTITION_RANGE_BYTES", 20_000)
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for p in synth.iterdir():
+        (folder / p.name).symlink_to(p)
+    name = "log_standard_4_22_to_5_08_1k.csv"
+    frame = pd.read_csv(synth / name)
+    frame.loc[len(frame) - 10, "is_click"] = 7
+    (folder / name).unlink()
+    frame.to_csv(folder / name, index=False)
+    messages = []
+    for workers in (1, 2):
+        with pytest.raises(DataError) as err:
+            prepare_sharded(folder, shards=3, cache_dir=tmp_path / f"c{workers}", workers=workers)
+        messages.append(str(err.value))
+        assert not any((tmp_path / f"c{workers}").iterdir())
+    assert messages[0] == messages[1] and f"row {len(frame) - 9}" in messages[0]

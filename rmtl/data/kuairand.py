@@ -512,9 +512,12 @@ def _read_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep
 
 
 def iter_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep=None, dtypes: dict | None = None,
-             block_bytes: int | None = None):
+             block_bytes: int | None = None, byte_range=None):
     """The blocks of :func:`_read_csv` one at a time: yields ``(columns, rows read in the
-    block before filtering)``; memory stays at one block (the sharded prepare's pass 1)."""
+    block before filtering)``; memory stays at one block (the sharded prepare's pass 1).
+    ``byte_range``: a ``csv_ranges.ByteRange`` of ``path`` (its header line, then some of
+    its rows) to read instead of the whole file; row numbers in errors then count from the
+    range's first row."""
     columns = list(dict.fromkeys(columns))
     header = _header(path)
     for c in columns:
@@ -527,7 +530,10 @@ def iter_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep=
     # GB held on a 1 GB log); through a Python file object it reads block by block. The
     # streaming pass (block_bytes given) needs memory bounded by the block; .gz keeps the path
     # (arrow picks the codec from the name).
-    source = open(path, "rb") if block_bytes and path.suffix != ".gz" else path
+    if byte_range is not None:
+        source = byte_range
+    else:
+        source = open(path, "rb") if block_bytes and path.suffix != ".gz" else path
     try:
         reader = pacsv.open_csv(
             source,
@@ -549,9 +555,9 @@ def iter_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep=
         raise DataError(f"cannot read the file after row {n_read} ({_os_reason(err)}); expected a complete "
                         f"{what} CSV", path=path) from None
     finally:
-        if source is not path:
+        if source is not path and source is not byte_range:
             source.close()
-    if n_read == 0:
+    if n_read == 0 and byte_range is None:
         raise DataError("empty file: a header but no rows", path=path)
 
 
@@ -630,10 +636,11 @@ def _read_log(path: Path, columns: list[str], users: np.ndarray | None) -> tuple
     return _read_csv(path, columns, "KuaiRand log", check=_check_log_block, keep=_user_filter(users), dtypes=LOG_DTYPES)
 
 
-def iter_log(path: Path, columns: list[str], users: np.ndarray | None, block_bytes: int | None = None):
+def iter_log(path: Path, columns: list[str], users: np.ndarray | None, block_bytes: int | None = None,
+             byte_range=None):
     """The validated blocks of one log file (see iter_csv), users filtered, compact dtypes."""
     return iter_csv(path, columns, "KuaiRand log", check=_check_log_block, keep=_user_filter(users),
-                    dtypes=LOG_DTYPES, block_bytes=block_bytes)
+                    dtypes=LOG_DTYPES, block_bytes=block_bytes, byte_range=byte_range)
 
 
 def _user_filter(users: np.ndarray | None):

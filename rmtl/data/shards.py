@@ -45,7 +45,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rmtl.data import cache
+from rmtl.data import cache, csv_ranges
 from rmtl.data import kuairand as kr
 from rmtl.data.build import (FIRST_VALUE_INDEX, MISSING_INDEX, RARE_INDEX, _kept_warnings, _split_bounds,
                              check_split_order)
@@ -71,6 +71,9 @@ SHARD_NAME = "shard-{:05d}.parquet"
 # shard split so a shard file gets row groups of a useful size.
 STREAM_BLOCK_BYTES = 4 << 20
 PARTITION_ROWS = 1 << 20
+# Pass 1 with several workers cuts a plain-text log into byte ranges of about this size
+# (at least one per worker), parsed in parallel: one part file per (range, shard).
+PARTITION_RANGE_BYTES = 512 << 20
 ROW_GROUP = 1 << 16  # rows per Parquet row group of an output shard: the unit a lazy reader loads
 FOLD_ROWS = 1 << 20  # fold the per-shard partial tables once this many rows pile up
 # the passes' own files are read once or twice and deleted: no dictionary pages, no compression
@@ -225,13 +228,14 @@ def _build(data_path: Path, out: Path, shards: int | str, options: dict, block_b
     clock = time.perf_counter()
 
     # 1. partition
-    part = _partition(plan, raw_dir, shards, block_bytes)
+    part = _partition(plan, raw_dir, shards, block_bytes, workers)
     _trim()  # the CSV blocks' buffers, before the workers fork
     progress(f"partition   {part['rows']:,} rows into {shards} shards  {time.perf_counter() - clock:.1f}s{_peak_note()}")
     clock = time.perf_counter()
     ctx = _CTX
     ctx.clear()
     ctx.update(plan=plan, sides=kr.load_sides(plan, part.pop("users"), part.pop("videos")), raw_dir=raw_dir,
+               parts=part.pop("parts"),
                mid_dir=mid_dir, out=out, session_gap=options["session_gap"], keep_duplicates=keep_duplicates,
                order_kind=order_kind, min_events=1 if plan.sessions == "gap_keep_single" else 2)
 
@@ -400,12 +404,66 @@ def _trim() -> None:
         pass  # not glibc
 
 
-def _partition(plan, raw_dir: Path, shards: int, block_bytes) -> dict:
-    """Pass 1: stream every log file block by block into per-shard raw Parquet files."""
+def _partition(plan, raw_dir: Path, shards: int, block_bytes, workers: int) -> dict:
+    """Pass 1: stream every log file block by block into per-shard raw Parquet files.
+
+    With several workers a plain-text log is cut into byte ranges at line starts
+    (``csv_ranges``; about PARTITION_RANGE_BYTES each, at least one per worker) parsed in
+    parallel; each range writes its own part file per shard, numbering its rows from 0.
+    ``pos`` is the row's index over all files in the reader's order, so a part's rows get
+    the rows kept before its range added (``parts``: the (task, offset) pairs pass 2 reads
+    in order). A file whose range saw a quote (a cut may split a quoted field) or bad
+    input is read again here in one piece, which gives the one reader's rows or its exact
+    error message. .gz files are one range each."""
+    tasks = []  # (file index, path, header end, (start, end) or None = the whole file)
+    for i, path in enumerate(plan.files["log"]):
+        header_end, ranges = 0, None
+        if workers > 1 and path.suffix != ".gz":
+            parts = max(-(-path.stat().st_size // PARTITION_RANGE_BYTES), workers)
+            header_end, ranges = csv_ranges.line_ranges(path, parts)
+        tasks += [(i, path, header_end, r) for r in ranges] if ranges else [(i, path, 0, None)]
+    _CTX.clear()
+    _CTX.update(tasks=tasks, plan=plan, raw_dir=raw_dir, shards=shards, block_bytes=block_bytes or STREAM_BLOCK_BYTES)
+    by_file: dict[int, list] = {}
+    for t, got in zip(range(len(tasks)), _map(_partition_task, range(len(tasks)), workers)):
+        by_file.setdefault(tasks[t][0], []).append((t, got))
+    users, videos = _Fold("set"), _Fold("set")
+    parts, pos, n_read, n_random = [], 0, 0, 0
+    for i, path in enumerate(plan.files["log"]):
+        done = by_file[i]
+        if any(got is None for _, got in done) or sum(got["read"] for _, got in done) == 0:
+            for p in raw_dir.glob("*.parquet"):  # this file's ranges: read it again in one piece
+                if int(p.stem.split("-")[2]) in {t for t, _ in done}:
+                    p.unlink()
+            tasks.append((i, path, 0, None))
+            done = [(len(tasks) - 1, _partition_task(len(tasks) - 1, ranged=False))]
+        for t, got in done:
+            parts.append((t, pos))
+            pos += got["rows"]
+            n_read += got["read"]
+            n_random += got["rows"] if path.name.startswith("log_random") else 0
+            users.add(got["users"], None)
+            videos.add(got["videos"], None)
+    _CTX.clear()
+    return {"rows": pos, "read": n_read, "random": n_random, "users": users.result()[0], "videos": videos.result()[0],
+            "parts": parts}
+
+
+def _part_name(s: int, t: int) -> str:
+    return f"shard-{s:05d}-{t:06d}.parquet"
+
+
+def _partition_task(t: int, ranged: bool = True) -> dict | None:
+    """Pass 1 on one task (a byte range of a log file, or a whole file): its rows cut by
+    shard into ``raw/shard-SSSSS-TTTTTT.parquet``, ``pos`` counted from 0. None when a
+    range saw a quote or bad input (the caller reads the file again in one piece)."""
+    ctx = _CTX
+    _, path, header_end, rng = ctx["tasks"][t]
+    plan, raw_dir, shards = ctx["plan"], ctx["raw_dir"], ctx["shards"]
     columns = ["pos", *plan.log_columns]
     writers: dict[int, pq.ParquetWriter] = {}
     users, videos = _Fold("set"), _Fold("set")
-    pos = n_read = n_random = 0
+    pos = n_read = 0
     pending: list[dict] = []
 
     def flush() -> None:  # one shard split and one row group per shard for PARTITION_ROWS rows
@@ -417,31 +475,39 @@ def _partition(plan, raw_dir: Path, shards: int, block_bytes) -> dict:
         bounds = np.searchsorted(shard[order], np.arange(shards + 1))
         for s in np.flatnonzero(np.diff(bounds)):
             if s not in writers:
-                writers[s] = pq.ParquetWriter(raw_dir / SHARD_NAME.format(s), table.schema, **TEMP_PARQUET)
+                writers[s] = pq.ParquetWriter(raw_dir / _part_name(s, t), table.schema, **TEMP_PARQUET)
             writers[s].write_table(table.slice(bounds[s], bounds[s + 1] - bounds[s]))
 
+    source = csv_ranges.ByteRange(path, header_end, *rng) if ranged and rng is not None else None
     try:
-        for path in plan.files["log"]:
-            is_random = path.name.startswith("log_random")
-            for data, rows in kr.iter_log(path, plan.log_columns, plan.selected, block_bytes or STREAM_BLOCK_BYTES):
-                n_read += rows
-                m = len(data["user_id"])
-                if m == 0:
-                    continue
-                n_random += m if is_random else 0
-                data["pos"] = np.arange(pos, pos + m, dtype=np.int64)
-                pos += m
-                pending.append(data)
-                for fold, col in ((users, "user_id"), (videos, "video_id")):
-                    fold.add(pd.unique(data[col]), None)
-                if sum(len(d["pos"]) for d in pending) >= PARTITION_ROWS:
-                    flush()
+        for data, rows in kr.iter_log(path, plan.log_columns, plan.selected, ctx["block_bytes"], byte_range=source):
+            if source is not None and source.quoted:
+                return None
+            n_read += rows
+            m = len(data["user_id"])
+            if m == 0:
+                continue
+            data["pos"] = np.arange(pos, pos + m, dtype=np.int64)
+            pos += m
+            pending.append(data)
+            for fold, col in ((users, "user_id"), (videos, "video_id")):
+                fold.add(pd.unique(data[col]), None)
+            if sum(len(d["pos"]) for d in pending) >= PARTITION_ROWS:
+                flush()
+        if source is not None and source.quoted:
+            return None
         if pending:
             flush()
+    except DataError:
+        if source is None:
+            raise
+        return None
     finally:
         for w in writers.values():
             w.close()
-    return {"rows": pos, "read": n_read, "random": n_random, "users": users.result()[0], "videos": videos.result()[0]}
+        if source is not None:
+            source.close()
+    return {"rows": pos, "read": n_read, "users": users.result()[0], "videos": videos.result()[0]}
 
 
 class _Acc:
@@ -477,14 +543,19 @@ def _pass_sessions(s: int):
     (session-sorted log columns) and returns its session keys, each sparse value's first
     ``pos`` and its counts for the summary."""
     ctx = _CTX
-    plan, raw_path = ctx["plan"], ctx["raw_dir"] / SHARD_NAME.format(s)
-    if not raw_path.is_file():
+    plan = ctx["plan"]
+    files = [(ctx["raw_dir"] / _part_name(s, t), offset) for t, offset in ctx["parts"]]
+    files = [(p, offset) for p, offset in files if p.is_file()]
+    if not files:
         return None
-    table = pq.read_table(raw_path)
-    pos = table.column("pos").to_numpy()
+    # the parts in the reader's order; each part's pos counted from 0, shifted by the rows before it
+    table = pa.concat_tables([pq.read_table(p) for p, _ in files])
+    pos = table.column("pos").to_numpy() + np.repeat([o for _, o in files], [pq.ParquetFile(p).metadata.num_rows
+                                                                             for p, _ in files])
     log = {c: table.column(c).to_numpy() for c in plan.log_columns}
     del table
-    raw_path.unlink()
+    for p, _ in files:
+        p.unlink()
     acc = _Acc()
     if not ctx["keep_duplicates"]:
         first = ~kr.duplicate_rows(log)
