@@ -413,3 +413,20 @@ def test_bad_value_in_a_later_range_names_the_row_of_the_whole_file(synth, tmp_p
         messages.append(str(err.value))
         assert not any((tmp_path / f"c{workers}").iterdir())
     assert messages[0] == messages[1] and f"row {len(frame) - 9}" in messages[0]
+
+
+def test_text_columns_are_read_as_one_object_per_distinct_value(synth):
+    """The side files' text columns are read dictionary-encoded: equal cells share one str
+    (8 B per row), not one string object per cell (what held most of the user side file's
+    memory with millions of users); the values are the ones a plain read gives."""
+    from rmtl.data import kuairand as kr
+
+    path = synth / "user_features_1k.csv"
+    cols = ["user_active_degree", "follow_user_num_range"]
+    table, _ = kr._read_csv(path, ["user_id", *cols], "KuaiRand user_features")
+    plain = pd.read_csv(path, usecols=cols, dtype=str, keep_default_na=False)
+    for c in cols:
+        values = table[c]
+        assert values.dtype == object
+        assert [v if v is not None else "" for v in values] == list(plain[c])
+        assert len({id(v) for v in values}) == len(set(values)) < len(values) // 5

@@ -523,7 +523,7 @@ def iter_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep=
     for c in columns:
         if c not in header:
             raise DataError(f"missing column; expected the published {what} columns", path=path, column=c)
-    types = {c: (pa.string() if c in STRING_COLUMNS else pa.int64() if c in EXACT_INT_COLUMNS else pa.float64())
+    types = {c: (TEXT_TYPE if c in STRING_COLUMNS else pa.int64() if c in EXACT_INT_COLUMNS else pa.float64())
              for c in columns}
     n_read = 0
     # Given a path, arrow reads a plain file ahead far beyond the block being parsed (about a
@@ -573,12 +573,27 @@ def _csv_error(err: Exception, path: Path, header: list[str], what: str) -> Data
     return DataError(f"unreadable CSV ({msg}); expected the published {what} columns", path=path)
 
 
+# Text columns (a few distinct values each: 'middle_active', '(50,100]') are read
+# dictionary-encoded: a block's rows then point to one Python string per distinct value
+# (8 B per row) instead of one string object per cell (~60 B), which was most of the user
+# side file's memory with millions of users.
+TEXT_TYPE = pa.dictionary(pa.int32(), pa.string())
+
+
+def _dictionary_objects(col: pa.Array) -> np.ndarray:
+    """A dictionary-encoded text column as an object array (None for empty cells), its
+    equal cells sharing one str object."""
+    values = np.array([*col.dictionary.to_pylist(), None], dtype=object)
+    idx = col.indices.fill_null(len(values) - 1).to_numpy(zero_copy_only=False)
+    return values[idx]
+
+
 def _batch_arrays(batch: pa.RecordBatch, columns: list[str], path: Path, first_row: int) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for c in columns:
         col = batch.column(c)
         if c in STRING_COLUMNS:
-            out[c] = col.to_numpy(zero_copy_only=False).astype(object)  # None for empty cells
+            out[c] = _dictionary_objects(col)
             continue
         if pa.types.is_integer(col.type):
             if col.null_count:
