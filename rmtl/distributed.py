@@ -381,7 +381,8 @@ def sum_over_ranks(values: list[float]) -> list[float]:
 
 
 def all_reduce_epoch(loss_sums: list[float], rows: int) -> tuple[list[float], int]:
-    """Per-task loss sums and rows of the epoch over all ranks (for strategy.epoch_end)."""
+    """Per-task loss sums and rows over all ranks (the trainer's per-step epoch sums, for
+    strategy.epoch_end)."""
     summed = sum_over_ranks([*loss_sums, float(rows)])
     return summed[:-1], int(summed[-1])
 
