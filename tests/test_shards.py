@@ -168,18 +168,12 @@ def test_a_broken_tie_break_or_vocab_merge_is_caught(tmp_path, monkeypatch):
     opts = {"reader_options": {"user_features": [], "video_features": []}, "split_ratios": (0.5, 0.25, 0.25)}
     ref = prepare("kuairand", folder, use_cache=False, **opts)
 
-    real_order = shards_mod._global_order
-
-    def by_start_then_shard(keys, order_kind, seed):  # drops the session-id tie-break
-        for k in keys:
-            if k is not None:
-                k["k1"] = np.zeros_like(k["k1"])
-        return real_order(keys, order_kind, seed)
-
-    monkeypatch.setattr(shards_mod, "_global_order", by_start_then_shard)
+    real_order = shards_mod._time_order
+    # drops the session-id tie-break: start time, then shard
+    monkeypatch.setattr(shards_mod, "_time_order", lambda start, k1: np.argsort(start, kind="stable"))
     with pytest.raises(AssertionError):
         assert_same(ref, prepare_sharded(folder, shards=3, cache_dir=tmp_path / "a", workers=1, **opts))
-    monkeypatch.setattr(shards_mod, "_global_order", real_order)
+    monkeypatch.setattr(shards_mod, "_time_order", real_order)
 
     real_result = shards_mod._Fold.result
 
@@ -291,8 +285,9 @@ def test_fold_sorts_each_row_a_logarithmic_number_of_times(monkeypatch):
     1 and the shard loop grow with the square of the users past ~1 M users)."""
     monkeypatch.setattr(shards_mod, "FOLD_ROWS", 100)
     rng = np.random.default_rng(0)
-    parts = [rng.integers(0, 100_000, size=50) for _ in range(400)]  # 20,000 values, ~18,000 distinct
-    for op in ("set", "min", "sum"):
+    small = [rng.integers(0, 100_000, size=50) for _ in range(400)]  # 20,000 values, ~18,000 distinct
+    # small ids take the dense-array paths, large ones (beyond SMALL_IDS) the sorting ones
+    for parts, op in [(p, op) for p in (small, [v + (1 << 40) for v in small]) for op in ("set", "min", "sum")]:
         fold = shards_mod._Fold(op)
         for k, v in enumerate(parts):
             fold.add(v, None if op == "set" else np.full(len(v), (k * 7919) % 400 if op == "min" else 1))
@@ -430,3 +425,30 @@ def test_text_columns_are_read_as_one_object_per_distinct_value(synth):
         assert values.dtype == object
         assert [v if v is not None else "" for v in values] == list(plain[c])
         assert len({id(v) for v in values}) == len(set(values)) < len(values) // 5
+
+
+@pytest.mark.parametrize("bucket", [1, 2, 37])
+def test_session_order_built_bucket_by_bucket_equals_one_sort(synth, tmp_path, monkeypatch, bucket):
+    """The global session order is built one start-time bucket of SESSION_BUCKET sessions at
+    a time (main-process memory: one bucket): with buckets of 1, 2 or 37 sessions the entry
+    equals the in-memory prepare's, ties at one start time across shards included."""
+    monkeypatch.setattr(shards_mod, "SESSION_BUCKET", bucket)
+    monkeypatch.setattr(shards_mod, "SAMPLE_SESSIONS", 50)  # a strided sample of the start times
+    calls = []
+    real = shards_mod._time_order
+
+    def spy(start, k1):
+        calls.append(len(start))
+        return real(start, k1)
+
+    monkeypatch.setattr(shards_mod, "_time_order", spy)
+    folder = _tied_release(tmp_path / "tied")
+    opts = {"reader_options": {"user_features": [], "video_features": []}, "split_ratios": (0.5, 0.25, 0.25)}
+    assert_same(prepare("kuairand", folder, use_cache=False, **opts),
+                prepare_sharded(folder, shards=3, cache_dir=tmp_path / "t", workers=1, **opts))
+    calls.clear()
+    ref = prepare("kuairand", synth, cache_dir=tmp_path / "mem")
+    assert_same(ref, prepare_sharded(synth, shards=4, cache_dir=tmp_path / "s", workers=2))
+    assert len(calls) > 1 and sum(calls) == ref.log.num_sessions
+    if bucket == 37:
+        assert max(calls) < 4 * 37  # buckets of about SESSION_BUCKET sessions (edges from a sample)
