@@ -202,6 +202,7 @@ def _worker(rank: int, world: int, init_file: str, root: str, path: str, one: st
         model = build("mmoe", src.spec, embed_dim=8, num_experts=3, expert_dims=[32], tower_dims=[16])
         out["eval"] = {s: evaluate_gathered(model, src.split(s)) for s in ("val", "test")}
         out["gathered"] = {s: gather_predictions(model, src.split(s)) for s in ("val", "test")}
+        out["to_rank0"] = gather_predictions(model, src.split("val"), dst=0)  # what the evaluation gathers
         out["local_val_rows"] = src.split("val").num_rows
         # a 2-process run cut mid-epoch (resumed by ONE process in the test below) ...
         fit(small_cfg(Path(root), *COMMON, f"data.shards={path}", f"train.max_steps={CUT}"),
@@ -234,6 +235,9 @@ def test_metrics_from_two_ranks_shards_equal_one_process(entries, two_ranks):
     torch.manual_seed(0)
     model = build("mmoe", full.spec, embed_dim=8, num_experts=3, expert_dims=[32], tower_dims=[16])
     assert 0 < outs[0]["local_val_rows"] < full.split("val").num_rows
+    assert outs[1]["to_rank0"] is None  # the evaluation's rows go to rank 0 only
+    for key, value in outs[0]["gathered"]["val"].items():
+        np.testing.assert_array_equal(outs[0]["to_rank0"][key], value)
     for split in ("val", "test"):
         ref = evaluate(model, full.split(split))
         for out in outs:

@@ -30,8 +30,8 @@ batches are exactly rmtl.data.batches.BatchIterator's (the same permutation of t
 
 Evaluation: each rank reads and predicts its own val / test rows row group by row group
 at every evaluation, keeping only (row, labels, probabilities, session, user); these are
-gathered to every rank and sorted by global row, so the metrics are those of one process
-over all shards (``gather_predictions``, ``evaluate_gathered``).
+gathered to rank 0 and sorted by global row, so the metrics are those of one process over
+all shards; rank 0 sends them to the others (``gather_predictions``, ``evaluate_gathered``).
 """
 
 from __future__ import annotations
@@ -352,11 +352,13 @@ def _may_hold(pf, group: int, lo: int, hi: int) -> bool:
     return True
 
 
-def gather_predictions(model, split: ShardSplit, batch_size: int = 8192) -> dict[str, np.ndarray]:
+def gather_predictions(model, split: ShardSplit, batch_size: int = 8192, *,
+                       dst: int | None = None) -> dict[str, np.ndarray] | None:
     """Every rank's rows of a split with the model's probabilities: ``row`` (global), ``labels``
     and ``probs`` [N, K] (the model's task columns), ``session`` (global) and ``user``, from all
     ranks, sorted by global row: one process's order over all shards. Each rank reads and
-    predicts its own rows row group by row group and keeps only these columns."""
+    predicts its own rows row group by row group and keeps only these columns. ``dst``: only
+    that rank gets them (the others None); None: every rank."""
     from rmtl.predict import predict_arrays, task_columns
 
     cols = task_columns(model, split.spec.num_tasks)
@@ -369,20 +371,27 @@ def gather_predictions(model, split: ShardSplit, batch_size: int = 8192) -> dict
     empty = {"row": np.zeros(0, np.int64), "session": np.zeros(0, np.int64), "user": np.zeros(0, np.int64),
              "labels": np.zeros((0, len(cols)), np.float32), "probs": np.zeros((0, len(cols)), np.float32)}
     mine = {k: np.concatenate(v) if v else empty[k] for k, v in parts.items()}
-    every = distributed.all_gather_objects(mine)
+    every = distributed.all_gather_objects(mine) if dst is None else distributed.gather_objects(mine, dst)
+    if every is None:
+        return None
     out = {k: np.concatenate([m[k] for m in every]) for k in mine}
     return _take(out, np.argsort(out["row"], kind="stable"))
 
 
 def evaluate_gathered(model, split: ShardSplit, batch_size: int = 8192, *, predictor=None) -> dict:
     """Metrics of the model over every rank's rows of a split (gather_predictions), the
-    numbers of one process over all shards. ``predictor`` is ignored (the Trainer's call)."""
+    numbers of one process over all shards: the rows are gathered to rank 0 only, which
+    computes the metrics and sends them to the others (every rank needs them: best-score
+    tracking, the fit's result). ``predictor`` is ignored (the Trainer's call)."""
     from rmtl.metrics import evaluate_predictions
     from rmtl.predict import task_columns
 
-    got = gather_predictions(model, split, batch_size)
-    tasks = [split.spec.tasks[c] for c in task_columns(model, split.spec.num_tasks)]
-    return evaluate_predictions(got["labels"], got["probs"], got["session"], got["user"], tasks)
+    got = gather_predictions(model, split, batch_size, dst=0)
+    metrics = None
+    if got is not None:
+        tasks = [split.spec.tasks[c] for c in task_columns(model, split.spec.num_tasks)]
+        metrics = evaluate_predictions(got["labels"], got["probs"], got["session"], got["user"], tasks)
+    return distributed.from_rank0(metrics)
 
 
 def setup(trainer, stream: ShardStream) -> None:
