@@ -235,16 +235,23 @@ def reduce_task_gradients(tg, task_losses: torch.Tensor) -> tuple[torch.Tensor, 
     s = current_share()
     losses = task_losses.detach().double().reshape(-1)
     if tg.mode == "representation":
-        local = gram(tg.grads) * (s * s)
-        packed = all_reduce_(torch.cat([local.reshape(-1), losses.to(local.device) * s]).to(comm_device()))
+        local = _scaled(gram(tg.grads), s * s)
+        packed = all_reduce_(torch.cat([local.reshape(-1), _scaled(losses.to(local.device), s)]).to(comm_device()))
         k = local.shape[0]
         return packed[:k * k].view(k, k).to(local.device), packed[k * k:].to(task_losses)
-    grads = tg.grads.mul_(s)
-    flat = torch.cat([grads.reshape(-1).double(), losses.to(grads.device) * s]).to(comm_device())
+    grads = tg.grads.mul_(s) if s else tg.grads.zero_()
+    flat = torch.cat([grads.reshape(-1).double(), _scaled(losses.to(grads.device), s)]).to(comm_device())
     all_reduce_(flat)
     n = grads.numel()
     tg.grads.copy_(flat[:n].view_as(grads))
     return gram(tg.grads), flat[n:].to(task_losses)
+
+
+def _scaled(values: torch.Tensor, share: float) -> torch.Tensor:
+    """``values`` x ``share``, exactly 0 for share 0: a rank with no rows in a step (a shard
+    stream's short last batch split over more ranks than rows) may hold NaN (a mean over
+    no rows) and must add nothing."""
+    return values * share if share else torch.zeros_like(values)
 
 
 def share_weighted_sum(values: torch.Tensor, power: int = 1, share: float | None = None) -> torch.Tensor:
@@ -255,7 +262,7 @@ def share_weighted_sum(values: torch.Tensor, power: int = 1, share: float | None
     if not active():
         return values
     s = (current_share() if share is None else share) ** power
-    return all_reduce_(values.detach().double().to(comm_device()) * s).to(values)
+    return all_reduce_(_scaled(values.detach().double().to(comm_device()), s)).to(values)
 
 
 def all_reduce_gradients(grads, params, share: float | None = None) -> list[torch.Tensor | None]:
@@ -278,7 +285,7 @@ def all_reduce_gradients(grads, params, share: float | None = None) -> list[torc
             parts.append(torch.zeros(p.numel(), dtype=torch.float32, device=p.device))
             kinds.append("none")
         else:
-            parts.append(g.float().reshape(-1) * s)
+            parts.append(_scaled(g.float().reshape(-1), s))
             kinds.append("dense")
     flat = all_reduce_(torch.cat(parts)) if parts else None
     out: list[torch.Tensor | None] = []
@@ -298,7 +305,7 @@ def _gather_rows(grad: torch.Tensor, share: float) -> torch.Tensor:
     """sum_r share_r x grad_r of a row-sparse gradient: every rank's (rows, values) gathered
     (padded to the longest), summed per row by coalescing."""
     g = grad.coalesce()
-    rows, values = g.indices()[0], g.values() * share
+    rows, values = g.indices()[0], _scaled(g.values(), share)
     world = dist.get_world_size()
     sizes = [torch.zeros(1, dtype=torch.int64, device=rows.device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([rows.numel()], dtype=torch.int64, device=rows.device))
@@ -374,7 +381,8 @@ def sum_over_ranks(values: list[float]) -> list[float]:
 
 
 def all_reduce_epoch(loss_sums: list[float], rows: int) -> tuple[list[float], int]:
-    """Per-task loss sums and rows of the epoch over all ranks (for strategy.epoch_end)."""
+    """Per-task loss sums and rows over all ranks (the trainer's per-step epoch sums, for
+    strategy.epoch_end)."""
     summed = sum_over_ranks([*loss_sums, float(rows)])
     return summed[:-1], int(summed[-1])
 

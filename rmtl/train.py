@@ -56,8 +56,7 @@ def load_data(data: DataConfig, seed: int = 0):
     from rmtl.data.prepare import prepare
 
     if data.shards:  # streamed by fit (load_shards); the other commands need the whole log
-        raise ConfigError("data.shards is read by `rmtl train` only; this command needs the whole log "
-                          "(drop data.shards and give data.source / data.data_dir)", key="data.shards")
+        raise ConfigError(SHARDS_REFUSED, key="data.shards")
     data_dir = resolve_data_dir(data.data_dir)
     kwargs: dict[str, Any] = dict(
         cache_dir=data.cache_dir, session_gap=data.session_gap, split_ratios=tuple(data.split_ratios),
@@ -68,6 +67,21 @@ def load_data(data: DataConfig, seed: int = 0):
     if data_dir is None and data.synthetic:
         kwargs["synthetic"] = dict(data.synthetic)
     return prepare(data.source, data_dir, **kwargs)
+
+
+SHARDS_REFUSED = ("data.shards is read by `rmtl train` only; this command needs the whole log "
+                  "(drop data.shards and give data.source / data.data_dir)")
+
+
+def check_shards(cfg: RunConfig, *, reads_shards: bool) -> None:
+    """What a command checks before it writes anything: ``data.shards`` names a sharded entry
+    (meta.json with the three splits) when the command ``reads_shards``, and is refused
+    otherwise (DataError / ConfigError naming the folder or the key)."""
+    if not cfg.data.shards:
+        return
+    if not reads_shards:
+        raise ConfigError(SHARDS_REFUSED, key="data.shards")
+    shard_stream.ShardSource.open(resolve_data_dir(cfg.data.shards))
 
 
 def load_everywhere(cfg: RunConfig, prepared=None):
@@ -151,7 +165,7 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
 
     stream = None
     if cfg.data.shards and prepared is None:  # each process streams its own shards
-        log, stream = load_shards(cfg, device)
+        log, stream = load_shards(cfg, device, resume=resume)
     else:
         log = load_everywhere(cfg, prepared)
     for name in ("train", "val", "test"):
@@ -180,17 +194,17 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
     return trainer.fit(resume=resume)
 
 
-def load_shards(cfg: RunConfig, device):
+def load_shards(cfg: RunConfig, device, *, resume: bool = False):
     """(a SessionLog without rows for the Trainer's construction, this rank's train ShardStream)
     of cfg.data.shards; a failure on any rank stops all of them with one line
-    (distributed.all_or_none)."""
+    (distributed.all_or_none). A resumed run's stream is laid out by its last.pt
+    (shard_stream.StreamLayout), a new one's with one stream per process."""
     with distributed.all_or_none("loading the shards"):
         source = shard_stream.ShardSource.open(resolve_data_dir(cfg.data.shards), distributed.rank(),
                                                distributed.world_size())
         log = source.empty_log()
         stream = source.train_stream(cfg.train.batch_size, seed=cfg.seed, buffer_rows=cfg.data.shard_buffer_rows,
-                                     device=device)
-    stream.check_agreement()
+                                     device=device, resuming=resume)
     return log, stream
 
 

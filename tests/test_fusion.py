@@ -300,7 +300,12 @@ def test_rmtl_fusion_end_to_end(tmp_path, capsys):
         assert any(line.startswith(name) for line in out.splitlines())
     assert "true_value" in out and "mtf_gauc" in out and "rank correlation" in out
     assert "DR (slate IS + slate FQE) [default]" in out and "cannot distinguish" in out
-    assert set(results["estimators"]["tie_aware"]) == {"dr", "wpdis"}  # the ones with bootstrap intervals
+    # the ones with bootstrap intervals; MTF-GAUC's resamples users (it ranks, it is no value)
+    assert set(results["estimators"]["tie_aware"]) == {"dr", "wpdis", "mtf_gauc"}
+    assert "mtf_gauc" not in results["estimators"]["errors"] and results["table"]["cem"]["mtf_gauc_se"] > 0
+    res = results["estimators"]["resolution"]  # 2 truth passes, 1 held-out pass: 2 on-policy samples
+    assert res["samples"] == 2 and 0 <= res["paired"]["all_pairs"] <= res["paired"]["pairs"] <= 1
+    assert ("resolution of the held-out log" in out) == bool(results["estimators"]["pairs"])
     for col in ("dr", "sfqe", "fqe", "fqe_cql"):  # estimate - truth per policy, and the rank correlation
         errors = results["estimators"]["errors"][col]
         assert errors["bcq"] == pytest.approx(results["table"]["bcq"][col] - results["table"]["bcq"]["true_value"])

@@ -149,3 +149,55 @@ def test_slate_fqe_and_dr_with_it_recover_the_known_value(chain):
     # the same critic on alpha alone cannot tell the request types' slates apart by what they show
     with pytest.raises(Exception, match="estimate"):
         critic.value(chain.initial_obs, ALWAYS_ITEM0)
+
+
+def test_resolution_orders_samples_of_the_truth_with_and_without_common_random_numbers():
+    from rmtl.fusion.validation import resolution
+
+    rng = np.random.default_rng(0)
+    passes, sessions = 40, 50
+    noise = rng.normal(size=passes * sessions)  # common random numbers: one draw per (pass, session)
+    returns = {"a": noise + 0.05, "b": noise.copy(), "c": noise - 0.05}  # paired differences are exact
+    out = resolution(returns, [("a", "b"), ("b", "c"), ("a", "c")], sessions=sessions, passes=2)
+    assert out["samples"] == 20 and out["episodes"] == 100
+    assert out["paired"] == {"spearman": 1.0, "pairs": 1.0, "all_pairs": 1.0}
+    # without them a sample mean of 100 returns has s.e. 0.1: a gap of 0.05 is ordered right with
+    # probability Phi(0.05 / 0.14) ~ 0.64 (0.76 for the gap of 0.1), all three pairs rarely
+    ind = out["independent"]
+    assert 0.45 < ind["pairs"] < 0.9 and ind["all_pairs"] < 0.6 and ind["spearman"] < 0.9
+    # too few samples for the independent mode (one per policy needed), none at all for one sample
+    assert "independent" not in resolution(returns, [("a", "b")], sessions=sessions, passes=20)
+    assert "paired" not in resolution(returns, [("a", "b")], sessions=sessions, passes=40)
+
+
+def test_gauc_resamples_are_the_gauc_of_the_resampled_users():
+    from rmtl.fusion.fqe import gauc_mean, gauc_resampled, group_aucs, weighted_group_auc
+
+    rng = np.random.default_rng(1)
+    n = 600
+    user = rng.integers(10, 30, n)  # user ids need not start at 0
+    y = rng.random(n) < 0.3
+    score, w = rng.normal(size=n) + y * rng.random(n), rng.random(n) + 0.5
+    parts = group_aucs(y, score, user, w)
+    assert gauc_mean(parts) == pytest.approx(weighted_group_auc(y, score, user, w))
+    users = np.unique(user)
+    drop, twice = users[3], users[5]
+    counts = np.ones((2, len(users)))
+    counts[1, 3], counts[1, 5] = 0, 2
+    boot = gauc_resampled(parts, users, counts)
+    assert boot[0] == pytest.approx(gauc_mean(parts))
+    # a user drawn 0 times is left out, one drawn twice counts as its rows duplicated
+    keep = user != drop
+    dup = np.r_[np.flatnonzero(keep), np.flatnonzero(user == twice)]
+    assert boot[1] == pytest.approx(weighted_group_auc(y[dup], score[dup], user[dup], w[dup]))
+    assert abs(boot[1] - boot[0]) > 1e-4  # the resample is not the data
+
+
+def test_user_bootstrap_is_paired_and_resamples_every_user_count():
+    from rmtl.fusion.fqe import user_bootstrap
+
+    data = _chain(episodes=20)
+    data.user = data.episode % 7
+    users, counts = user_bootstrap(data, 5, seed=3)
+    assert list(users) == list(range(7)) and counts.shape == (5, 7) and (counts.sum(1) == 7).all()
+    np.testing.assert_array_equal(counts, user_bootstrap(data, 5, seed=3)[1])

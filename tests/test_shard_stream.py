@@ -7,6 +7,7 @@ processes for the distributed cases.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -161,7 +162,34 @@ def test_resume_from_shards_is_bit_exact(entries, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
-def _worker(rank: int, world: int, init_file: str, root: str, path: str) -> None:
+ONE_TO_TWO = {**GRAD_CASES, "uw": ["strategy.name=uw"]}
+CUT1 = 8  # steps of the 1-process runs before they are cut (an epoch has 15, its last of 1 row)
+CUT = 40  # steps of the 2-process run before it is cut (an epoch has 59)
+
+
+DWA_CUT = 80  # in the second of DWA's 3 epochs: its weights at epoch 2 read epoch 1's mean losses
+
+
+def _dwa_cfg(root: Path, path, *extra):
+    return small_cfg(root, *COMMON, "strategy.name=dwa", "train.epochs=3", "train.eval_every=null",
+                     f"data.shards={path}", *extra)
+
+
+def _one_to_two_batch(one) -> int:
+    """A global batch whose every epoch ends with ONE row on the one-shard entry: split over
+    2 processes, one of them has no rows in that step (the share-0 case)."""
+    n = ShardSource.open(one).rows("train")
+    fits = [b for b in range(64, n // 4) if n % b == 1]
+    assert fits, n
+    return fits[0]
+
+
+def _one_to_two_cfg(root: Path, one, name: str, *extra):
+    return small_cfg(root, *COMMON, *ONE_TO_TWO[name], f"data.shards={one}",
+                     f"train.batch_size={_one_to_two_batch(one)}", "train.eval_every=null", *extra)
+
+
+def _worker(rank: int, world: int, init_file: str, root: str, path: str, one: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
@@ -175,6 +203,15 @@ def _worker(rank: int, world: int, init_file: str, root: str, path: str) -> None
         out["eval"] = {s: evaluate_gathered(model, src.split(s)) for s in ("val", "test")}
         out["gathered"] = {s: gather_predictions(model, src.split(s)) for s in ("val", "test")}
         out["local_val_rows"] = src.split("val").num_rows
+        # a 2-process run cut mid-epoch (resumed by ONE process in the test below) ...
+        fit(small_cfg(Path(root), *COMMON, f"data.shards={path}", f"train.max_steps={CUT}"),
+            run_dir=Path(root) / "cut2")
+        # DWA over 3 epochs, straight and cut in epoch 1 (its epoch loss sums are in last.pt)
+        for tag, extra in (("dwa", []), ("dwa-cut", [f"train.max_steps={DWA_CUT}"])):
+            fit(_dwa_cfg(Path(root), path, *extra), run_dir=Path(root) / tag)
+        # ... and 1-process runs of the one-shard entry (cut by the fixture), resumed by 2
+        for name in ONE_TO_TWO:
+            fit(_one_to_two_cfg(Path(root), one, name), run_dir=Path(root) / f"cut1-{name}", resume=True)
         torch.save(out, Path(root) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -182,9 +219,11 @@ def _worker(rank: int, world: int, init_file: str, root: str, path: str) -> None
 
 @pytest.fixture(scope="module")
 def two_ranks(entries, tmp_path_factory):
-    path, _ = entries
+    path, one = entries
     root = tmp_path_factory.mktemp("ddp_shards")
-    mp.spawn(_worker, args=(2, str(root / "init"), str(root), str(path)), nprocs=2, join=True)
+    for name in ONE_TO_TWO:  # one process, cut after CUT1 steps; the 2-process spawn resumes them
+        fit(_one_to_two_cfg(root, one, name, f"train.max_steps={CUT1}"), run_dir=root / f"cut1-{name}")
+    mp.spawn(_worker, args=(2, str(root / "init"), str(root), str(path), str(one)), nprocs=2, join=True)
     return root, [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -271,15 +310,123 @@ def test_bad_shards_folder_exits_2_and_leaves_nothing(entries, tmp_path, capsys)
     for bad in (tmp_path / "empty", tmp_path / "missing", path.parent):
         code = main(["train", "-c", "quickstart", "--shards", str(bad), f"run_dir={tmp_path / 'run'}",
                      "--no-progress"])
-        err = capsys.readouterr().err.strip().splitlines()
+        out, err = capsys.readouterr()
+        err = err.strip().splitlines()
         assert code == 2
         assert len(err) == 1 and "meta.json" in err[0] and str(bad) in err[0]
+        assert out == ""  # checked before the run dir is made and announced
         assert not (tmp_path / "run").exists()
 
 
-def test_commands_that_need_the_whole_log_refuse_data_shards(entries, tmp_path, capsys):
+@pytest.mark.parametrize("command", [["pipeline"], ["agent", "--backbone", "best.pt"], ["compare", "--seeds", "1"]])
+def test_commands_that_need_the_whole_log_refuse_data_shards(entries, tmp_path, capsys, command):
     path, _ = entries
-    code = main(["pipeline", "-c", "quickstart", f"data.shards={path}", f"run_dir={tmp_path / 'run'}"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "data.shards" in err[0]
+    code = main([*command, "-c", "quickstart", f"data.shards={path}", "--run-dir", str(tmp_path / "run")])
+    out, err = capsys.readouterr()
+    err = err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "data.shards" in err[0], err
+    assert out == ""
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- another process count
+
+def test_the_global_batches_do_not_depend_on_the_process_count(entries):
+    """Streams fixed, processes varied: at every step the ranks' rows, concatenated in rank
+    order, are the global batch of one process running all streams; each rank reads only
+    its streams' shards."""
+    four, one = entries
+    for path, streams in ((four, 2), (four, 4), (one, 1)):
+        ref = ShardSource.open(path, 0, 1).train_stream(64, seed=4, buffer_rows=300, streams=streams)
+        for world in (1, 2, 3, 4):
+            streams_of = []
+            for epoch in (0, 1):
+                ref.set_epoch(epoch)
+                runs = []
+                for r in range(world):
+                    stream = ShardSource.open(path, r, world).train_stream(64, seed=4, buffer_rows=300,
+                                                                           streams=streams)
+                    stream.set_epoch(epoch)
+                    assert len(stream) == len(ref)
+                    runs.append([(b.rows.numpy(), _share()) for b in stream])
+                    streams_of.append(stream.mine)
+                for t, batch in enumerate(ref):
+                    parts = [run[t] for run in runs]
+                    joined = np.concatenate([p[0] for p in parts])
+                    np.testing.assert_array_equal(joined, batch.rows.numpy())
+                    assert sum(p[1] for p in parts) == pytest.approx(1.0)
+                    for rows, share in parts:
+                        assert share == len(rows) / len(batch)
+            mine = [s for ms in streams_of[:world] for s in ms]  # every stream read, once when W <= S
+            assert mine == list(range(streams)) if world <= streams else sorted(set(mine)) == list(range(streams))
+
+
+def _share() -> float:
+    from rmtl import distributed
+
+    return distributed.current_share()
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel())
+
+
+RESUME_ATOL = 1e-5  # float32 sums in another order (one mean vs share-weighted halves); measured <= 6e-7
+
+
+def test_a_two_process_shard_run_resumed_by_one_process_ends_at_the_uninterrupted_weights(entries, two_ranks,
+                                                                                           tmp_path):
+    path, _ = entries
+    root, outs = two_ranks
+    cut = ckpt.load_user_file(root / "cut2" / "train" / "last.pt", "test")
+    assert cut["loop"]["step"] == CUT and cut["callbacks"]["shard_streams"] == {"streams": 2}
+    shutil.copytree(root / "cut2", tmp_path / "cut2")
+    resumed = fit(small_cfg(tmp_path, *COMMON, f"data.shards={path}"), run_dir=tmp_path / "cut2", resume=True)
+    assert resumed.steps == outs[0]["steps"]
+    a = ckpt.load_user_file(tmp_path / "cut2" / "train" / "last.pt", "test")
+    b = ckpt.load_user_file(root / "ddp" / "train" / "last.pt", "test")
+    assert a["loop"]["step"] == b["loop"]["step"] and a["loop"]["epoch"] == b["loop"]["epoch"] == 2
+    assert a["callbacks"]["shard_streams"] == {"streams": 2}  # the layout stays the run's
+    assert _max_diff(a["model"], b["model"]) < RESUME_ATOL
+    # the test metrics of the best weights agree too (the same rows, nearly the same weights)
+    for task, mets in outs[0]["metrics"]["test"].items():
+        assert resumed.metrics["test"][task]["auc"] == pytest.approx(mets["auc"], abs=1e-3)
+
+
+@pytest.mark.parametrize("name", list(ONE_TO_TWO))
+def test_a_one_process_shard_run_resumed_by_two_processes_ends_at_the_uninterrupted_weights(
+        entries, two_ranks, tmp_path, name):
+    """One stream shared by 2 processes (each reads the one shard, takes its half of every
+    batch); every epoch's last batch has one row, so one process has none in that step (its
+    share 0 must add exactly nothing: UW's own parameters get NaN gradients from a mean
+    over no rows, which fails this test unless they are zeroed, not multiplied by 0)."""
+    _, one = entries
+    root, _ = two_ranks
+    n, batch = ShardSource.open(one).rows("train"), _one_to_two_batch(one)
+    assert n % batch == 1
+    straight = fit(_one_to_two_cfg(tmp_path, one, name), run_dir=tmp_path / "straight")
+    a = ckpt.load_user_file(root / f"cut1-{name}" / "train" / "last.pt", "test")
+    b = ckpt.load_user_file(tmp_path / "straight" / "train" / "last.pt", "test")
+    assert a["loop"]["step"] == b["loop"]["step"] == straight.steps == 2 * -(-n // batch)
+    assert a["callbacks"]["shard_streams"] == {"streams": 1}
+    assert _max_diff(a["model"], b["model"]) < RESUME_ATOL
+
+
+def test_a_dwa_shard_run_resumed_mid_epoch_by_one_process_keeps_the_epoch_losses(entries, two_ranks, tmp_path):
+    """last.pt holds the epoch's per-task loss sums over ALL processes (summed every step),
+    so DWA's next weights are the uninterrupted run's; with rank 0's own partial sums (the
+    earlier code) the resumed run's epoch-2 weights differ (checked: this test fails)."""
+    path, _ = entries
+    root, _ = two_ranks
+    shutil.copytree(root / "dwa-cut", tmp_path / "dwa-cut")
+    cut = ckpt.load_user_file(tmp_path / "dwa-cut" / "train" / "last.pt", "test")
+    assert cut["loop"]["step"] == DWA_CUT and cut["loop"]["epoch"] == 1
+    assert cut["loop"]["epoch_rows"] == (DWA_CUT - 59) * 64  # both processes' rows (full steps)
+    fit(_dwa_cfg(tmp_path, path), run_dir=tmp_path / "dwa-cut", resume=True)
+    a = ckpt.load_user_file(tmp_path / "dwa-cut" / "train" / "last.pt", "test")
+    b = ckpt.load_user_file(root / "dwa" / "train" / "last.pt", "test")
+    assert a["loop"]["step"] == b["loop"]["step"] == 3 * 59
+    torch.testing.assert_close(a["strategy"]["state_dict"]["history"], b["strategy"]["state_dict"]["history"],
+                               rtol=1e-6, atol=0)  # the mean losses of epochs 1 and 2
+    assert _max_diff(a["model"], b["model"]) < RESUME_ATOL

@@ -9,22 +9,24 @@ from pathlib import Path
 from typing import Iterator
 
 
-def start_run(config: str, overrides: list[str], run_dir: str | None = None, *, need_strategy: bool = True):
+def start_run(config: str, overrides: list[str], run_dir: str | None = None, *, need_strategy: bool = True,
+              reads_shards: bool = False):
     """The validated RunConfig of ``config`` + ``overrides`` (``run_dir`` replaces the config's),
-    with unknown model / strategy names rejected, then ``<run_dir>/config.yaml`` written: a run
-    that fails validation leaves no folder behind."""
-    cfg, _ = _start(config, overrides, run_dir, need_strategy)
+    with unknown model / strategy names rejected and ``data.shards`` checked (a sharded entry
+    when the command ``reads_shards``, else refused), then ``<run_dir>/config.yaml`` written and
+    its "run dir:" line printed: a run that fails validation leaves no folder behind."""
+    cfg, _ = _start(config, overrides, run_dir, need_strategy, reads_shards)
     return cfg
 
 
 @contextmanager
 def started_run(config: str, overrides: list[str], run_dir: str | None = None, *,
-                need_strategy: bool = True) -> Iterator:
+                need_strategy: bool = True, reads_shards: bool = False) -> Iterator:
     """``start_run`` for the body of a command: when the body fails before any checkpoint
     was written (bad data folder, bad backbone option ...), the config.yaml and the folders
     this call created are removed again, so a failed start leaves nothing behind. A run that
     got as far as a checkpoint stays (it is resumable)."""
-    cfg, created = _start(config, overrides, run_dir, need_strategy)
+    cfg, created = _start(config, overrides, run_dir, need_strategy, reads_shards)
     try:
         yield cfg
     except BaseException:
@@ -38,11 +40,11 @@ def resume_config(run_dir: str | None) -> str | None:
     return str(path) if path is not None and path.exists() else None
 
 
-def _start(config, overrides, run_dir, need_strategy):
+def _start(config, overrides, run_dir, need_strategy, reads_shards):
     from rmtl import distributed
     from rmtl.config import load_config, save_config
     from rmtl.device import resolve_device
-    from rmtl.train import check_names
+    from rmtl.train import check_names, check_shards
 
     overrides = list(overrides) + ([f"run_dir={run_dir}"] if run_dir else [])
     cfg = load_config(config, overrides)  # every key, type and numeric range checked
@@ -50,8 +52,10 @@ def _start(config, overrides, run_dir, need_strategy):
     if distributed.requested():  # under torchrun: rank 0's run_dir (its ${now:...}) for every process
         distributed.init(resolve_device(cfg.train.device))
         cfg.run_dir = distributed.from_rank0(cfg.run_dir)
-        if not distributed.is_main():
-            return cfg, []
+    with distributed.all_or_none("checking data.shards"):  # every process: each reads its own shards
+        check_shards(cfg, reads_shards=reads_shards)
+    if not distributed.is_main():
+        return cfg, []
     path = Path(cfg.run_dir) / "config.yaml"
     created = [p for p in [path, *path.parents] if not p.exists()]  # deepest first
     save_config(cfg, path)  # before the run: a killed run resumes from it

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["train.progress=false"] if args.no_progress else [])
     if args.shards:
         overrides.append(f"data.shards={args.shards}")
-    with started_run(config, overrides, args.run_dir) as cfg:
+    with started_run(config, overrides, args.run_dir, reads_shards=True) as cfg:
         result = fit(cfg, run_dir=Path(cfg.run_dir), resume=args.resume)
     if not distributed.is_main():  # under torchrun: rank 0 reports
         return 0

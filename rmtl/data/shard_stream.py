@@ -4,22 +4,29 @@
     stream = source.train_stream(global_batch, seed=0)        # Batches, lazily, row group by row group
     val = source.split("val")                                 # this rank's val rows, read at each evaluation
 
-Process ``rank`` of ``world`` reads the shards ``rank_files(meta, rank, world)`` (every
-session has exactly one reader). The batch rule under N processes: each rank trains on
-a LOCAL batch of ``global_batch // world`` rows of its own sessions, every step; the
-steps per epoch are the minimum over ranks of ceil(train rows / local batch), computed
+The batch rule (ShardStream): the train rows are cut into S **streams** (stream s reads
+the shards ``rank_files(meta, s, S)``; every session has one reader), each yielding
+batches of ``global_batch // S`` rows of its own sessions; the GLOBAL batch of a step is
+the streams' batches together. S is the process count of the run's first start, kept in
+last.pt, so the global batches do not depend on how many processes train on them: with
+W = S processes each reads one stream (its own shards, a local batch of global / W rows),
+with fewer each reads several whole streams, with more several processes share one
+stream and split each of its batches. A run resumed with another process count therefore
+continues the same global batches (gradients equal up to float summation order). The
+steps per epoch are the minimum over streams of ceil(train rows / stream batch), computed
 by every rank from meta.json (the per-shard ``rows_by_split``) and checked with an
-all-reduce. A rank with more rows drops the tail of its shuffled epoch (different rows
-every epoch); the last step may be partial on the smallest rank, and each rank's share
-of a step (its rows / the step's rows over all ranks) follows from the same counts, so
-the gradient all-reduce (rmtl.distributed) weights it right without a per-step message.
+all-reduce. A stream with more rows drops the tail of its shuffled epoch (different rows
+every epoch); the last step may be short on the smallest stream, and each rank's share
+of a step (its rows / the step's rows) follows from the same counts, so the gradient
+all-reduce (rmtl.distributed) weights it right without a per-step message.
 
-The shuffle, deterministic under (seed, epoch) for a fixed process count: the rank's
-shard files and each file's row groups in a seeded order, the rows in a buffer of about
+The shuffle, per stream, deterministic under (seed, epoch) for a fixed stream count: the
+stream's shard files and each file's row groups in a seeded order, the rows in a buffer of about
 ``buffer_rows`` rows permuted before it is cut into batches (what is left over joins the
-next buffer). Memory: one buffer plus one row group, whatever the data size. With one
-shard of one row group and a buffer larger than the train split, the batches are
-exactly rmtl.data.batches.BatchIterator's (the same permutation of the same rows).
+next buffer; every stream draws from the same (seed, epoch) generators, over its own rows).
+Memory: per stream a process reads, one buffer plus one row group, whatever the data
+size. With one shard of one row group and a buffer larger than the train split, the
+batches are exactly rmtl.data.batches.BatchIterator's (the same permutation of the same rows).
 
 Evaluation: each rank reads and predicts its own val / test rows row group by row group
 at every evaluation, keeping only (row, labels, probabilities, session, user); these are
@@ -38,6 +45,7 @@ import pyarrow.parquet as pq
 import torch
 
 from rmtl import distributed
+from rmtl.callbacks import Callback
 from rmtl.data.batches import Batch
 from rmtl.data.sessionlog import SessionLog
 from rmtl.data.shards import rank_files, read_meta
@@ -67,12 +75,13 @@ class ShardSource:
     def spec(self) -> FeatureSpec:
         return FeatureSpec.from_dict(self.meta["spec"])
 
-    def files(self, rank: int | None = None) -> list[str]:
-        return rank_files(self.meta, self.rank if rank is None else rank, self.world)
+    def files(self, part: int | None = None, parts: int | None = None) -> list[str]:
+        """The shard files of ``part`` of ``parts`` (default: this rank's of the world)."""
+        return rank_files(self.meta, self.rank if part is None else part, self.world if parts is None else parts)
 
-    def rows(self, split: str, rank: int | None = None) -> int:
-        """Rows of ``split`` in a rank's shards (from meta.json, nothing read)."""
-        mine = set(self.files(rank))
+    def rows(self, split: str, part: int | None = None, parts: int | None = None) -> int:
+        """Rows of ``split`` in a part's shards (default: this rank's; from meta.json, nothing read)."""
+        mine = set(self.files(part, parts))
         return sum(int(s["rows_by_split"][split]) for s in self.meta["shards"] if s["file"] in mine)
 
     def row_offset(self, split: str) -> int:
@@ -82,15 +91,14 @@ class ShardSource:
                    for name, (a, _) in self.meta["splits"].items() if a < start)
 
     def train_stream(self, global_batch: int, *, seed: int = 0, buffer_rows: int = DEFAULT_BUFFER_ROWS,
-                     shuffle: bool = True, device="cpu") -> "ShardStream":
-        distributed.check_global_batch(global_batch, "train.batch_size", self.world)
-        local = global_batch // self.world
-        counts = np.array([self.rows("train", r) for r in range(self.world)], dtype=np.int64)
-        empty = np.flatnonzero(counts == 0)
-        if len(empty):
-            raise DataError(f"process {int(empty[0])} of {self.world} has no train rows in its shards "
-                            f"({len(self.meta['shards'])} shards): prepare with more shards", path=self.path)
-        return ShardStream(self, local, counts, seed=seed, buffer_rows=buffer_rows, shuffle=shuffle, device=device)
+                     shuffle: bool = True, device="cpu", streams: int | None = None,
+                     resuming: bool = False) -> "ShardStream":
+        """This rank's train batches; ``streams``: how the train rows are cut (default: one
+        stream per process, what a new run uses; ShardStream's doc). ``resuming``: the count
+        comes from last.pt (StreamLayout), set before the first use."""
+        streams = None if resuming else (self.world if streams is None else streams)
+        return ShardStream(self, global_batch, streams=streams, seed=seed, buffer_rows=buffer_rows,
+                           shuffle=shuffle, device=device)
 
     def empty_log(self) -> SessionLog:
         """A SessionLog without rows (the spec and the three split names): what the Trainer is
@@ -105,12 +113,12 @@ class ShardSource:
     def split(self, name: str) -> "ShardSplit":
         return ShardSplit(self, name)
 
-    def chunks(self, split: str, rng=None):
-        """This rank's rows of ``split``, one row group at a time (column arrays); files and row
-        groups in file order, or in ``rng``'s order. Row groups whose session statistics show
-        no session of the split are not read."""
+    def chunks(self, split: str, rng=None, *, part: int | None = None, parts: int | None = None):
+        """The rows of ``split`` in a part's shards (default: this rank's), one row group at a
+        time (column arrays); files and row groups in file order, or in ``rng``'s order. Row
+        groups whose session statistics show no session of the split are not read."""
         lo, hi = self.meta["splits"][split]
-        files, names, spec = self.files(), _columns(self.spec), self.spec
+        files, names, spec = self.files(part, parts), _columns(self.spec), self.spec
         for f in (rng.permutation(len(files)) if rng is not None else range(len(files))):
             try:
                 pf = pq.ParquetFile(self.path / files[f], memory_map=True)
@@ -173,24 +181,61 @@ def _take(cols: dict, index) -> dict:
 
 
 class ShardStream:
-    """This rank's train Batches for the trainer (``set_epoch``, ``__len__``, ``__iter__``)."""
+    """This rank's train Batches for the trainer (``set_epoch``, ``__len__``, ``__iter__``).
 
-    def __init__(self, source: ShardSource, local_batch: int, counts: np.ndarray, *, seed: int,
+    The run's train rows are cut into ``streams`` (S) streams, defined without the process
+    count: stream s reads ``rank_files(meta, s, S)`` in its seeded order and yields batches
+    of ``global_batch // S`` rows; the GLOBAL batch of step t is stream 0's batch t, then
+    stream 1's, ... Process r of W (``assign``, contiguous blocks, so the ranks' rows in rank
+    order are the global batch): with W <= S the streams [r S / W, (r + 1) S / W), whole (it
+    reads only their shards); with W > S the stream floor(r S / W), shared with the other
+    ranks given the same one, taking its contiguous part of each of that stream's batches. S is the process count of the run's first start and is kept in last.pt
+    (``StreamLayout``), so a run resumed with another process count trains on the same
+    global batches. A step whose shared batch has fewer rows than its sharers (the last
+    step of an epoch, only when W > S) gives some rank no rows: it still takes the step,
+    with share 0 (its gradient is multiplied by 0 in the all-reduce).
+    """
+
+    def __init__(self, source: ShardSource, global_batch: int, *, streams: int | None, seed: int,
                  buffer_rows: int, shuffle: bool, device):
         self.source, self.spec = source, source.spec
-        self.batch_size = int(local_batch)
-        self.counts = counts  # train rows of every rank
+        self.global_batch = int(global_batch)
         self.seed, self.shuffle = int(seed), shuffle
-        self.buffer_rows = max(int(buffer_rows), self.batch_size)
+        self.requested_buffer_rows = int(buffer_rows)
         self.device = torch.device(device)
         self.epoch = 0
         self.train_range = tuple(source.meta["splits"]["train"])
         self.row0 = source.row_offset("train")
-        self.steps = int(min(-(-counts // self.batch_size)))
+        self.streams = None  # None: laid out at first use, with one stream per process (a resume
+        if streams is not None:  # of a last.pt from before StreamLayout), unless StreamLayout sets it
+            self.set_streams(streams)
+
+    def _layout(self) -> None:
+        if self.streams is None:
+            self.set_streams(self.source.world)
+
+    def set_streams(self, streams: int) -> None:
+        """Lays the train rows out as ``streams`` streams (a resumed run: its saved count)."""
+        streams, source = int(streams), self.source
+        if not 1 <= streams <= len(source.meta["shards"]):
+            raise DataError(f"cannot cut {len(source.meta['shards'])} shards into {streams} streams", path=source.path)
+        distributed.check_global_batch(self.global_batch, "train.batch_size", max(streams, source.world))
+        self.streams = streams
+        self.batch_size = self.global_batch // streams  # each stream's batch (the local one when W = S)
+        self.buffer_rows = max(self.requested_buffer_rows, self.batch_size)
+        self.counts = np.array([source.rows("train", s, streams) for s in range(streams)], dtype=np.int64)
+        empty = np.flatnonzero(self.counts == 0)
+        if len(empty):
+            who = "process" if streams == source.world else "stream"
+            raise DataError(f"{who} {int(empty[0])} of {streams} has no train rows in its shards "
+                            f"({len(source.meta['shards'])} shards): prepare with more shards", path=source.path)
+        self.steps = int(min(-(-self.counts // self.batch_size)))
+        self.mine, self.part = assign(source.rank, source.world, streams)
 
     def check_agreement(self) -> None:
         """Every rank must run the same number of steps, or one would hang in a collective
         (a collective itself: call it on every rank, outside distributed.all_or_none)."""
+        self._layout()
         got = distributed.sum_over_ranks([float(self.steps), float(self.steps) ** 2])
         w = self.source.world
         if got[0] * got[0] != got[1] * w:  # all equal iff (sum x)^2 = N sum x^2
@@ -201,35 +246,45 @@ class ShardStream:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
+        self._layout()
         return self.steps
 
     def step_rows(self, step: int) -> np.ndarray:
-        """Rows of every rank at ``step`` of an epoch."""
+        """Rows of every stream at ``step`` of an epoch (the global batch's, stream by stream)."""
         return np.clip(self.counts - step * self.batch_size, 0, self.batch_size)
 
     def dropped_rows(self) -> np.ndarray:
-        """Train rows each rank leaves out per epoch (the tail of its shuffled order)."""
+        """Train rows each stream leaves out per epoch (the tail of its shuffled order)."""
         return self.counts - sum(self.step_rows(t) for t in range(self.steps))
 
     def __iter__(self):
-        me = self.source.rank
-        step = 0
-        for cols in self._buffers():
-            n = len(cols["row"])
-            for lo in range(0, n, self.batch_size):
-                if step >= self.steps:
-                    return
-                rows = self.step_rows(step)
-                distributed.set_share(float(rows[me]) / float(rows.sum()))
-                yield self._batch(_take(cols, slice(lo, lo + self.batch_size)))
-                step += 1
+        self._layout()
+        gens = [self._stream_batches(s) for s in self.mine]
+        for step in range(self.steps):
+            parts = [next(g) for g in gens]
+            cols = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            if self.part is not None:  # this rank's contiguous part of a shared stream's batch
+                index, sharers = self.part
+                bounds = np.linspace(0, len(cols["row"]), sharers + 1).astype(np.int64)
+                cols = _take(cols, slice(int(bounds[index]), int(bounds[index + 1])))
+            distributed.set_share(float(len(cols["row"])) / float(self.step_rows(step).sum()))
+            yield self._batch(cols)
 
-    def _buffers(self):
-        """Shuffled buffers of rows; every one but the last a multiple of the batch size."""
+    def _stream_batches(self, stream: int):
+        """Stream ``stream``'s batches of this epoch, the last one possibly short (ceil(its
+        rows / batch) of them: at least ``steps``)."""
+        for cols in self._buffers(stream):
+            for lo in range(0, len(cols["row"]), self.batch_size):
+                yield _take(cols, slice(lo, lo + self.batch_size))
+
+    def _buffers(self, stream: int | None = None):
+        """Shuffled buffers of a stream's rows (default: this rank's first); every one but the
+        last a multiple of the batch size."""
+        stream = self.mine[0] if stream is None else stream
         order_rng = np.random.default_rng([self.seed, self.epoch, 1]) if self.shuffle else None
         buffer_rng = np.random.default_rng([self.seed, self.epoch])  # BatchIterator's, see the module doc
         pending, size = [], 0
-        for cols in self.source.chunks("train", order_rng):
+        for cols in self.source.chunks("train", order_rng, part=stream, parts=self.streams):
             pending.append(cols)
             size += len(cols["row"])
             if size >= self.buffer_rows:
@@ -252,6 +307,39 @@ class ShardStream:
                       session=torch.from_numpy(cols["session"] - self.train_range[0]),
                       user=torch.from_numpy(cols["user"]))
         return batch if self.device.type == "cpu" else batch.to(self.device)
+
+
+def assign(rank: int, world: int, streams: int) -> tuple[list[int], tuple[int, int] | None]:
+    """(the streams process ``rank`` of ``world`` reads, None or (its index among the ranks
+    sharing its one stream, their number)), in contiguous blocks so that the ranks' rows in
+    rank order are the global batch: W <= S: streams [r S / W, (r + 1) S / W) whole; W > S:
+    stream r S / W (rounded down), shared by the ranks with the same one."""
+    if world <= streams:
+        return list(range(rank * streams // world, (rank + 1) * streams // world)), None
+    stream = rank * streams // world
+    sharers = [r for r in range(world) if r * streams // world == stream]
+    return [stream], (rank - sharers[0], len(sharers))
+
+
+class StreamLayout(Callback):
+    """Keeps the stream count in last.pt and lays a resumed run's stream out with it (before
+    the trainer counts its steps), so any process count continues the same global batches.
+    A last.pt without it (older runs) resumes with the current process count."""
+
+    name = "shard_streams"
+
+    def __init__(self, stream: ShardStream):
+        self.stream = stream
+
+    def state_dict(self) -> dict:
+        self.stream._layout()
+        return {"streams": self.stream.streams}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.set_streams(int(state["streams"]))
+
+    def on_fit_start(self, trainer) -> None:
+        self.stream.check_agreement()  # every rank, after a resume has set the layout
 
 
 def _may_hold(pf, group: int, lo: int, hi: int) -> bool:
@@ -303,4 +391,5 @@ def setup(trainer, stream: ShardStream) -> None:
     trainer.iterator = stream
     trainer.val_log, trainer.test_log = stream.source.split("val"), stream.source.split("test")
     trainer.evaluator = evaluate_gathered
+    trainer.callbacks.callbacks.append(StreamLayout(stream))
     distributed.add_callbacks(trainer)

@@ -17,7 +17,8 @@ shows (rmtl.fusion.slates) instead of alpha: the slate FQE behind the run's defa
 ranker's predictions of the items logged in that request; the fused score is scored
 against valid consumption (a label, long_view by default) with a user-grouped AUC in
 which each positive counts with its instant reward (and each negative with 1), users
-weighted by their number of impressions.
+weighted by their number of impressions. It is a ranking criterion, not a value: its interval
+(``user_bootstrap``, ``gauc_resampled``) resamples the users, so that it can enter the tie-aware check.
 """
 
 from __future__ import annotations
@@ -198,13 +199,26 @@ def fqe_value(data: FusionDataset, policy: Policy, *, steps: int = 2000, batch_s
 
 def weighted_group_auc(y: np.ndarray, score: np.ndarray, group: np.ndarray, pos_weight: np.ndarray) -> float:
     """Group-wise AUC where each positive counts with ``pos_weight`` (negatives with 1), averaged over
-    groups having both classes, weighted by group size. One lexsort, no loop over groups."""
+    groups having both classes, weighted by group size."""
+    return gauc_mean(group_aucs(y, score, group, pos_weight))
+
+
+def gauc_mean(groups: tuple[np.ndarray, np.ndarray, np.ndarray]) -> float:
+    """The size-weighted mean AUC of ``group_aucs`` parts (NaN without a group having both classes)."""
+    _, auc, size = groups
+    return float((auc * size).sum() / size.sum()) if len(auc) else float("nan")
+
+
+def group_aucs(y: np.ndarray, score: np.ndarray, group: np.ndarray,
+               pos_weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(group label, AUC, size) of each group having both classes, in the order of the labels; each
+    positive counts with ``pos_weight``, negatives with 1. One lexsort, no loop over groups."""
     y = np.asarray(y, bool).reshape(-1)
     score = np.asarray(score, np.float64).reshape(-1)
-    _, g = np.unique(np.asarray(group).reshape(-1), return_inverse=True)
+    labels, g = np.unique(np.asarray(group).reshape(-1), return_inverse=True)
     w = np.where(y, np.asarray(pos_weight, np.float64).reshape(-1), 0.0)
     if len(y) == 0:
-        return float("nan")
+        return labels[:0], np.zeros(0), np.zeros(0)
     order = np.lexsort((score, g))
     g, score, y, w = g[order], score[order], y[order], w[order]
     neg = (~y).astype(np.float64)
@@ -224,10 +238,8 @@ def weighted_group_auc(y: np.ndarray, score: np.ndarray, group: np.ndarray, pos_
     size = np.bincount(group_id, minlength=n_groups).astype(np.float64)
     n_pos = np.bincount(group_id, weights=y.astype(np.float64), minlength=n_groups)
     valid = (n_pos > 0) & (n_neg > 0) & (pos_w > 0)
-    if not valid.any():
-        return float("nan")
-    auc = won[valid] / (pos_w[valid] * n_neg[valid])
-    return float((auc * size[valid]).sum() / size[valid].sum())
+    label_of_group = labels[g[new_group]]
+    return label_of_group[valid], won[valid] / (pos_w[valid] * n_neg[valid]), size[valid]
 
 
 def mtf_gauc(data: FusionDataset, policy: Policy, labels: np.ndarray, reward_weights: np.ndarray, *,
@@ -236,6 +248,15 @@ def mtf_gauc(data: FusionDataset, policy: Policy, labels: np.ndarray, reward_wei
 
     ``labels`` is the SessionLog's label array (rows index into it), ``label_index`` the task
     that means valid consumption, ``reward_weights`` [K] the instant reward of a row."""
+    return gauc_mean(mtf_gauc_groups(data, policy, labels, reward_weights, label_index=label_index, beta=beta,
+                                     kind=kind, min_weight=min_weight))
+
+
+def mtf_gauc_groups(data: FusionDataset, policy: Policy, labels: np.ndarray, reward_weights: np.ndarray, *,
+                    label_index: int, beta: float = 1e-3, kind: str = "log_sum",
+                    min_weight: float = 1e-3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MTF-GAUC's parts: (user, that user's AUC, that user's impressions) for the users it averages over.
+    Which users count depends on the labels only, not on the policy."""
     alpha = np.asarray(policy(data.obs), np.float32)  # [N, K]
     scores = fuse(data.req_o, alpha[:, None, :], beta, kind)  # [N, W]
     valid = data.req_rows >= 0
@@ -243,5 +264,22 @@ def mtf_gauc(data: FusionDataset, policy: Policy, labels: np.ndarray, reward_wei
     row_labels = labels[rows]
     reward = row_labels @ np.asarray(reward_weights, np.float64)
     users = np.broadcast_to(data.user[:, None], data.req_rows.shape)[valid]
-    return weighted_group_auc(row_labels[:, label_index] > 0.5, scores[valid], users,
-                              np.maximum(reward, min_weight))
+    return group_aucs(row_labels[:, label_index] > 0.5, scores[valid], users, np.maximum(reward, min_weight))
+
+
+def user_bootstrap(data: FusionDataset, resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the users of ``data`` [U], their counts in ``resamples`` bootstrap resamples [B, U]): MTF-GAUC's
+    interval resamples its groups, the users (the same resamples for every policy: paired)."""
+    users = np.unique(data.user)
+    draws = np.random.default_rng(seed).integers(0, len(users), size=(resamples, len(users)))
+    return users, np.stack([np.bincount(d, minlength=len(users)) for d in draws]).astype(np.float64)
+
+
+def gauc_resampled(groups: tuple[np.ndarray, np.ndarray, np.ndarray], users: np.ndarray,
+                   counts: np.ndarray) -> np.ndarray:
+    """float64 [B]: MTF-GAUC on each user resample ``counts`` [B, U] (over ``users``), from its
+    ``mtf_gauc_groups`` parts: the impression-weighted mean AUC with each user counted as drawn."""
+    user, auc, size = groups
+    w = counts[:, np.searchsorted(users, user)] * size  # [B, G]
+    total = w.sum(1)
+    return np.divide(w @ auc, total, out=np.full(len(w), np.nan), where=total > 0)

@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 
 from rmtl.fusion.bcq import BCQ
 from rmtl.fusion.estimators import ESTIMATORS, critics_for, estimate_all, labels, make_critic
-from rmtl.fusion.fqe import ConservativeFQE, mtf_gauc
+from rmtl.fusion.fqe import ConservativeFQE, gauc_mean, gauc_resampled, mtf_gauc_groups, user_bootstrap
 from rmtl.fusion.ope import bootstrap_counts
 from rmtl.fusion.slates import SlateSpec
 from rmtl.fusion.baselines import cem_search, train_td3
@@ -49,7 +49,7 @@ from rmtl.fusion.simulator import FUSION_TASKS, FusionSimulator
 from rmtl.fusion.user_model import UserResponseModel
 from rmtl.fusion.policies import save_policy
 from rmtl.fusion.progress import StageProgress
-from rmtl.fusion.validation import distinguishable_pairs, estimator_report, format_report, true_value
+from rmtl.fusion.validation import distinguishable_pairs, estimator_report, format_report, resolution, true_value
 from rmtl.errors import ConfigError
 from rmtl.fusion.config import FusionConfig
 from rmtl.tables import text_table
@@ -241,6 +241,7 @@ def run_fusion(cfg: FusionConfig, *, run_dir: str | os.PathLike | None = None, v
         kinds = critics_for(names)
         spec = SlateSpec.of(eval_sim.cfg)
         counts = bootstrap_counts(held, cfg.ope.resamples, cfg.seed)  # the same resamples for every policy
+        gauc_users, gauc_counts = user_bootstrap(held, cfg.ope.resamples, cfg.seed)
         with progress.stage("evaluation", total=max(1, len(policies) * len(kinds) * cfg.fqe.steps), unit="FQE step",
                             detail=f"{len(policies)} policies x {len(kinds)} FQE critics") as advance:
             for name, act in policies.items():
@@ -249,6 +250,10 @@ def run_fusion(cfg: FusionConfig, *, run_dir: str | os.PathLike | None = None, v
                     critics[kind] = _fit_critic(cfg, kind, held, act, spec, writer, f"fqe/{name}/{kind}_loss", advance)
                     critics[kind].save(run_dir / "fqe" / f"{name}_{kind}.pt")
                 values, samples = estimate_all(names, held, act, spec, cfg.fqe.gamma, critics, counts)
+                # MTF-GAUC ranks, it is no value; its interval resamples users so it can enter the tie-aware check
+                gauc_parts = mtf_gauc_groups(held, act, log.labels, eval_sim.reward_w, label_index=label_index,
+                                             beta=eval_sim.cfg.beta, kind=eval_sim.cfg.fusion)
+                samples["mtf_gauc"] = gauc_resampled(gauc_parts, gauc_users, gauc_counts)
                 boot[name] = samples
                 true_returns[name] = true_value(eval_sim, act, test_sessions, gamma=cfg.fqe.gamma,
                                                 repeats=cfg.eval.truth_repeats, seed=cfg.seed + 3000)
@@ -260,9 +265,9 @@ def run_fusion(cfg: FusionConfig, *, run_dir: str | os.PathLike | None = None, v
                     "true_value": float(true_returns[name].mean()),
                     "true_value_se": float(true_returns[name].std() / np.sqrt(len(true_returns[name]))),
                     **values,
-                    **{f"{col}_se": float(np.std(b, ddof=1)) for col, b in samples.items()},
-                    "mtf_gauc": mtf_gauc(held, act, log.labels, eval_sim.reward_w, label_index=label_index,
-                                         beta=eval_sim.cfg.beta, kind=eval_sim.cfg.fusion),
+                    **{f"{col}_se": float(np.std(b, ddof=1)) for col, b in samples.items() if col in values},
+                    "mtf_gauc": gauc_mean(gauc_parts),
+                    "mtf_gauc_se": float(np.std(samples["mtf_gauc"], ddof=1)),
                     "sim_reward": sim_stats["total_reward"],
                     "sim_reward_se": sim_stats["total_reward_se"],
                     "sim_depth": sim_stats["depth"],
@@ -272,9 +277,12 @@ def run_fusion(cfg: FusionConfig, *, run_dir: str | os.PathLike | None = None, v
                 alphas[name] = dict(zip(tasks, np.asarray(act(held.initial_obs), np.float64).mean(0).round(4).tolist()))
                 for col, value in row.items():
                     writer.add_scalar(f"eval/{col}/{name}", value, 0)
-        samples_by_col = {col: {p: boot[p][col] for p in policies} for col in names if col in boot[next(iter(boot))]}
-        report = estimator_report(table, labels(names, cfg.ope.default), pairs=distinguishable_pairs(true_returns),
-                                  samples=samples_by_col, z=cfg.ope.z)
+        samples_by_col = {col: {p: boot[p][col] for p in policies} for col in boot[next(iter(boot))]}
+        pairs = distinguishable_pairs(true_returns)
+        report = estimator_report(table, labels(names, cfg.ope.default), pairs=pairs, samples=samples_by_col,
+                                  z=cfg.ope.z)
+        report["resolution"] = resolution(true_returns, pairs, sessions=len(test_sessions),
+                                          passes=cfg.behaviour.heldout_passes)
         report["default"], report["z"] = cfg.ope.default, cfg.ope.z
         for col, rho in report["rank_corr"].items():
             writer.add_scalar(f"eval/rank_corr/{col}", rho, 0)
