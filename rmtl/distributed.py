@@ -381,7 +381,8 @@ def sum_over_ranks(values: list[float]) -> list[float]:
 
 
 def all_reduce_epoch(loss_sums: list[float], rows: int) -> tuple[list[float], int]:
-    """Per-task loss sums and rows of the epoch over all ranks (for strategy.epoch_end)."""
+    """Per-task loss sums and rows over all ranks (the trainer's per-step epoch sums, for
+    strategy.epoch_end)."""
     summed = sum_over_ranks([*loss_sums, float(rows)])
     return summed[:-1], int(summed[-1])
 
@@ -427,6 +428,16 @@ def add_callbacks(trainer: "Trainer") -> None:
         return
     trainer.callbacks.callbacks.insert(0, GradientReducer())
     trainer.callbacks.callbacks.append(RankSync())
+
+
+def gather_objects(value, dst: int = 0) -> list | None:
+    """Every rank's picklable ``value`` in rank order on rank ``dst``, None on the others
+    ([value] in one process)."""
+    if not active():
+        return [value]
+    out = [None] * world_size() if rank() == dst else None
+    dist.gather_object(value, out, dst=dst)
+    return out
 
 
 def all_gather_objects(value) -> list:

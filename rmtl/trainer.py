@@ -70,7 +70,7 @@ class LoopState:
     best_step: int = -1
     stopped_early: bool = False
     last_eval_step: int = -1
-    epoch_loss_sum: list = field(default_factory=list)  # per task, for strategy.epoch_end
+    epoch_loss_sum: list = field(default_factory=list)  # per task, over all processes, for strategy.epoch_end
     epoch_rows: int = 0
 
 
@@ -213,9 +213,8 @@ class Trainer:
 
     def end_epoch(self) -> None:
         st = self.state
-        if self.epoch_end_hook is not None:  # the epoch's mean losses over all processes
-            sums, rows = distributed.all_reduce_epoch(st.epoch_loss_sum, st.epoch_rows)
-            self.epoch_end_hook(torch.tensor(sums, dtype=torch.float32) / max(rows, 1))
+        if self.epoch_end_hook is not None:  # the epoch's mean losses over all processes (_account)
+            self.epoch_end_hook(torch.tensor(st.epoch_loss_sum, dtype=torch.float32) / max(st.epoch_rows, 1))
         self.callbacks.call("on_epoch_end", self)
         st.epoch += 1
         st.batch_in_epoch = 0
@@ -297,8 +296,11 @@ class Trainer:
         batch_loss = out.losses.sum(0).double()
         self._window_loss += batch_loss
         self._window_rows += out.rows
-        st.epoch_loss_sum = [a + b for a, b in zip(st.epoch_loss_sum, batch_loss.tolist())]
-        st.epoch_rows += out.rows
+        sums, rows = batch_loss.tolist(), out.rows
+        if self.epoch_end_hook is not None:  # summed over processes every step, so last.pt (rank 0's)
+            sums, rows = distributed.all_reduce_epoch(sums, rows)  # holds the global sums: any count resumes them
+        st.epoch_loss_sum = [a + b for a, b in zip(st.epoch_loss_sum, sums)]
+        st.epoch_rows += rows
         st.step += 1
         st.batch_in_epoch += 1
 
