@@ -9,16 +9,18 @@ Speed notes (CPU, see docs/backbones.md for figures):
   by torch's generator) instead of one float per element, and is fused with ReLU in one
   autograd node that saves only its output; on 2 cores torch's Bernoulli mask generation
   otherwise costs more than the expert GEMMs.
-- In training (ReLU, 0 < dropout < 1) the expert layers are plain mm / bmm followed by
-  ONE node doing bias + scale + mask + ReLU in place on the GEMM output (addmm's bias
-  would first copy the bias into the whole output, and a fresh 32 MiB tensor costs
-  page faults on every step); the last layer writes [B, E, H] directly, so the
-  transposition is fused into that pass. Eval / other activations keep addmm / baddbmm.
+- In training (ReLU, 0 < dropout < 1) each expert layer is ONE autograd node
+  (``_ExpertLayer``): GEMM, then bias + scale + float mask + ReLU in place on its output;
+  the last layer's GEMM writes [B, E, H] directly. Backward runs ReLU's kernel in place,
+  folds the dropout scale into the GEMMs' alpha and picks GEMM layouts MKL runs fast on
+  AVX2 (no output rows as narrow as the odd input width). Eval / other activations keep
+  addmm / baddbmm.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -55,15 +57,9 @@ def keep_mask(shape: torch.Size | Sequence[int], p: float, device=None) -> tuple
     return uniform >= threshold, scale
 
 
-def _drop_mask(shape: torch.Size | Sequence[int], p: float, device=None) -> tuple[torch.Tensor, float]:
-    """Exactly ``~keep_mask(shape, p)`` (same random draw): the DROPPED elements."""
-    uniform, threshold, scale = _uniform16(shape, p, device)
-    return uniform < threshold, scale
-
-
 def _uniform16(shape: torch.Size | Sequence[int], p: float, device=None) -> tuple[torch.Tensor, int, float]:
     """(int16 uniforms of ``shape``, the threshold below which an element is dropped, the
-    inverted-dropout scale); both masks above come from this one draw."""
+    inverted-dropout scale) (keep_mask and the fused expert layers use it)."""
     n = math.prod(shape)
     words = _random_words((n + 3) // 4, device)
     drop = int(round(p * _LEVELS))
@@ -91,43 +87,91 @@ class _ReluDropout(torch.autograd.Function):
         return torch.ops.aten.threshold_backward(grad, out, 0).mul_(ctx.scale), None
 
 
-class _BiasReluDropout(torch.autograd.Function):
-    """relu(h + bias) * mask / (1 - p) in one node, bias broadcast over the last dim.
+_scratch = threading.local()
 
-    Replaces addmm/baddbmm's bias (which first copies the bias into the whole output)
-    plus a separate ReLU-dropout: the bias add, scaling, mask and ReLU are three
-    passes, in place on ``h`` (which must be a fresh tensor no other node saved, e.g. a
-    mm / bmm output); backward needs only the output's sign.
+
+def _scratch_like(shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
+    """A per-thread buffer reused for a temporary that dies within one op sequence (the
+    float dropout mask). A fresh 32 MiB tensor is above glibc's mmap threshold, so every
+    step would page-fault it in again (~10-20 ms per tensor on the AVX2 VM we measured)."""
+    n = math.prod(shape)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != torch.device(device):
+        buf = _scratch.buf = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(*shape)
+
+
+class _ExpertLayer(torch.autograd.Function):
+    """One expert layer in training: relu(W x + b) * mask / (1 - p), as ONE node.
+
+    ``first``: x is the shared input [B, in] and w [E, H, in]: one GEMM for all experts.
+    Otherwise x is the previous layer's [E, in, B] and the GEMM is one bmm. The GEMM
+    writes [E, H, B] (expert-major, feature-major), or with ``batch_major`` a contiguous
+    [B, E, H] directly (the layout ``mix_experts`` wants; MKL takes the transposed
+    operands and the strided output at about the same rate, a separate transposing pass
+    cost more than the GEMM lost).
+
+    Why one node: bias, scale, mask and ReLU run in place on the GEMM output (addmm's
+    bias would first copy the bias into the whole output); the mask is a float multiply
+    (a bool masked_fill is not vectorised: ~4x slower) from a reused buffer; backward
+    needs only the output's sign (ReLU's own threshold_backward kernel), runs it in place
+    on the incoming gradient when ``owns_grad`` (the consumer is the next expert layer,
+    so nobody else sees that gradient), and folds the 1 / (1 - p) scale into the
+    backward GEMMs' alpha. The first layer's backward GEMMs write [in, E*H] and [in, B]
+    and return transposed views: MKL on AVX2 runs products whose output rows are only
+    ``in`` wide (897 in bench/backbones.py, an odd width) at ~2/3 of its rate.
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, bias: torch.Tensor, p: float, batch_major: bool = False) -> torch.Tensor:
-        """h [..., B] -> same shape, or with ``batch_major`` h [E, H, B] -> contiguous [B, E, H]
-        (the transposition is fused into the bias pass; the mask is drawn in h's order)."""
-        drop, scale = _drop_mask(h.shape, p, h.device)
-        ctx.bias_dtype = bias.dtype
-        bias = bias.to(h.dtype) * scale
+    def forward(ctx, x, w, bias, p: float, first: bool, batch_major: bool, owns_grad: bool):
+        E, H, D = w.shape
+        if first and batch_major:
+            h = torch.mm(x, w.reshape(E * H, D).t()).view(-1, E, H)
+        elif first:
+            h = torch.mm(w.reshape(E * H, D), x.t()).view(E, H, -1)
+        elif batch_major:
+            h = torch.empty(x.shape[2], E, H, dtype=x.dtype, device=x.device)  # x: the previous layer's dtype
+            torch.bmm(x.transpose(1, 2), w.transpose(1, 2).to(x.dtype), out=h.permute(1, 0, 2))
+        else:
+            h = torch.bmm(w, x)
+        uniform, threshold, scale = _uniform16(h.shape, p, h.device)
+        b = bias.to(h.dtype).mul(scale)
         if batch_major:
-            out = torch.empty(h.shape[-1], *h.shape[:-1], dtype=h.dtype, device=h.device)
-            torch.add(bias, h, alpha=scale, out=out.permute(1, 2, 0))  # (h + bias) * scale
-            out.masked_fill_(drop.permute(2, 0, 1), 0).relu_()
-        else:  # in place: h is a fresh GEMM output that nothing else saved (see Experts)
-            out = torch.add(bias, h, alpha=scale, out=h)  # (h + bias) * scale
-            out.masked_fill_(drop, 0).relu_()
-            ctx.mark_dirty(h)
-        ctx.save_for_backward(out)
-        ctx.scale = scale
-        ctx.batch_major = batch_major
+            b = b.view(E, H)
+        out = torch.add(b, h, alpha=scale, out=h)  # (h + bias) * scale, in place
+        out.mul_(torch.ge(uniform, threshold, out=_scratch_like(out.shape, out.dtype, out.device))).relu_()
+        ctx.save_for_backward(x, w, out)
+        ctx.scale, ctx.first, ctx.batch_major, ctx.owns_grad = scale, first, batch_major, owns_grad
+        ctx.bias_dtype = bias.dtype
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (out,) = ctx.saved_tensors
-        grad = grad.contiguous() if out.is_contiguous() else grad
-        g = torch.ops.aten.threshold_backward(grad, out, 0).mul_(ctx.scale)
+    def backward(ctx, grad):
+        x, w, out = ctx.saved_tensors
+        if ctx.owns_grad and grad.stride() == out.stride():
+            g = torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=grad)
+        else:
+            g = torch.ops.aten.threshold_backward(grad.contiguous(), out, 0)
         if ctx.batch_major:
-            return g.permute(1, 2, 0), g.sum(0).unsqueeze(-1).to(ctx.bias_dtype), None, None
-        return g, g.sum(-1, keepdim=True).to(ctx.bias_dtype), None, None
+            g = g.permute(1, 2, 0)  # [E, H, B] view: MKL reads it transposed
+        s = ctx.scale
+        x, w = x.to(g.dtype), w.to(g.dtype)  # under autocast the forward GEMM ran in g's dtype
+        E, H, D = w.shape
+        gb = g.sum(-1, keepdim=True).mul_(s).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        gx = gw = None
+        # beta=0: the product times alpha written into a fresh buffer (no copy of an input)
+        if ctx.first:
+            g2 = g.reshape(E * H, -1)  # a view in both layouts
+            if ctx.needs_input_grad[0]:
+                gx = g.new_empty(D, g2.shape[1]).addmm_(w.reshape(E * H, D).t(), g2, beta=0, alpha=s).t()
+            if ctx.needs_input_grad[1]:
+                gw = g.new_empty(D, E * H).addmm_(x.t(), g2.t(), beta=0, alpha=s).t().contiguous().view(E, H, D)
+        else:
+            if ctx.needs_input_grad[0]:
+                gx = g.new_empty(E, D, g.shape[2]).baddbmm_(w.transpose(1, 2), g, beta=0, alpha=s)
+            if ctx.needs_input_grad[1]:
+                gw = g.new_empty(E, H, D).baddbmm_(g, x.transpose(1, 2), beta=0, alpha=s)
+        return gx, gw, gb, None, None, None, None
 
 
 class _Dropout(torch.autograd.Function):
@@ -299,16 +343,10 @@ class Experts(nn.Module):
         return self.act.act is None and self.training and 0 < self.act.p < 1
 
     def _forward_fused(self, x: torch.Tensor, batch_major: bool) -> torch.Tensor:
-        E, p = self.num, self.act.p
-        w0, b0 = self.weights[0], self.biases[0]
-        h = torch.mm(w0.view(E * w0.shape[1], w0.shape[2]), x.t())
-        if len(self.weights) == 1 and batch_major:
-            h = h.view(E, w0.shape[1], -1)
-            return _BiasReluDropout.apply(h, b0, p, True)
-        h = _BiasReluDropout.apply(h, b0.view(E * w0.shape[1], 1), p, False).view(E, w0.shape[1], -1)
         last = len(self.weights) - 1
-        for i, (w, b) in enumerate(zip(self.weights[1:], self.biases[1:]), 1):
-            h = _BiasReluDropout.apply(torch.bmm(w, h), b, p, batch_major and i == last)
+        h = x
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = _ExpertLayer.apply(h, w, b, self.act.p, i == 0, batch_major and i == last, i < last)
         return h
 
     def forward_t(self, x: torch.Tensor) -> torch.Tensor:
