@@ -6,20 +6,23 @@
     sp.load_log()           # all shards as ONE SessionLog (small data / tests only)
 
 The same SessionLog as ``prepare("kuairand", dir)`` builds in memory, written as shards
-(docs/shards.md), while memory stays bounded by one CSV block plus one shard:
+(docs/shards.md), while memory stays bounded by one CSV block plus one shard per worker and
+one bucket of sessions in the main process:
 
-1. **Partition** (one streamed pass over the raw log, ``kuairand.iter_log``): every
-   validated block is cut by ``splitmix64(user_id) % shards`` and appended to that shard's
-   raw Parquet file, with ``pos``, the row's index in the reader's row order.
+1. **Partition** (one streamed pass over the raw log, ``kuairand.iter_log``; with several
+   workers each plain-text file is cut into byte ranges at line starts, ``csv_ranges``,
+   parsed in parallel): every validated block is cut by ``splitmix64(user_id) % shards``
+   and appended to that shard's raw part file, with ``pos``, the row's index in the one
+   reader's row order.
 2. **Sessions per shard**: a user's events all live in one shard, so duplicate removal, the
    reader's per-row frame (``kuairand.events_frame``), the session cut and the short-session
-   drop are the in-memory ones applied to the shard. Each kept session leaves its key:
-   (start time, the ``pos`` of its user's first row -- or of its own first row for
+   drop are the in-memory ones applied to the shard. Each kept session leaves its key on
+   disk: (start time, the ``pos`` of its user's first row -- or of its own first row for
    ``sessions=user_day`` -- and its rank inside the shard). Sorting these keys globally
    gives the builder's session order exactly (its tie-break is the session id, which
-   follows the user's first appearance); the 6:2:2 cut is then the builder's own
-   (``build._split_bounds``). This table is the one structure that grows with the log:
-   four numbers per session.
+   follows the user's first appearance); the main process sorts them one start-time
+   bucket of SESSION_BUCKET sessions at a time; the 6:2:2 cut is then the builder's own
+   (``build._split_bounds``).
 3. **Merged statistics**: per sparse field, each value's first ``pos`` (over all rows, as
    the builder's factorize sees them) and its train count, folded by min / sum across
    shards -- the vocabulary index order is that first appearance, exactly; dense mean /
