@@ -71,6 +71,9 @@ class DataConfig:
     # own shards (rmtl.data.shard_stream) and the keys above are not used. None = the in-memory log.
     shards: Optional[str] = None
     shard_buffer_rows: int = bounded(1 << 18, low=1)  # rows shuffled together when streaming shards
+    # Streams the train rows are cut into (docs/shards.md): they fix the run's global batches,
+    # kept in last.pt, whatever the process count. None = the process count at the first start.
+    shard_streams: Optional[int] = bounded(None, low=1)
 
 
 @dataclass

@@ -430,6 +430,16 @@ def add_callbacks(trainer: "Trainer") -> None:
     trainer.callbacks.callbacks.append(RankSync())
 
 
+def gather_objects(value, dst: int = 0) -> list | None:
+    """Every rank's picklable ``value`` in rank order on rank ``dst``, None on the others
+    ([value] in one process)."""
+    if not active():
+        return [value]
+    out = [None] * world_size() if rank() == dst else None
+    dist.gather_object(value, out, dst=dst)
+    return out
+
+
 def all_gather_objects(value) -> list:
     """Every rank's picklable ``value``, in rank order ([value] in one process)."""
     if not active():

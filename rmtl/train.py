@@ -204,7 +204,7 @@ def load_shards(cfg: RunConfig, device, *, resume: bool = False):
                                                distributed.world_size())
         log = source.empty_log()
         stream = source.train_stream(cfg.train.batch_size, seed=cfg.seed, buffer_rows=cfg.data.shard_buffer_rows,
-                                     device=device, resuming=resume)
+                                     device=device, streams=cfg.data.shard_streams, resuming=resume)
     return log, stream
 
 

@@ -30,6 +30,7 @@ from rmtl.data.batches import BatchIterator  # noqa: E402
 from rmtl.data.shard_stream import ShardSource, evaluate_gathered, gather_predictions  # noqa: E402
 from rmtl.data.shards import load_log, prepare_sharded, rank_files  # noqa: E402
 from rmtl.data.synth_kuairand import write_kuairand  # noqa: E402
+from rmtl.errors import ConfigError  # noqa: E402
 from rmtl.predict import evaluate, predict  # noqa: E402
 from rmtl.train import fit  # noqa: E402
 
@@ -202,6 +203,7 @@ def _worker(rank: int, world: int, init_file: str, root: str, path: str, one: st
         model = build("mmoe", src.spec, embed_dim=8, num_experts=3, expert_dims=[32], tower_dims=[16])
         out["eval"] = {s: evaluate_gathered(model, src.split(s)) for s in ("val", "test")}
         out["gathered"] = {s: gather_predictions(model, src.split(s)) for s in ("val", "test")}
+        out["to_rank0"] = gather_predictions(model, src.split("val"), dst=0)  # what the evaluation gathers
         out["local_val_rows"] = src.split("val").num_rows
         # a 2-process run cut mid-epoch (resumed by ONE process in the test below) ...
         fit(small_cfg(Path(root), *COMMON, f"data.shards={path}", f"train.max_steps={CUT}"),
@@ -234,6 +236,9 @@ def test_metrics_from_two_ranks_shards_equal_one_process(entries, two_ranks):
     torch.manual_seed(0)
     model = build("mmoe", full.spec, embed_dim=8, num_experts=3, expert_dims=[32], tower_dims=[16])
     assert 0 < outs[0]["local_val_rows"] < full.split("val").num_rows
+    assert outs[1]["to_rank0"] is None  # the evaluation's rows go to rank 0 only
+    for key, value in outs[0]["gathered"]["val"].items():
+        np.testing.assert_array_equal(outs[0]["to_rank0"][key], value)
     for split in ("val", "test"):
         ref = evaluate(model, full.split(split))
         for out in outs:
@@ -430,3 +435,25 @@ def test_a_dwa_shard_run_resumed_mid_epoch_by_one_process_keeps_the_epoch_losses
     torch.testing.assert_close(a["strategy"]["state_dict"]["history"], b["strategy"]["state_dict"]["history"],
                                rtol=1e-6, atol=0)  # the mean losses of epochs 1 and 2
     assert _max_diff(a["model"], b["model"]) < RESUME_ATOL
+
+
+def test_one_process_with_two_streams_is_the_two_process_run(entries, two_ranks, tmp_path):
+    """data.shard_streams fixes the global batches up front: one process running both
+    streams trains the 2-process run (up to float summation order)."""
+    path, _ = entries
+    root, outs = two_ranks
+    one = fit(small_cfg(tmp_path, *COMMON, f"data.shards={path}", "data.shard_streams=2"), run_dir=tmp_path / "s2")
+    assert one.steps == outs[0]["steps"]
+    a = ckpt.load_user_file(tmp_path / "s2" / "train" / "last.pt", "test")
+    b = ckpt.load_user_file(root / "ddp" / "train" / "last.pt", "test")
+    assert a["callbacks"]["shard_streams"] == {"streams": 2}
+    assert _max_diff(a["model"], b["model"]) < 1e-4  # every one of 118 steps summed in another order: 6.1e-6 measured
+
+
+def test_a_resume_that_asks_for_other_streams_is_refused(entries, two_ranks, tmp_path):
+    path, _ = entries
+    root, _ = two_ranks
+    shutil.copytree(root / "cut2", tmp_path / "cut2")
+    with pytest.raises(ConfigError, match="data.shard_streams 4 differs from the 2 streams"):
+        fit(small_cfg(tmp_path, *COMMON, f"data.shards={path}", "data.shard_streams=4"), run_dir=tmp_path / "cut2",
+            resume=True)

@@ -7,11 +7,11 @@
 The batch rule (ShardStream): the train rows are cut into S **streams** (stream s reads
 the shards ``rank_files(meta, s, S)``; every session has one reader), each yielding
 batches of ``global_batch // S`` rows of its own sessions; the GLOBAL batch of a step is
-the streams' batches together. S is the process count of the run's first start, kept in
-last.pt, so the global batches do not depend on how many processes train on them: with
-W = S processes each reads one stream (its own shards, a local batch of global / W rows),
-with fewer each reads several whole streams, with more several processes share one
-stream and split each of its batches. A run resumed with another process count therefore
+the streams' batches together. S is ``data.shard_streams`` (default: the process count
+of the run's first start), kept in last.pt, so the global batches do not depend on how
+many processes train on them: with W = S processes each reads one stream (its own
+shards, a local batch of global / W rows), with fewer each reads several whole streams,
+with more several processes share one stream and split each of its batches. A run resumed with another process count therefore
 continues the same global batches (gradients equal up to float summation order). The
 steps per epoch are the minimum over streams of ceil(train rows / stream batch), computed
 by every rank from meta.json (the per-shard ``rows_by_split``) and checked with an
@@ -30,8 +30,8 @@ batches are exactly rmtl.data.batches.BatchIterator's (the same permutation of t
 
 Evaluation: each rank reads and predicts its own val / test rows row group by row group
 at every evaluation, keeping only (row, labels, probabilities, session, user); these are
-gathered to every rank and sorted by global row, so the metrics are those of one process
-over all shards (``gather_predictions``, ``evaluate_gathered``).
+gathered to rank 0 and sorted by global row, so the metrics are those of one process over
+all shards; rank 0 sends them to the others (``gather_predictions``, ``evaluate_gathered``).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from rmtl.data.batches import Batch
 from rmtl.data.sessionlog import SessionLog
 from rmtl.data.shards import rank_files, read_meta
 from rmtl.data.spec import FeatureSpec
-from rmtl.errors import DataError
+from rmtl.errors import ConfigError, DataError
 
 DEFAULT_BUFFER_ROWS = 1 << 18  # rows shuffled together: 4 row groups of a shard (shards.ROW_GROUP)
 
@@ -95,10 +95,10 @@ class ShardSource:
                      resuming: bool = False) -> "ShardStream":
         """This rank's train batches; ``streams``: how the train rows are cut (default: one
         stream per process, what a new run uses; ShardStream's doc). ``resuming``: the count
-        comes from last.pt (StreamLayout), set before the first use."""
-        streams = None if resuming else (self.world if streams is None else streams)
+        comes from last.pt (StreamLayout), set before the first use; ``streams``, when given,
+        must then equal it."""
         return ShardStream(self, global_batch, streams=streams, seed=seed, buffer_rows=buffer_rows,
-                           shuffle=shuffle, device=device)
+                           shuffle=shuffle, device=device, resuming=resuming)
 
     def empty_log(self) -> SessionLog:
         """A SessionLog without rows (the spec and the three split names): what the Trainer is
@@ -186,18 +186,19 @@ class ShardStream:
     The run's train rows are cut into ``streams`` (S) streams, defined without the process
     count: stream s reads ``rank_files(meta, s, S)`` in its seeded order and yields batches
     of ``global_batch // S`` rows; the GLOBAL batch of step t is stream 0's batch t, then
-    stream 1's, ... Process r of W (``assign``, contiguous blocks, so the ranks' rows in rank
+    stream 1's, ... S is ``data.shard_streams``, by default the process count of the run's
+    first start. Process r of W (``assign``, contiguous blocks, so the ranks' rows in rank
     order are the global batch): with W <= S the streams [r S / W, (r + 1) S / W), whole (it
     reads only their shards); with W > S the stream floor(r S / W), shared with the other
-    ranks given the same one, taking its contiguous part of each of that stream's batches. S is the process count of the run's first start and is kept in last.pt
-    (``StreamLayout``), so a run resumed with another process count trains on the same
-    global batches. A step whose shared batch has fewer rows than its sharers (the last
-    step of an epoch, only when W > S) gives some rank no rows: it still takes the step,
-    with share 0 (its gradient is multiplied by 0 in the all-reduce).
+    ranks given the same one, taking its contiguous part of each of that stream's batches.
+    S is kept in last.pt (``StreamLayout``), so a run resumed with another process count
+    trains on the same global batches. A step whose shared batch has fewer rows than its
+    sharers (the last step of an epoch, only when W > S) gives some rank no rows: it still
+    takes the step, with share 0 (its contribution to every all-reduce is zeroed).
     """
 
     def __init__(self, source: ShardSource, global_batch: int, *, streams: int | None, seed: int,
-                 buffer_rows: int, shuffle: bool, device):
+                 buffer_rows: int, shuffle: bool, device, resuming: bool = False):
         self.source, self.spec = source, source.spec
         self.global_batch = int(global_batch)
         self.seed, self.shuffle = int(seed), shuffle
@@ -206,13 +207,14 @@ class ShardStream:
         self.epoch = 0
         self.train_range = tuple(source.meta["splits"]["train"])
         self.row0 = source.row_offset("train")
-        self.streams = None  # None: laid out at first use, with one stream per process (a resume
-        if streams is not None:  # of a last.pt from before StreamLayout), unless StreamLayout sets it
-            self.set_streams(streams)
+        self.requested = streams  # the configured count (data.shard_streams); None: one per process
+        self.streams = None  # resuming: set by StreamLayout from last.pt, else (an older last.pt) at first use
+        if not resuming:
+            self.set_streams(source.world if streams is None else streams)
 
     def _layout(self) -> None:
         if self.streams is None:
-            self.set_streams(self.source.world)
+            self.set_streams(self.source.world if self.requested is None else self.requested)
 
     def set_streams(self, streams: int) -> None:
         """Lays the train rows out as ``streams`` streams (a resumed run: its saved count)."""
@@ -336,7 +338,11 @@ class StreamLayout(Callback):
         return {"streams": self.stream.streams}
 
     def load_state_dict(self, state: dict) -> None:
-        self.stream.set_streams(int(state["streams"]))
+        saved, asked = int(state["streams"]), self.stream.requested
+        if asked is not None and asked != saved:
+            raise ConfigError(f"data.shard_streams {asked} differs from the {saved} streams this run was "
+                              "started with (its last.pt): drop the key to resume", key="data.shard_streams")
+        self.stream.set_streams(saved)
 
     def on_fit_start(self, trainer) -> None:
         self.stream.check_agreement()  # every rank, after a resume has set the layout
@@ -352,11 +358,13 @@ def _may_hold(pf, group: int, lo: int, hi: int) -> bool:
     return True
 
 
-def gather_predictions(model, split: ShardSplit, batch_size: int = 8192) -> dict[str, np.ndarray]:
+def gather_predictions(model, split: ShardSplit, batch_size: int = 8192, *,
+                       dst: int | None = None) -> dict[str, np.ndarray] | None:
     """Every rank's rows of a split with the model's probabilities: ``row`` (global), ``labels``
     and ``probs`` [N, K] (the model's task columns), ``session`` (global) and ``user``, from all
     ranks, sorted by global row: one process's order over all shards. Each rank reads and
-    predicts its own rows row group by row group and keeps only these columns."""
+    predicts its own rows row group by row group and keeps only these columns. ``dst``: only
+    that rank gets them (the others None); None: every rank."""
     from rmtl.predict import predict_arrays, task_columns
 
     cols = task_columns(model, split.spec.num_tasks)
@@ -369,20 +377,27 @@ def gather_predictions(model, split: ShardSplit, batch_size: int = 8192) -> dict
     empty = {"row": np.zeros(0, np.int64), "session": np.zeros(0, np.int64), "user": np.zeros(0, np.int64),
              "labels": np.zeros((0, len(cols)), np.float32), "probs": np.zeros((0, len(cols)), np.float32)}
     mine = {k: np.concatenate(v) if v else empty[k] for k, v in parts.items()}
-    every = distributed.all_gather_objects(mine)
+    every = distributed.all_gather_objects(mine) if dst is None else distributed.gather_objects(mine, dst)
+    if every is None:
+        return None
     out = {k: np.concatenate([m[k] for m in every]) for k in mine}
     return _take(out, np.argsort(out["row"], kind="stable"))
 
 
 def evaluate_gathered(model, split: ShardSplit, batch_size: int = 8192, *, predictor=None) -> dict:
     """Metrics of the model over every rank's rows of a split (gather_predictions), the
-    numbers of one process over all shards. ``predictor`` is ignored (the Trainer's call)."""
+    numbers of one process over all shards: the rows are gathered to rank 0 only, which
+    computes the metrics and sends them to the others (every rank needs them: best-score
+    tracking, the fit's result). ``predictor`` is ignored (the Trainer's call)."""
     from rmtl.metrics import evaluate_predictions
     from rmtl.predict import task_columns
 
-    got = gather_predictions(model, split, batch_size)
-    tasks = [split.spec.tasks[c] for c in task_columns(model, split.spec.num_tasks)]
-    return evaluate_predictions(got["labels"], got["probs"], got["session"], got["user"], tasks)
+    got = gather_predictions(model, split, batch_size, dst=0)
+    metrics = None
+    if got is not None:
+        tasks = [split.spec.tasks[c] for c in task_columns(model, split.spec.num_tasks)]
+        metrics = evaluate_predictions(got["labels"], got["probs"], got["session"], got["user"], tasks)
+    return distributed.from_rank0(metrics)
 
 
 def setup(trainer, stream: ShardStream) -> None:
