@@ -13,7 +13,13 @@ and the critic ensembles fqe_ens / sfqe_ens (--members critics, critic m on
 bootstrap resample m of the episodes; the mean is the estimate, the members' spread the interval), and
 prints estimate (+- s.e.), Spearman with the truth, the share of the truth's significant pairs ordered
 right, and the tie-aware check (rmtl.fusion.validation.tie_aware). --truth-repeats N > 0 recomputes
-the truth with N passes (rebuilds the run's world from its config.yaml) to establish more pairs.
+the truth with N passes (rebuilds the run's world from its config.yaml) to establish more pairs, and
+prints the held-out log's resolution (rmtl.fusion.validation.resolution) at --resolution-passes.
+More keys: dr_clip<C> / dr_switch<C> (DR with the cumulative slate weights clipped at C, or switched to the
+critic above C: rmtl.fusion.ope.capped), dr_xfit (DR whose slate critic for each half of the held-out
+episodes is fitted on the other half: cross-fitting), mtf_gauc (with its user bootstrap; a ranking, no value),
+model_train (the policies rolled out in the run's *training* simulator on the test sessions, --model-repeats
+passes: model-based evaluation with the learned user model, and the world the logged train data comes from).
 """
 
 from __future__ import annotations
@@ -29,10 +35,10 @@ import torch
 
 from rmtl.fusion.data import FusionDataset
 from rmtl.fusion.estimators import ESTIMATORS, estimate_all, make_critic
-from rmtl.fusion.ope import bootstrap_counts, dr_with_bootstrap, fqe_ensemble
+from rmtl.fusion.ope import bootstrap_counts, capped, dr_terms, dr_with_bootstrap, episode_grid, fqe_ensemble, weighted_dr
 from rmtl.fusion.policies import load_policy
 from rmtl.fusion.slates import SlateSpec
-from rmtl.fusion.validation import distinguishable_pairs, spearman, tie_aware
+from rmtl.fusion.validation import distinguishable_pairs, resolution, spearman, tie_aware
 
 
 class MeanCritic:
@@ -43,6 +49,22 @@ class MeanCritic:
 
     def q_values(self, data, policy=None):
         return np.mean([c.q_values(data, policy) for c in self.critics], axis=0)
+
+
+class FixedCritic:
+    """Q at the logged rows and V = Q(s, pi(s)) computed beforehand (what DR needs of a critic: q_values)."""
+
+    def __init__(self, q, v):
+        self.q, self.v = q, v
+
+    def q_values(self, data, policy=None):
+        return self.v if policy is not None else self.q
+
+
+def saved_critic(run: Path, policy: str):
+    from rmtl.fusion.fqe import ConservativeFQE
+
+    return ConservativeFQE.load(run / "fqe" / f"{policy}_sfqe.pt")
 
 
 def judge(point: dict, samples: dict | None, truth: dict, pairs: list, z: float) -> dict:
@@ -65,6 +87,8 @@ def main() -> None:
     ap.add_argument("--tau", type=float, default=0.05)
     ap.add_argument("--members", type=int, default=5, help="critics of fqe_ens / sfqe_ens")
     ap.add_argument("--truth-repeats", type=int, default=0)
+    ap.add_argument("--resolution-passes", default="", help="comma-separated held-out sizes in passes (default: the run's)")
+    ap.add_argument("--model-repeats", type=int, default=100, help="passes of model_train")
     ap.add_argument("--only", default="fqe,sfqe,wpdis,dr", help=f"estimators among {','.join(ESTIMATORS)}")
     ap.add_argument("--out", default=None, help="write all figures as JSON here")
     args = ap.parse_args()
@@ -79,19 +103,27 @@ def main() -> None:
         table, pairs = res["table"], [tuple(p) for p in res["estimators"]["pairs"]]
         names = list(table)
         truth = {n: table[n]["true_value"] for n in names}
-        if args.truth_repeats:
+        world = None
+        if args.truth_repeats or {"mtf_gauc", "model_train"} & set(args.only.split(",")):
             from rmtl.fusion.pipeline import build_world
+
+            torch.manual_seed(cfg.seed)
+            world = build_world(cfg)
+        if args.truth_repeats:
             from rmtl.fusion.validation import true_value
 
             t0 = time.time()
-            torch.manual_seed(cfg.seed)
-            world = build_world(cfg)
             pols = {n: load_policy(run / "policies" / f"{n}.pt") for n in names}
             rets = {n: true_value(world.eval_sim, pols[n], world.test_sessions, gamma=cfg.fqe.gamma,
                                   repeats=args.truth_repeats, seed=cfg.seed + 3000) for n in names}
             truth = {n: float(r.mean()) for n, r in rets.items()}
             pairs = distinguishable_pairs(rets)
             print(f"truth with {args.truth_repeats} passes took {time.time() - t0:.1f} s")
+            for passes in [int(p) for p in args.resolution_passes.split(",") if p] or [cfg.behaviour.heldout_passes]:
+                r = resolution(rets, pairs, sessions=len(world.test_sessions), passes=passes)
+                print(f"   resolution at {r['episodes']} sessions ({r['samples']} samples): "
+                      + "; ".join(f"{m} pairs {r[m]['pairs']:.0%} all {r[m]['all_pairs']:.0%} rho {r[m]['spearman']:+.2f}"
+                                  for m in ("paired", "independent") if m in r))
         held = FusionDataset.load(run / "logged_heldout.npz")
         policies = {n: load_policy(run / "policies" / f"{n}.pt") for n in names}
         spec = SlateSpec.of(cfg.env)
@@ -116,7 +148,45 @@ def main() -> None:
                                       gamma=cfg.fqe.gamma, cql_alpha=0.0, hidden=cfg.fqe.hidden, lr=cfg.fqe.lr,
                                       tau=args.tau, slate=spec.to_dict() if key == "sfqe_ens" else None)
                 point, samples = {n: float(v.mean()) for n, v in ens.items()}, ens
-            own = key.endswith("_ens") or key == "dr_avg"
+            elif key.startswith(("dr_clip", "dr_switch")):  # capped cumulative weights, the run's slate critic
+                mode, cap = ("clip", key[7:]) if key.startswith("dr_clip") else ("switch", key[9:])
+                for n, act in policies.items():
+                    torch.manual_seed(cfg.seed)  # BCQ samples its proposals
+                    g = capped(dr_terms(held, act, spec, cfg.fqe.gamma, saved_critic(run, n)), float(cap), mode)
+                    point[n], samples[n] = weighted_dr(g), np.array([weighted_dr(g, c) for c in counts])
+            elif key == "dr_xfit":  # each half's critic is fitted on the other half of the episodes
+                ep, _, n_ep = episode_grid(held)
+                half = np.random.default_rng(cfg.seed).permutation(n_ep) < n_ep // 2
+                for n, act in policies.items():
+                    q, v = np.zeros(len(held)), np.zeros(len(held))
+                    for side in (True, False):
+                        fit_on, use = held.subset(np.flatnonzero(half[ep] != side)), half[ep] == side
+                        torch.manual_seed(cfg.seed)
+                        c = make_critic("sfqe", fit_on, spec, fqe_cfg, cfg.seed).fit(fit_on, act, steps=args.steps)
+                        torch.manual_seed(cfg.seed)
+                        q[use], v[use] = c.q_values(held)[use], c.q_values(held, act)[use]
+                    torch.manual_seed(cfg.seed)
+                    g = dr_terms(held, act, spec, cfg.fqe.gamma, FixedCritic(q, v))
+                    point[n], samples[n] = weighted_dr(g), np.array([weighted_dr(g, c) for c in counts])
+            elif key == "mtf_gauc":  # a ranking criterion with its paired user bootstrap
+                from rmtl.fusion.fqe import gauc_mean, gauc_resampled, mtf_gauc_groups, user_bootstrap
+
+                users, ucounts = user_bootstrap(held, args.resamples, cfg.seed)
+                for n, act in policies.items():
+                    torch.manual_seed(cfg.seed)
+                    parts = mtf_gauc_groups(held, act, world.log.labels, world.eval_sim.reward_w,
+                                            label_index=world.tasks.index(cfg.eval.label), beta=spec.beta,
+                                            kind=spec.kind)
+                    point[n], samples[n] = gauc_mean(parts), gauc_resampled(parts, users, ucounts)
+            elif key == "model_train":  # model-based: the learned (training) user model's simulator
+                from rmtl.fusion.validation import true_value
+
+                for n, act in policies.items():
+                    torch.manual_seed(cfg.seed)
+                    point[n] = float(true_value(world.train_sim, act, world.test_sessions, gamma=cfg.fqe.gamma,
+                                                repeats=args.model_repeats, seed=cfg.seed + 3000).mean())
+            own = key.endswith("_ens") or key.startswith(("dr_avg", "dr_clip", "dr_switch", "dr_xfit")) or \
+                key in ("mtf_gauc", "model_train")
             kind = None if own else ESTIMATORS[key].critic
             for n, act in (() if own else policies.items()):
                 if kind and (kind, n) not in critics:

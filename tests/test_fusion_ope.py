@@ -201,3 +201,23 @@ def test_user_bootstrap_is_paired_and_resamples_every_user_count():
     users, counts = user_bootstrap(data, 5, seed=3)
     assert list(users) == list(range(7)) and counts.shape == (5, 7) and (counts.sum(1) == 7).all()
     np.testing.assert_array_equal(counts, user_bootstrap(data, 5, seed=3)[1])
+
+
+def test_capped_weights_clip_or_switch_and_stay_exact_with_an_exact_critic(chain):
+    from rmtl.fusion.ope import capped, dr_terms, weighted_dr
+
+    g = dr_terms(chain, ALWAYS_ITEM0, SPEC, GAMMA, _ExactCritic())
+    w = np.cumprod(g["rho"], axis=1)
+    cap = float(np.quantile(w[w > 0], 0.5))
+    np.testing.assert_allclose(np.cumprod(capped(g, cap)["rho"], 1), np.minimum(w, cap))
+    np.testing.assert_allclose(np.cumprod(capped(g, cap, "switch")["rho"], 1), np.where(w > cap, 0, w))
+    assert weighted_dr(capped(g, w.max())) == pytest.approx(weighted_dr(g))  # a cap above every weight: no change
+    for mode in ("clip", "switch"):  # the critic carries what the cap removes: still the truth
+        assert weighted_dr(capped(g, cap, mode)) == pytest.approx(TRUTH, rel=0.01)
+    # without a critic the cap is a bias: clipping the large weights under-weights the rare episodes
+    # that follow the target (WPDIS); switching them off leaves steps with no weight at all
+    wp = dr_terms(chain, ALWAYS_ITEM0, SPEC, GAMMA)
+    assert weighted_dr(wp) == pytest.approx(TRUTH, abs=0.1)
+    assert abs(weighted_dr(capped(wp, cap, "switch")) - TRUTH) > 0.5
+    with pytest.raises(ValueError, match="clip or switch"):
+        capped(g, cap, "trim")

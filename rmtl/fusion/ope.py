@@ -122,6 +122,19 @@ def weighted_dr(g: dict, count: np.ndarray | None = None) -> float:
     return float((g["disc"] * terms.sum(0)).sum())
 
 
+def capped(g: dict, cap: float, mode: str = "clip") -> dict:
+    """``dr_terms`` grids whose cumulative weights are capped at ``cap``: "clip" = min(W, cap); "switch" = 0 where
+    W > cap, so from there the critic's V carries the episode (SWITCH-DR, Wang et al. 2017, per decision). With an
+    exact critic the DR estimate stays exact (only the critic's error is weighted); without one it is biased."""
+    if mode not in ("clip", "switch"):
+        raise ValueError(f"cap mode {mode!r}: expected clip or switch")
+    w = np.cumprod(g["rho"], axis=1)
+    w = np.minimum(w, cap) if mode == "clip" else np.where(w > cap, 0.0, w)
+    prev = np.concatenate([np.ones((len(w), 1)), w[:, :-1]], axis=1)
+    rho = np.divide(w, prev, out=np.ones_like(w), where=prev > 0)  # cumprod(rho) == w again
+    return {**g, "rho": rho}
+
+
 def bootstrap_counts(data: FusionDataset, resamples: int, seed: int) -> np.ndarray:
     """float64 [resamples, E]: episode counts of ``resamples`` bootstrap resamples (the same for every
     policy under one seed, so differences between policies are paired)."""

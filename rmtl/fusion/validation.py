@@ -53,8 +53,8 @@ def resolution(returns: dict[str, np.ndarray], pairs: list, *, sessions: int, pa
     into R // ``passes`` disjoint samples of ``passes`` passes (the held-out log's size); each sample's
     means are ordered against the full truth. "paired" keeps the common random numbers (sample b of
     every policy); "independent" gives policy i sample b + i. No unbiased estimator from the same number
-    of behaviour sessions has a lower variance for one policy's value than on-policy rollouts of that
-    policy (Cramer-Rao bound of Jiang & Li 2016: with slate weights 1/propensity >= 1 on the target's
+    of behaviour sessions has a lower variance for a deterministic policy's value than on-policy rollouts
+    of that policy (Cramer-Rao bound of Jiang & Li 2016: with slate weights 1/propensity >= 1 on the target's
     support each of its terms is at least the on-policy one), so "independent" is what an ideal off-policy
     estimator's single values can do at best; "paired" is the best case for differences (an off-policy
     estimator pairs its policies only through the shared log). Returns {"samples", "episodes",
