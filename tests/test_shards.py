@@ -452,3 +452,25 @@ def test_session_order_built_bucket_by_bucket_equals_one_sort(synth, tmp_path, m
     assert len(calls) > 1 and sum(calls) == ref.log.num_sessions
     if bucket == 37:
         assert max(calls) < 4 * 37  # buckets of about SESSION_BUCKET sessions (edges from a sample)
+
+
+def test_side_columns_factorised_block_by_block_equal_one_factorize():
+    """The side files are read block by block, each sparse column kept as per-block codes:
+    the merged codes and uniques are pd.factorize's of the whole column (first-appearance
+    order, missing -> -1), for text and numbers, values recurring across blocks."""
+    from rmtl.data.kuairand import _BlockCodes
+
+    rng = np.random.default_rng(2)
+    text = np.array(["b", "a", None, "c", "d", "e"], dtype=object)[rng.integers(0, 6, 3000)]
+    nums = rng.integers(0, 40, 3000).astype(np.float64)
+    nums[rng.random(3000) < 0.1] = np.nan
+    for column in (text, nums):
+        want_codes, want_uniques = pd.factorize(column, use_na_sentinel=True)
+        for cuts in ([], [1, 2, 3], sorted(rng.choice(np.arange(1, 3000), 40, replace=False))):
+            coded = _BlockCodes()
+            for block in np.split(column, cuts):
+                coded.add(block)
+            codes, uniques = coded.result()
+            np.testing.assert_array_equal(codes, want_codes)
+            assert list(uniques) == list(pd.Index(want_uniques))
+            assert codes.dtype == np.int32

@@ -662,18 +662,26 @@ def _user_filter(users: np.ndarray | None):
     return None if users is None else (lambda data: np.isin(data["user_id"], users))
 
 
-def _read_side(paths: list[Path], key: str, columns: list[str], needed: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def _read_side(paths: list[Path], key: str, columns: list[str], needed: np.ndarray | None = None) -> dict:
     """A user or video side file (parts concatenated), one row per unique key; only the
-    rows of ``needed`` ids are kept (the 27K video file lists 32 M videos)."""
+    rows of ``needed`` ids are kept (the 27K video file lists 32 M videos). Read block by
+    block: each sparse column kept as per-block codes (``_BlockCodes``, 4 B per row), so the
+    file's raw columns (8 B per cell, strings) are never all held at once."""
     what = "KuaiRand user_features" if key == "user_id" else "KuaiRand video_features_basic"
     keep = None if needed is None else (lambda data: np.isin(data[key], needed))
-    parts = []
+    sparse = [c for c in columns if c in USER_SPARSE or c in VIDEO_SPARSE]
+    coded = {c: _BlockCodes() for c in sparse}
+    chunks: dict[str, list[np.ndarray]] = {c: [] for c in [key, *columns] if c not in coded}
     for p in paths:
-        part, _ = _read_csv(p, [key, *columns], what, keep=keep,
-                            check=lambda d, path, row: _require_values(d, [key], path, row))
-        parts.append(part)
-    # one file (the usual case): its arrays as read, not a concatenated copy (the 27K video file is large)
-    table = parts[0] if len(parts) == 1 else {c: np.concatenate([t[c] for t in parts]) for c in [key, *columns]}
+        for data, _ in iter_csv(p, [key, *columns], what, keep=keep,
+                                check=lambda d, path, row: _require_values(d, [key], path, row)):
+            for c in sparse:
+                coded[c].add(_first_tag(data[c]) if c == "tag" else data[c])
+            for c in chunks:
+                chunks[c].append(data[c])
+            del data
+    table: dict = {c: np.concatenate(chunks.pop(c)) for c in list(chunks)}
+    table.update(coded)
     ids = table[key].astype(np.int64)
     uniq, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
@@ -681,6 +689,35 @@ def _read_side(paths: list[Path], key: str, columns: list[str], needed: np.ndarr
                         path=paths[0], column=key)
     table[key] = ids
     return table
+
+
+class _BlockCodes:
+    """pd.factorize of a column read block by block, without the whole column: each block
+    factorised alone (codes, its uniques in first-appearance order); at the end the blocks'
+    uniques, concatenated in block order, are factorised once -- a value's first place there
+    is in the first block holding it, in that block's order, so the result is the whole
+    column's first-appearance order exactly. Missing (None / NaN) -> code -1."""
+
+    def __init__(self):
+        self.codes: list[np.ndarray] = []
+        self.uniques: list[np.ndarray] = []
+
+    def add(self, values: np.ndarray) -> None:
+        codes, uniques = pd.factorize(values, use_na_sentinel=True)
+        self.codes.append(codes.astype(np.int32) if len(uniques) < 2**31 - 1 else codes)
+        self.uniques.append(np.asarray(uniques))
+
+    def result(self) -> tuple[np.ndarray, pd.Index]:
+        if not self.uniques:
+            return np.zeros(0, np.int32), pd.Index([])
+        sizes = [len(u) for u in self.uniques]
+        global_codes, uniques = pd.factorize(np.concatenate(self.uniques), use_na_sentinel=True)
+        small = np.int32 if len(uniques) < 2**31 - 1 else np.int64
+        global_codes = np.append(global_codes.astype(small), small(-1))  # block code -1 -> the appended -1
+        offsets = np.r_[0, np.cumsum(sizes)[:-1]]
+        out = np.concatenate([global_codes[np.where(c >= 0, c + o, -1)] for c, o in zip(self.codes, offsets)])
+        self.codes, self.uniques = [], []
+        return out, pd.Index(uniques)
 
 
 def _select_users(chosen, user_files: list[Path]) -> np.ndarray | None:
@@ -706,13 +743,7 @@ def load_side(paths: list[Path], key: str, columns: list[str], needed: np.ndarra
     table = _read_side(paths, key, columns, needed=needed)
     side = {"key": key, "paths": paths, "columns": columns, "index": pd.Index(table[key])}
     for c in columns:
-        if c in USER_SPARSE or c in VIDEO_SPARSE:
-            codes, uniques = pd.factorize(_first_tag(table[c]) if c == "tag" else table[c], use_na_sentinel=True)
-            small = np.int32 if len(uniques) < 2**31 - 1 else np.int64
-            side[c] = (codes.astype(small), pd.Index(uniques))
-            del table[c]  # the raw (often text) column goes as soon as it is coded
-        else:
-            side[c] = table[c]
+        side[c] = table.pop(c).result() if c in USER_SPARSE or c in VIDEO_SPARSE else table.pop(c)
     return side
 
 
