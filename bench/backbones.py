@@ -11,7 +11,9 @@ dropout 0.2, two tasks. Samples/s = forward + loss + backward + Adam step on bat
 already in memory, after warm-up; the models are timed in interleaved rounds (the machine
 is shared, so the median over rounds is printed). Our models train as ``rmtl train`` does
 (rmtl.optim: fused Adam + row-sparse Adam for the embedding table); torch-rechub with
-fused Adam. "% peak" = the step's GEMM FLOPs (counted by torch's FlopCounterMode over
+fused Adam. Like CPU training, the process first makes glibc keep freed memory
+(rmtl.device.keep_freed_memory), which both libraries then share. "% peak" = the
+step's GEMM FLOPs (counted by torch's FlopCounterMode over
 forward and backward) x steps/s / the fp32 GEMM peak measured in the same run (best of
 a few 2048 x 1024 x 4096 products). bf16 rows run only where the CPU has native bf16
 (rmtl.device.native_bf16) unless --bf16 forces them. torch-rechub needs
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from rmtl.backbones import build
 from rmtl.config import TrainConfig
 from rmtl.data.spec import FeatureSpec
-from rmtl.device import cpu_instruction_set, native_bf16
+from rmtl.device import cpu_instruction_set, keep_freed_memory, native_bf16
 from rmtl.optim import make_optimizer, row_sparse_gradients
 
 FIELDS, VOCAB, EMBED, BATCH, DROPOUT = 7, 10_000, 128, 2048, 0.2
@@ -196,11 +198,12 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="time bf16 autocast even without native bf16")
     args = ap.parse_args()
     torch.manual_seed(0)
+    memory = keep_freed_memory()  # as CPU training does (rmtl.device); the same for both libraries
     peak = gemm_peak()
     has_bf16, why = native_bf16(torch.device("cpu"))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; CPU instruction set {cpu_instruction_set()}; "
           f"fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s (measured now); batch {BATCH}; timings are noisy on a "
-          "shared machine (median of rounds; ratios within this run are what compare)", flush=True)
+          f"shared machine (median of rounds; ratios within this run are what compare); {memory}", flush=True)
     try:
         import torch_rechub  # noqa: F401
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import torch
 
 from rmtl.errors import ConfigError
@@ -57,3 +60,35 @@ def choose_bf16(requested: bool | None, device: torch.device) -> tuple[bool, str
         return bool(requested), f"train.bf16={str(bool(requested)).lower()}"
     ok, why = native_bf16(device)
     return ok, f"auto: {why}"
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+_kept: str | None = None
+
+
+def keep_freed_memory() -> str:
+    """Make glibc's malloc keep freed memory for reuse by this process; returns a reason
+    line for the log. Called once per process by CPU training (the Trainer, and
+    bench/backbones.py for both libraries it times).
+
+    Why: a training step allocates and frees the same large tensors every step (GEMM
+    outputs and gradients, 15-32 MiB each in bench/backbones.py). glibc serves blocks
+    above its mmap threshold (at most 32 MiB) with fresh mmaps and unmaps them on free,
+    and trims the heap top, so every step page-faults them in again: ~20,000 faults per
+    MMoE step, ~10 % of it on the AVX2 VM we measured. With mmap off for allocations
+    and trimming only above 2 GiB of free heap top, the memory is reused instead; the
+    cost is that the process keeps its peak heap (minus fragmentation) until it exits.
+    """
+    global _kept
+    if _kept is not None:
+        return _kept
+    _kept = "default malloc (not glibc)"
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None)
+            libc.gnu_get_libc_version  # noqa: B018 (glibc only; musl has no such symbol)
+            if libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1:
+                _kept = "glibc malloc keeps freed memory (no mmap per large block, no trim)"
+        except (OSError, AttributeError):
+            pass
+    return _kept

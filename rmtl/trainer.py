@@ -39,7 +39,7 @@ from rmtl.config import TrainConfig
 from rmtl.data.batches import BatchIterator
 from rmtl.data.sessionlog import SessionLog
 from rmtl.errors import ConfigError, DataError
-from rmtl.device import choose_bf16
+from rmtl.device import choose_bf16, keep_freed_memory
 from rmtl.metrics import mean_metric, mtl_gain
 from rmtl.optim import clip_grad_norm_, make_optimizer, row_sparse_enabled, row_sparse_gradients
 from rmtl.predict import evaluate, predict, task_columns
@@ -156,9 +156,10 @@ class Trainer:
         if resume:
             self.restore(self.last_path)
         self.should_stop = self.state.stopped_early or self.state.step >= self.planned
+        memory = keep_freed_memory() if self.device.type == "cpu" else None  # see rmtl.device
         if self.is_main_process:  # one line, so a run's log says which precision it trained in
-            print(f"[rmtl] {self.tag}: {'bf16 autocast' if self.bf16 else 'fp32'} ({self.precision_reason})",
-                  file=sys.stderr, flush=True)
+            print(f"[rmtl] {self.tag}: {'bf16 autocast' if self.bf16 else 'fp32'} ({self.precision_reason})"
+                  + (f"; {memory}" if memory else ""), file=sys.stderr, flush=True)
         try:
             with row_sparse_gradients(self.model, row_sparse_enabled(self.tc)):  # lazy-Adam tables (rmtl.optim)
                 self.callbacks.call("on_fit_start", self)
