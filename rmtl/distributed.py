@@ -185,8 +185,11 @@ def my_slice(n: int) -> slice:
 class ShardedBatchIterator(BatchIterator):
     """The single-process global batches; this rank yields its contiguous slice of each.
 
-    A global batch with fewer rows than processes is skipped by every rank (it would leave
-    a rank with no rows); that happens only when ``rows % batch_size < world size``.
+    A global batch with fewer rows than processes (only the last one of an epoch, when
+    ``rows % batch_size < world size``) leaves some ranks without rows: they still take the
+    step with an empty batch and share 0 (their part of every all-reduce is zeroed), so the
+    steps are one process's. (Skipping that batch instead left the trainer's epoch without
+    its last step, and its loop waiting for it forever.)
     """
 
     def __init__(self, log, batch_size: int, *, world_size: int, **kwargs):
@@ -201,8 +204,6 @@ class ShardedBatchIterator(BatchIterator):
                  else np.arange(n, dtype=np.int64))
         for b in range(len(self)):
             rows = order[b * self.batch_size:(b + 1) * self.batch_size]
-            if len(rows) < self.world:
-                continue
             mine = rows[my_slice(len(rows))]
             _share = len(mine) / len(rows)
             batch = gather_batch(self.log, mine, self._session_of_row)

@@ -70,11 +70,17 @@ def run_case(name: str, root: Path, extra=()) -> dict:
             "val": result.metrics["val"]}
 
 
+# tiny_log has 920 train rows: with a global batch of 919 each epoch ends with a 1-row
+# batch, so one of 2 processes has no rows in that step (share 0)
+ONE_ROW_STEP = ["train.batch_size=919", "train.max_steps=null", "train.epochs=2", "train.eval_every=null"]
+
+
 def _worker(rank: int, world: int, init_file: str, root: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         out = {name: run_case(name, Path(root)) for name in CASES}
+        out["one_row_step"] = run_case("ew", Path(root) / "one_row", ONE_ROW_STEP)
         torch.manual_seed(0)  # the same model on both ranks: sharded prediction = plain prediction
         log = tiny_log()
         model = build("mmoe", log.spec, embed_dim=8, num_experts=3, expert_dims=[32], tower_dims=[16])
@@ -126,3 +132,16 @@ def test_resume_a_two_process_checkpoint_in_one_process(ddp_runs, tmp_path):
     b = ckpt.load_user_file(tmp_path / "straight" / "train" / "last.pt", "test")["model"]
     for key in b:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4, msg=key)
+
+
+def test_a_global_batch_with_fewer_rows_than_processes_is_a_step_of_both(ddp_runs, tmp_path):
+    """The 1-row last batch of each epoch: the process without rows takes the step with
+    share 0; 2 processes run one process's 4 steps and end at its weights (this run hung
+    when the batch was skipped)."""
+    _, ddp = ddp_runs
+    assert tiny_log().split("train").num_rows % 919 == 1
+    single = run_case("ew", tmp_path, ONE_ROW_STEP)
+    assert ddp["one_row_step"]["steps"] == single["steps"] == 4
+    torch.testing.assert_close(ddp["one_row_step"]["grads"], single["grads"], rtol=1e-4, atol=1e-6)
+    for key, value in single["weights"].items():
+        torch.testing.assert_close(ddp["one_row_step"]["weights"][key], value, rtol=0, atol=1e-4, msg=key)
