@@ -159,18 +159,21 @@ class _ExpertLayer(torch.autograd.Function):
         E, H, D = w.shape
         gb = g.sum(-1, keepdim=True).mul_(s).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         gx = gw = None
-        # beta=0: the product times alpha written into a fresh buffer (no copy of an input)
+        zero = g.new_zeros(())  # beta=0: the product times alpha into a fresh buffer (out= keeps
+        # the op countable by torch's FlopCounterMode, which bench/backbones.py uses; no input copy)
         if ctx.first:
             g2 = g.reshape(E * H, -1)  # a view in both layouts
             if ctx.needs_input_grad[0]:
-                gx = g.new_empty(D, g2.shape[1]).addmm_(w.reshape(E * H, D).t(), g2, beta=0, alpha=s).t()
+                gx = torch.addmm(zero, w.reshape(E * H, D).t(), g2, beta=0, alpha=s,
+                                 out=g.new_empty(D, g2.shape[1])).t()
             if ctx.needs_input_grad[1]:
-                gw = g.new_empty(D, E * H).addmm_(x.t(), g2.t(), beta=0, alpha=s).t().contiguous().view(E, H, D)
+                gw = torch.addmm(zero, x.t(), g2.t(), beta=0, alpha=s,
+                                 out=g.new_empty(D, E * H)).t().contiguous().view(E, H, D)
         else:
             if ctx.needs_input_grad[0]:
-                gx = g.new_empty(E, D, g.shape[2]).baddbmm_(w.transpose(1, 2), g, beta=0, alpha=s)
+                gx = torch.baddbmm(zero, w.transpose(1, 2), g, beta=0, alpha=s, out=g.new_empty(E, D, g.shape[2]))
             if ctx.needs_input_grad[1]:
-                gw = g.new_empty(E, H, D).baddbmm_(g, x.transpose(1, 2), beta=0, alpha=s)
+                gw = torch.baddbmm(zero, g, x.transpose(1, 2), beta=0, alpha=s, out=g.new_empty(E, H, D))
         return gx, gw, gb, None, None, None, None
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from rmtl.backbones import available, build, register
 from rmtl.backbones.base import forward_with_shared, shared_parameters, task_parameters
@@ -211,16 +212,19 @@ def test_fused_expert_training_path_equals_plain_autograd(depth, batch_major, mo
     torch.manual_seed(7)
     experts = Experts(3, 9, (16, 12, 8)[:depth], dropout=0.3)
     x = torch.randn(40, 9)
-    results = []
+    results, counted = [], []
     for fused in (True, False):
         monkeypatch.setattr(Experts, "_fused", lambda self, on=fused: on)
         torch.manual_seed(8)  # the same dropout masks on both paths
         xi = x.clone().requires_grad_()
-        out = experts(xi) if batch_major else experts.forward_t(xi)
-        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(9)))
+        with FlopCounterMode(display=False) as flops:  # bench/backbones.py's % of peak counts them so
+            out = experts(xi) if batch_major else experts.forward_t(xi)
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(9)))
         results.append([out.detach(), xi.grad, *[p.grad for p in experts.parameters()]])
+        counted.append(flops.get_total_flops())
         experts.zero_grad(set_to_none=True)
     assert (results[0][0] == 0).float().mean() > 0.3  # ReLU (and dropout) zeroed some outputs
+    assert counted[0] == counted[1] > 0
     for a, b in zip(*results):
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
