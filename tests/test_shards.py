@@ -474,3 +474,14 @@ def test_side_columns_factorised_block_by_block_equal_one_factorize():
             np.testing.assert_array_equal(codes, want_codes)
             assert list(uniques) == list(pd.Index(want_uniques))
             assert codes.dtype == np.int32
+
+
+def test_take_or_fills_ids_without_a_side_row():
+    from rmtl.data.kuairand import take_or
+
+    codes = np.array([4, 5, 6], dtype=np.int32)
+    np.testing.assert_array_equal(take_or(codes, np.array([2, -1, 0, -1]), -1), [6, -1, 4, -1])
+    assert take_or(codes, np.array([1]), -1).dtype == np.int32
+    np.testing.assert_array_equal(take_or(np.zeros(0, np.int32), np.array([-1, -1]), -1), [-1, -1])  # no side rows
+    got = take_or(np.array([1.5]), np.array([0, -1]), np.nan, dtype=np.float64)
+    assert got[0] == 1.5 and np.isnan(got[1])

@@ -763,14 +763,24 @@ def join_side(frame: dict, sparse: list[str], dense: list[str], side: dict, ids:
     return int((idx < 0).sum())
 
 
+def take_or(values: np.ndarray, idx: np.ndarray, missing, dtype=None) -> np.ndarray:
+    """``values[idx]`` with ``missing`` where idx is -1 (an id without a side row). Costs
+    O(len(idx)): appending the fill value to ``values`` first copied the whole side column
+    for every shard of the sharded prepare (users x shards)."""
+    out = np.full(len(idx), missing, dtype=dtype or values.dtype)
+    ok = idx >= 0
+    out[ok] = values[idx[ok]]
+    return out
+
+
 def _take_sparse(codes: np.ndarray, uniques: pd.Index, idx: np.ndarray) -> pd.Categorical:
     """Per-row categorical of an entity-level column; -1 (no side row) and None/NaN -> missing."""
-    row_codes = np.append(codes, codes.dtype.type(-1))[idx]  # idx -1 -> the appended -1
+    row_codes = take_or(codes, idx, -1)
     return pd.Categorical.from_codes(row_codes, dtype=pd.CategoricalDtype(uniques), validate=False)
 
 
 def _take_dense(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    return np.append(values.astype(np.float64), np.nan)[idx]  # idx -1 -> the appended NaN
+    return take_or(values, idx, np.nan, dtype=np.float64)
 
 
 def _first_tag(tags: np.ndarray) -> np.ndarray:

@@ -627,7 +627,7 @@ def _pass_sessions(s: int):
         idx = side["index"].get_indexer(ids)
         for c in side["columns"]:
             if c in _side_of(plan):
-                codes = np.append(side[c][0], side[c][0].dtype.type(-1))[idx].astype(np.int64)
+                codes = kr.take_or(side[c][0], idx, -1, dtype=np.int64)
                 firsts[c] = _first_by(codes[codes != -1], first[codes != -1])
     side_fields = {name: frame[name].categories for name in sparse if isinstance(frame[name], pd.Categorical)}
     fields = (sparse, dense, tasks, side_fields)
