@@ -198,7 +198,7 @@ def load_shards(cfg: RunConfig, device, *, resume: bool = False):
     """(a SessionLog without rows for the Trainer's construction, this rank's train ShardStream)
     of cfg.data.shards; a failure on any rank stops all of them with one line
     (distributed.all_or_none). A resumed run's stream is laid out by its last.pt
-    (shard_stream.StreamLayout), a new one's with one stream per process."""
+    (shard_stream.StreamLayout), a new one's by data.shard_streams (default: one stream per process)."""
     with distributed.all_or_none("loading the shards"):
         source = shard_stream.ShardSource.open(resolve_data_dir(cfg.data.shards), distributed.rank(),
                                                distributed.world_size())

@@ -7,6 +7,7 @@ processes for the distributed cases.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from rmtl.backbones import build  # noqa: E402
 from rmtl.callbacks import Callback  # noqa: E402
 from rmtl.data.batches import gather_batch  # noqa: E402
 from rmtl.cli import main  # noqa: E402
+from rmtl.config import save_config  # noqa: E402
 from rmtl.data.batches import BatchIterator  # noqa: E402
 from rmtl.data.shard_stream import ShardSource, evaluate_gathered, gather_predictions  # noqa: E402
 from rmtl.data.shards import load_log, prepare_sharded, rank_files  # noqa: E402
@@ -205,9 +207,10 @@ def _worker(rank: int, world: int, init_file: str, root: str, path: str, one: st
         out["gathered"] = {s: gather_predictions(model, src.split(s)) for s in ("val", "test")}
         out["to_rank0"] = gather_predictions(model, src.split("val"), dst=0)  # what the evaluation gathers
         out["local_val_rows"] = src.split("val").num_rows
-        # a 2-process run cut mid-epoch (resumed by ONE process in the test below) ...
-        fit(small_cfg(Path(root), *COMMON, f"data.shards={path}", f"train.max_steps={CUT}"),
-            run_dir=Path(root) / "cut2")
+        # a 2-process run cut mid-epoch, by the CLI (resumed by ONE process in the test below) ...
+        code = main(["train", "-c", str(Path(root) / "cli.yaml"), "--shards", path, "--run-dir",
+                     str(Path(root) / "cut2"), f"train.max_steps={CUT}", "--no-progress"])
+        assert code == 0
         # DWA over 3 epochs, straight and cut in epoch 1 (its epoch loss sums are in last.pt)
         for tag, extra in (("dwa", []), ("dwa-cut", [f"train.max_steps={DWA_CUT}"])):
             fit(_dwa_cfg(Path(root), path, *extra), run_dir=Path(root) / tag)
@@ -223,6 +226,7 @@ def _worker(rank: int, world: int, init_file: str, root: str, path: str, one: st
 def two_ranks(entries, tmp_path_factory):
     path, one = entries
     root = tmp_path_factory.mktemp("ddp_shards")
+    save_config(small_cfg(root, *COMMON), root / "cli.yaml")  # the "ddp" run's config, for `rmtl train -c`
     for name in ONE_TO_TWO:  # one process, cut after CUT1 steps; the 2-process spawn resumes them
         fit(_one_to_two_cfg(root, one, name, f"train.max_steps={CUT1}"), run_dir=root / f"cut1-{name}")
     mp.spawn(_worker, args=(2, str(root / "init"), str(root), str(path), str(one)), nprocs=2, join=True)
@@ -387,16 +391,18 @@ def test_a_two_process_shard_run_resumed_by_one_process_ends_at_the_uninterrupte
     cut = ckpt.load_user_file(root / "cut2" / "train" / "last.pt", "test")
     assert cut["loop"]["step"] == CUT and cut["callbacks"]["shard_streams"] == {"streams": 2}
     shutil.copytree(root / "cut2", tmp_path / "cut2")
-    resumed = fit(small_cfg(tmp_path, *COMMON, f"data.shards={path}"), run_dir=tmp_path / "cut2", resume=True)
-    assert resumed.steps == outs[0]["steps"]
+    code = main(["train", "--resume", "--run-dir", str(tmp_path / "cut2"), "train.max_steps=null", "--no-progress"])
+    assert code == 0  # `rmtl train --resume` in one process, config.yaml (with data.shards) from the run dir
     a = ckpt.load_user_file(tmp_path / "cut2" / "train" / "last.pt", "test")
     b = ckpt.load_user_file(root / "ddp" / "train" / "last.pt", "test")
     assert a["loop"]["step"] == b["loop"]["step"] and a["loop"]["epoch"] == b["loop"]["epoch"] == 2
     assert a["callbacks"]["shard_streams"] == {"streams": 2}  # the layout stays the run's
     assert _max_diff(a["model"], b["model"]) < RESUME_ATOL
     # the test metrics of the best weights agree too (the same rows, nearly the same weights)
+    resumed = json.loads((tmp_path / "cut2" / "train" / "metrics.json").read_text())
+    assert resumed["steps"] == outs[0]["steps"]
     for task, mets in outs[0]["metrics"]["test"].items():
-        assert resumed.metrics["test"][task]["auc"] == pytest.approx(mets["auc"], abs=1e-3)
+        assert resumed["test"][task]["auc"] == pytest.approx(mets["auc"], abs=1e-3)
 
 
 @pytest.mark.parametrize("name", list(ONE_TO_TWO))

@@ -168,18 +168,12 @@ def test_a_broken_tie_break_or_vocab_merge_is_caught(tmp_path, monkeypatch):
     opts = {"reader_options": {"user_features": [], "video_features": []}, "split_ratios": (0.5, 0.25, 0.25)}
     ref = prepare("kuairand", folder, use_cache=False, **opts)
 
-    real_order = shards_mod._global_order
-
-    def by_start_then_shard(keys, order_kind, seed):  # drops the session-id tie-break
-        for k in keys:
-            if k is not None:
-                k["k1"] = np.zeros_like(k["k1"])
-        return real_order(keys, order_kind, seed)
-
-    monkeypatch.setattr(shards_mod, "_global_order", by_start_then_shard)
+    real_order = shards_mod._time_order
+    # drops the session-id tie-break: start time, then shard
+    monkeypatch.setattr(shards_mod, "_time_order", lambda start, k1: np.argsort(start, kind="stable"))
     with pytest.raises(AssertionError):
         assert_same(ref, prepare_sharded(folder, shards=3, cache_dir=tmp_path / "a", workers=1, **opts))
-    monkeypatch.setattr(shards_mod, "_global_order", real_order)
+    monkeypatch.setattr(shards_mod, "_time_order", real_order)
 
     real_result = shards_mod._Fold.result
 
@@ -283,3 +277,200 @@ def test_chunked_synthetic_writer_appends_user_blocks(tmp_path):
     assert logs["user_id"].max() > 40  # later blocks have rows
     with pytest.raises(ConfigError, match="users_per_chunk"):
         write_kuairand(tmp_path / "c", users=10, users_per_chunk=0)
+
+
+def test_fold_sorts_each_row_a_logarithmic_number_of_times(monkeypatch):
+    """The per-value tables (user ids seen, first pos, counts) are folded geometrically: a
+    table holding more than FOLD_ROWS values is not re-sorted at every add (that made pass
+    1 and the shard loop grow with the square of the users past ~1 M users)."""
+    monkeypatch.setattr(shards_mod, "FOLD_ROWS", 100)
+    rng = np.random.default_rng(0)
+    small = [rng.integers(0, 100_000, size=50) for _ in range(400)]  # 20,000 values, ~18,000 distinct
+    # small ids take the dense-array paths, large ones (beyond SMALL_IDS) the sorting ones
+    for parts, op in [(p, op) for p in (small, [v + (1 << 40) for v in small]) for op in ("set", "min", "sum")]:
+        fold = shards_mod._Fold(op)
+        for k, v in enumerate(parts):
+            fold.add(v, None if op == "set" else np.full(len(v), (k * 7919) % 400 if op == "min" else 1))
+        values, numbers = fold.result()
+        allv = np.concatenate(parts)
+        np.testing.assert_array_equal(values, np.unique(allv))
+        if op == "sum":
+            np.testing.assert_array_equal(numbers, np.unique(allv, return_counts=True)[1])
+        if op == "min":
+            keys = np.concatenate([np.full(50, (k * 7919) % 400) for k in range(400)])
+            want = pd.Series(keys).groupby(allv).min()
+            np.testing.assert_array_equal(numbers, want.to_numpy())
+        assert 3 <= fold.folds <= 12, (op, fold.folds)  # was one fold per add (~390) once 100 values were held
+
+
+# ------------------------------------------------- pass 1 in parallel: byte ranges of the log
+
+
+def test_line_ranges_cut_at_line_starts_and_read_like_the_whole_file(tmp_path):
+    import pyarrow.csv as pacsv
+
+    from rmtl.data.csv_ranges import ByteRange, line_ranges
+
+    path = tmp_path / "x.csv"
+    # CRLF line ends, a quoted field without a newline, an empty line, a last line without a newline
+    path.write_bytes(b"a,b,c\r\n" + b"".join(b"%d,%d,v%d\r\n" % (i, i * i, i) for i in range(40))
+                     + b'40,1600,"v40"\r\n\r\n41,1681,v41')
+    whole = pacsv.read_csv(path).to_pydict()
+    assert whole["a"] == list(range(42))
+    for parts in (1, 2, 3, 7, 50, 500):
+        header_end, ranges = line_ranges(path, parts)
+        assert header_end == 7 and ranges[0][0] == 7 and ranges[-1][1] == path.stat().st_size
+        assert all(b == c for (_, b), (c, _) in zip(ranges[:-1], ranges[1:]))  # contiguous
+        got, quoted = {"a": [], "b": [], "c": []}, []
+        data = path.read_bytes()
+        for a, b in ranges:
+            assert data[a - 1:a] == b"\n"  # every range starts a line
+            with ByteRange(path, header_end, a, b) as src:
+                t = pacsv.open_csv(src, read_options=pacsv.ReadOptions(block_size=64)).read_all().to_pydict()
+                quoted.append(src.quoted)
+            for k in got:
+                got[k] += t[k]
+        assert got == whole
+        assert sum(quoted) == 1  # only the range holding "v40" saw a quote
+    assert line_ranges(tmp_path / "x.csv", 3)[1] is not None
+    (tmp_path / "h.csv").write_bytes(b"a,b\n")
+    assert line_ranges(tmp_path / "h.csv", 3)[1] is None  # no rows: read in one piece (its own error)
+    (tmp_path / "q.csv").write_bytes(b'"a",b\n1,2\n')
+    assert line_ranges(tmp_path / "q.csv", 3)[1] is None  # a quoted header: not cut
+
+
+def _rewrite_logs(src: Path, dst: Path, quoted_file: str | None = None) -> Path:
+    """The release in ``src`` with its logs written with CRLF line ends and no final newline;
+    in ``quoted_file``, an extra (unread) column whose quoted text holds a newline."""
+    dst.mkdir()
+    for p in src.iterdir():
+        if not p.name.startswith("log_"):
+            (dst / p.name).symlink_to(p)
+            continue
+        frame = pd.read_csv(p)
+        if p.name == quoted_file:
+            frame["note"] = ["line one\nline two" if i % 97 == 5 else "x" for i in range(len(frame))]
+        text = frame.to_csv(index=False, lineterminator="\r\n")
+        (dst / p.name).write_bytes(text.rstrip("\r\n").encode())
+    return dst
+
+
+def test_parallel_partition_equals_one_reader(synth, tmp_path, monkeypatch):
+    """Pass 1 with 2 workers over many byte ranges (CRLF, no final newline) gives the entry of
+    one worker reading each file in one piece, and so the in-memory prepare's log; a file
+    with a quoted newline is read in one piece (its cut ranges saw a quote)."""
+    seen = []
+    real = shards_mod._partition
+
+    def spy(plan, raw_dir, shards, block_bytes, workers):
+        part = real(plan, raw_dir, shards, block_bytes, workers)
+        seen.append([t for t, _ in part["parts"]])
+        return part
+
+    monkeypatch.setattr(shards_mod, "_partition", spy)
+    monkeypatch.setattr(shards_mod, "PARTITION_RANGE_BYTES", 20_000)  # ~8 ranges per log file
+    monkeypatch.setattr(shards_mod, "PARTITION_ROWS", 300)
+    crlf = _rewrite_logs(synth, tmp_path / "crlf")
+    logs = sorted(p.name for p in crlf.glob("log_standard*"))  # log_random is not read by default
+    ref = prepare("kuairand", crlf, cache_dir=tmp_path / "mem")
+    one = prepare_sharded(crlf, shards=4, cache_dir=tmp_path / "one", workers=1)
+    two = prepare_sharded(crlf, shards=4, cache_dir=tmp_path / "two", workers=2)
+    assert len(seen[0]) == len(logs) and len(seen[1]) > 3 * len(logs)  # one part per file; many ranges
+    assert_same(ref, one)
+    assert_same(ref, two)
+    for f in one.meta["shards"]:
+        a, b = pq.read_table(one.path / f["file"]), pq.read_table(two.path / f["file"])
+        assert a.equals(b), f["file"]
+
+    quoted = _rewrite_logs(synth, tmp_path / "quoted", quoted_file=logs[0])
+    ref_q = prepare("kuairand", quoted, cache_dir=tmp_path / "memq")
+    two_q = prepare_sharded(quoted, shards=4, cache_dir=tmp_path / "twoq", workers=2)
+    assert_same(ref_q, two_q)
+    assert len(seen[1]) // 2 < len(seen[2]) < len(seen[1])  # the quoted file in one piece, the other cut
+    assert not list((tmp_path / "twoq").glob(".tmp-*"))
+
+
+def test_bad_value_in_a_later_range_names_the_row_of_the_whole_file(synth, tmp_path, monkeypatch):
+    monkeypatch.setattr(shards_mod, "PARTITION_RANGE_BYTES", 20_000)
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for p in synth.iterdir():
+        (folder / p.name).symlink_to(p)
+    name = "log_standard_4_22_to_5_08_1k.csv"
+    frame = pd.read_csv(synth / name)
+    frame.loc[len(frame) - 10, "is_click"] = 7
+    (folder / name).unlink()
+    frame.to_csv(folder / name, index=False)
+    messages = []
+    for workers in (1, 2):
+        with pytest.raises(DataError) as err:
+            prepare_sharded(folder, shards=3, cache_dir=tmp_path / f"c{workers}", workers=workers)
+        messages.append(str(err.value))
+        assert not any((tmp_path / f"c{workers}").iterdir())
+    assert messages[0] == messages[1] and f"row {len(frame) - 9}" in messages[0]
+
+
+def test_text_columns_are_read_as_one_object_per_distinct_value(synth):
+    """The side files' text columns are read dictionary-encoded: equal cells share one str
+    (8 B per row), not one string object per cell (what held most of the user side file's
+    memory with millions of users); the values are the ones a plain read gives."""
+    from rmtl.data import kuairand as kr
+
+    path = synth / "user_features_1k.csv"
+    cols = ["user_active_degree", "follow_user_num_range"]
+    table, _ = kr._read_csv(path, ["user_id", *cols], "KuaiRand user_features")
+    plain = pd.read_csv(path, usecols=cols, dtype=str, keep_default_na=False)
+    for c in cols:
+        values = table[c]
+        assert values.dtype == object
+        assert [v if v is not None else "" for v in values] == list(plain[c])
+        assert len({id(v) for v in values}) == len(set(values)) < len(values) // 5
+
+
+@pytest.mark.parametrize("bucket", [1, 2, 37])
+def test_session_order_built_bucket_by_bucket_equals_one_sort(synth, tmp_path, monkeypatch, bucket):
+    """The global session order is built one start-time bucket of SESSION_BUCKET sessions at
+    a time (main-process memory: one bucket): with buckets of 1, 2 or 37 sessions the entry
+    equals the in-memory prepare's, ties at one start time across shards included."""
+    monkeypatch.setattr(shards_mod, "SESSION_BUCKET", bucket)
+    monkeypatch.setattr(shards_mod, "SAMPLE_SESSIONS", 50)  # a strided sample of the start times
+    calls = []
+    real = shards_mod._time_order
+
+    def spy(start, k1):
+        calls.append(len(start))
+        return real(start, k1)
+
+    monkeypatch.setattr(shards_mod, "_time_order", spy)
+    folder = _tied_release(tmp_path / "tied")
+    opts = {"reader_options": {"user_features": [], "video_features": []}, "split_ratios": (0.5, 0.25, 0.25)}
+    assert_same(prepare("kuairand", folder, use_cache=False, **opts),
+                prepare_sharded(folder, shards=3, cache_dir=tmp_path / "t", workers=1, **opts))
+    calls.clear()
+    ref = prepare("kuairand", synth, cache_dir=tmp_path / "mem")
+    assert_same(ref, prepare_sharded(synth, shards=4, cache_dir=tmp_path / "s", workers=2))
+    assert len(calls) > 1 and sum(calls) == ref.log.num_sessions
+    if bucket == 37:
+        assert max(calls) < 4 * 37  # buckets of about SESSION_BUCKET sessions (edges from a sample)
+
+
+def test_side_columns_factorised_block_by_block_equal_one_factorize():
+    """The side files are read block by block, each sparse column kept as per-block codes:
+    the merged codes and uniques are pd.factorize's of the whole column (first-appearance
+    order, missing -> -1), for text and numbers, values recurring across blocks."""
+    from rmtl.data.kuairand import _BlockCodes
+
+    rng = np.random.default_rng(2)
+    text = np.array(["b", "a", None, "c", "d", "e"], dtype=object)[rng.integers(0, 6, 3000)]
+    nums = rng.integers(0, 40, 3000).astype(np.float64)
+    nums[rng.random(3000) < 0.1] = np.nan
+    for column in (text, nums):
+        want_codes, want_uniques = pd.factorize(column, use_na_sentinel=True)
+        for cuts in ([], [1, 2, 3], sorted(rng.choice(np.arange(1, 3000), 40, replace=False))):
+            coded = _BlockCodes()
+            for block in np.split(column, cuts):
+                coded.add(block)
+            codes, uniques = coded.result()
+            np.testing.assert_array_equal(codes, want_codes)
+            assert list(uniques) == list(pd.Index(want_uniques))
+            assert codes.dtype == np.int32

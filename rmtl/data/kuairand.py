@@ -512,22 +512,28 @@ def _read_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep
 
 
 def iter_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep=None, dtypes: dict | None = None,
-             block_bytes: int | None = None):
+             block_bytes: int | None = None, byte_range=None):
     """The blocks of :func:`_read_csv` one at a time: yields ``(columns, rows read in the
-    block before filtering)``; memory stays at one block (the sharded prepare's pass 1)."""
+    block before filtering)``; memory stays at one block (the sharded prepare's pass 1).
+    ``byte_range``: a ``csv_ranges.ByteRange`` of ``path`` (its header line, then some of
+    its rows) to read instead of the whole file; row numbers in errors then count from the
+    range's first row."""
     columns = list(dict.fromkeys(columns))
     header = _header(path)
     for c in columns:
         if c not in header:
             raise DataError(f"missing column; expected the published {what} columns", path=path, column=c)
-    types = {c: (pa.string() if c in STRING_COLUMNS else pa.int64() if c in EXACT_INT_COLUMNS else pa.float64())
+    types = {c: (TEXT_TYPE if c in STRING_COLUMNS else pa.int64() if c in EXACT_INT_COLUMNS else pa.float64())
              for c in columns}
     n_read = 0
     # Given a path, arrow reads a plain file ahead far beyond the block being parsed (about a
     # GB held on a 1 GB log); through a Python file object it reads block by block. The
     # streaming pass (block_bytes given) needs memory bounded by the block; .gz keeps the path
     # (arrow picks the codec from the name).
-    source = open(path, "rb") if block_bytes and path.suffix != ".gz" else path
+    if byte_range is not None:
+        source = byte_range
+    else:
+        source = open(path, "rb") if block_bytes and path.suffix != ".gz" else path
     try:
         reader = pacsv.open_csv(
             source,
@@ -549,9 +555,9 @@ def iter_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep=
         raise DataError(f"cannot read the file after row {n_read} ({_os_reason(err)}); expected a complete "
                         f"{what} CSV", path=path) from None
     finally:
-        if source is not path:
+        if source is not path and source is not byte_range:
             source.close()
-    if n_read == 0:
+    if n_read == 0 and byte_range is None:
         raise DataError("empty file: a header but no rows", path=path)
 
 
@@ -567,12 +573,27 @@ def _csv_error(err: Exception, path: Path, header: list[str], what: str) -> Data
     return DataError(f"unreadable CSV ({msg}); expected the published {what} columns", path=path)
 
 
+# Text columns (a few distinct values each: 'middle_active', '(50,100]') are read
+# dictionary-encoded: a block's rows then point to one Python string per distinct value
+# (8 B per row) instead of one string object per cell (~60 B), which was most of the user
+# side file's memory with millions of users.
+TEXT_TYPE = pa.dictionary(pa.int32(), pa.string())
+
+
+def _dictionary_objects(col: pa.Array) -> np.ndarray:
+    """A dictionary-encoded text column as an object array (None for empty cells), its
+    equal cells sharing one str object."""
+    values = np.array([*col.dictionary.to_pylist(), None], dtype=object)
+    idx = col.indices.fill_null(len(values) - 1).to_numpy(zero_copy_only=False)
+    return values[idx]
+
+
 def _batch_arrays(batch: pa.RecordBatch, columns: list[str], path: Path, first_row: int) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for c in columns:
         col = batch.column(c)
         if c in STRING_COLUMNS:
-            out[c] = col.to_numpy(zero_copy_only=False).astype(object)  # None for empty cells
+            out[c] = _dictionary_objects(col)
             continue
         if pa.types.is_integer(col.type):
             if col.null_count:
@@ -630,28 +651,37 @@ def _read_log(path: Path, columns: list[str], users: np.ndarray | None) -> tuple
     return _read_csv(path, columns, "KuaiRand log", check=_check_log_block, keep=_user_filter(users), dtypes=LOG_DTYPES)
 
 
-def iter_log(path: Path, columns: list[str], users: np.ndarray | None, block_bytes: int | None = None):
+def iter_log(path: Path, columns: list[str], users: np.ndarray | None, block_bytes: int | None = None,
+             byte_range=None):
     """The validated blocks of one log file (see iter_csv), users filtered, compact dtypes."""
     return iter_csv(path, columns, "KuaiRand log", check=_check_log_block, keep=_user_filter(users),
-                    dtypes=LOG_DTYPES, block_bytes=block_bytes)
+                    dtypes=LOG_DTYPES, block_bytes=block_bytes, byte_range=byte_range)
 
 
 def _user_filter(users: np.ndarray | None):
     return None if users is None else (lambda data: np.isin(data["user_id"], users))
 
 
-def _read_side(paths: list[Path], key: str, columns: list[str], needed: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def _read_side(paths: list[Path], key: str, columns: list[str], needed: np.ndarray | None = None) -> dict:
     """A user or video side file (parts concatenated), one row per unique key; only the
-    rows of ``needed`` ids are kept (the 27K video file lists 32 M videos)."""
+    rows of ``needed`` ids are kept (the 27K video file lists 32 M videos). Read block by
+    block: each sparse column kept as per-block codes (``_BlockCodes``, 4 B per row), so the
+    file's raw columns (8 B per cell, strings) are never all held at once."""
     what = "KuaiRand user_features" if key == "user_id" else "KuaiRand video_features_basic"
     keep = None if needed is None else (lambda data: np.isin(data[key], needed))
-    parts = []
+    sparse = [c for c in columns if c in USER_SPARSE or c in VIDEO_SPARSE]
+    coded = {c: _BlockCodes() for c in sparse}
+    chunks: dict[str, list[np.ndarray]] = {c: [] for c in [key, *columns] if c not in coded}
     for p in paths:
-        part, _ = _read_csv(p, [key, *columns], what, keep=keep,
-                            check=lambda d, path, row: _require_values(d, [key], path, row))
-        parts.append(part)
-    # one file (the usual case): its arrays as read, not a concatenated copy (the 27K video file is large)
-    table = parts[0] if len(parts) == 1 else {c: np.concatenate([t[c] for t in parts]) for c in [key, *columns]}
+        for data, _ in iter_csv(p, [key, *columns], what, keep=keep,
+                                check=lambda d, path, row: _require_values(d, [key], path, row)):
+            for c in sparse:
+                coded[c].add(_first_tag(data[c]) if c == "tag" else data[c])
+            for c in chunks:
+                chunks[c].append(data[c])
+            del data
+    table: dict = {c: np.concatenate(chunks.pop(c)) for c in list(chunks)}
+    table.update(coded)
     ids = table[key].astype(np.int64)
     uniq, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
@@ -659,6 +689,35 @@ def _read_side(paths: list[Path], key: str, columns: list[str], needed: np.ndarr
                         path=paths[0], column=key)
     table[key] = ids
     return table
+
+
+class _BlockCodes:
+    """pd.factorize of a column read block by block, without the whole column: each block
+    factorised alone (codes, its uniques in first-appearance order); at the end the blocks'
+    uniques, concatenated in block order, are factorised once -- a value's first place there
+    is in the first block holding it, in that block's order, so the result is the whole
+    column's first-appearance order exactly. Missing (None / NaN) -> code -1."""
+
+    def __init__(self):
+        self.codes: list[np.ndarray] = []
+        self.uniques: list[np.ndarray] = []
+
+    def add(self, values: np.ndarray) -> None:
+        codes, uniques = pd.factorize(values, use_na_sentinel=True)
+        self.codes.append(codes.astype(np.int32) if len(uniques) < 2**31 - 1 else codes)
+        self.uniques.append(np.asarray(uniques))
+
+    def result(self) -> tuple[np.ndarray, pd.Index]:
+        if not self.uniques:
+            return np.zeros(0, np.int32), pd.Index([])
+        sizes = [len(u) for u in self.uniques]
+        global_codes, uniques = pd.factorize(np.concatenate(self.uniques), use_na_sentinel=True)
+        small = np.int32 if len(uniques) < 2**31 - 1 else np.int64
+        global_codes = np.append(global_codes.astype(small), small(-1))  # block code -1 -> the appended -1
+        offsets = np.r_[0, np.cumsum(sizes)[:-1]]
+        out = np.concatenate([global_codes[np.where(c >= 0, c + o, -1)] for c, o in zip(self.codes, offsets)])
+        self.codes, self.uniques = [], []
+        return out, pd.Index(uniques)
 
 
 def _select_users(chosen, user_files: list[Path]) -> np.ndarray | None:
@@ -684,13 +743,7 @@ def load_side(paths: list[Path], key: str, columns: list[str], needed: np.ndarra
     table = _read_side(paths, key, columns, needed=needed)
     side = {"key": key, "paths": paths, "columns": columns, "index": pd.Index(table[key])}
     for c in columns:
-        if c in USER_SPARSE or c in VIDEO_SPARSE:
-            codes, uniques = pd.factorize(_first_tag(table[c]) if c == "tag" else table[c], use_na_sentinel=True)
-            small = np.int32 if len(uniques) < 2**31 - 1 else np.int64
-            side[c] = (codes.astype(small), pd.Index(uniques))
-            del table[c]  # the raw (often text) column goes as soon as it is coded
-        else:
-            side[c] = table[c]
+        side[c] = table.pop(c).result() if c in USER_SPARSE or c in VIDEO_SPARSE else table.pop(c)
     return side
 
 

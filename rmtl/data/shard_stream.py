@@ -11,11 +11,11 @@ the streams' batches together. S is ``data.shard_streams`` (default: the process
 of the run's first start), kept in last.pt, so the global batches do not depend on how
 many processes train on them: with W = S processes each reads one stream (its own
 shards, a local batch of global / W rows), with fewer each reads several whole streams,
-with more several processes share one stream and split each of its batches. A run resumed with another process count therefore
-continues the same global batches (gradients equal up to float summation order). The
-steps per epoch are the minimum over streams of ceil(train rows / stream batch), computed
-by every rank from meta.json (the per-shard ``rows_by_split``) and checked with an
-all-reduce. A stream with more rows drops the tail of its shuffled epoch (different rows
+with more several processes share one stream and split each of its batches. A run
+resumed with another process count therefore continues the same global batches
+(gradients equal up to float summation order). The steps per epoch are the minimum
+over streams of ceil(train rows / stream batch), computed by every rank from meta.json
+(the per-shard ``rows_by_split``) and checked with an all-reduce. A stream with more rows drops the tail of its shuffled epoch (different rows
 every epoch); the last step may be short on the smallest stream, and each rank's share
 of a step (its rows / the step's rows) follows from the same counts, so the gradient
 all-reduce (rmtl.distributed) weights it right without a per-step message.
@@ -253,6 +253,7 @@ class ShardStream:
 
     def step_rows(self, step: int) -> np.ndarray:
         """Rows of every stream at ``step`` of an epoch (the global batch's, stream by stream)."""
+        self._layout()
         return np.clip(self.counts - step * self.batch_size, 0, self.batch_size)
 
     def dropped_rows(self) -> np.ndarray:
