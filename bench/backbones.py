@@ -13,12 +13,12 @@ is shared, so the median over rounds is printed). Our models train as ``rmtl tra
 (rmtl.optim: fused Adam + row-sparse Adam for the embedding table); torch-rechub with
 fused Adam. Like CPU training, the process first makes glibc keep freed memory
 (rmtl.device.keep_freed_memory), which both libraries then share. "% peak" = the
-step's GEMM FLOPs (counted by torch's FlopCounterMode over
-forward and backward) x steps/s / the fp32 GEMM peak measured in the same run (best of
-a few 2048 x 1024 x 4096 products). bf16 rows run only where the CPU has native bf16
-(rmtl.device.native_bf16) unless --bf16 forces them. torch-rechub needs
-``pip install torch-rechub==0.9.0 --no-deps`` (the ``bench`` extra); without it only our
-rows are printed.
+step's GEMM FLOPs (counted by torch's FlopCounterMode over forward and backward) x
+steps/s / the fp32 GEMM peak of the same rounds (median over rounds of the best of a
+few 2048 x 1024 x 4096 products, measured before each round). bf16 rows run only where
+the CPU has native bf16 (rmtl.device.native_bf16) unless --bf16 forces them.
+torch-rechub needs ``pip install torch-rechub==0.9.0 --no-deps`` (the ``bench`` extra);
+without it only our rows are printed.
 """
 
 from __future__ import annotations
@@ -132,7 +132,10 @@ def planted(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return torch.from_numpy(sparse), torch.from_numpy(dense), torch.from_numpy(labels)
 
 
-def throughput(models: dict, steps: int, rounds: int, bf16: bool) -> dict[str, float]:
+def throughput(models: dict, steps: int, rounds: int, bf16: bool) -> tuple[dict[str, float], float]:
+    """(median samples/s per model, median fp32 GEMM peak measured between the rounds).
+    The peak is re-measured in every round, interleaved with the models, so on a shared
+    machine the % of peak compares with what the cores gave in the same minutes."""
     spec_data = planted(BATCH * 4, seed=0)
     batches = [tuple(t[i * BATCH:(i + 1) * BATCH] for t in spec_data) for i in range(4)]
     optims = {k: adam(m) for k, (m, _) in models.items()}
@@ -154,10 +157,12 @@ def throughput(models: dict, steps: int, rounds: int, bf16: bool) -> dict[str, f
     for key in models:  # warm-up
         run(key, 2)
     rates: dict[str, list[float]] = {k: [] for k in models}
+    peaks = []
     for _ in range(rounds):
+        peaks.append(gemm_peak(reps=4))
         for key in models:
             rates[key].append(steps * BATCH / run(key, steps))
-    return {k: statistics.median(v) for k, v in rates.items()}
+    return {k: statistics.median(v) for k, v in rates.items()}, statistics.median(peaks)
 
 
 def quality(name: str, steps: int, levels: int, batch: int = BATCH, seed: int = 0) -> dict[str, float]:
@@ -202,7 +207,7 @@ def main() -> None:
     peak = gemm_peak()
     has_bf16, why = native_bf16(torch.device("cpu"))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; CPU instruction set {cpu_instruction_set()}; "
-          f"fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s (measured now); batch {BATCH}; timings are noisy on a "
+          f"fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s (measured now; each row uses the peak of its own rounds); batch {BATCH}; timings are noisy on a "
           f"shared machine (median of rounds; ratios within this run are what compare); {memory}", flush=True)
     try:
         import torch_rechub  # noqa: F401
@@ -221,14 +226,15 @@ def main() -> None:
             models[f"torch-rechub {name}"] = (RechubAdapter(name, args.levels), True)
         flops = {k: step_flops(m, probs) for k, (m, probs) in models.items()}
         for bf16 in precisions:
-            rates = throughput(models, args.steps, args.rounds, bf16)
+            rates, round_peak = throughput(models, args.steps, args.rounds, bf16)
             tag = "bf16" if bf16 else "fp32"
-            row = "  ".join(f"{k}: {v:7.0f}/s ({100 * flops[k] * v / BATCH / peak:4.1f}% peak)"
+            row = "  ".join(f"{k}: {v:7.0f}/s ({100 * flops[k] * v / BATCH / round_peak:4.1f}% peak)"
                             for k, v in rates.items())
             ratio = ""
             if have_rechub:
                 ratio = f"  ratio {rates[f'rmtl {name}'] / rates[f'torch-rechub {name}']:.2f}x"
-            print(f"{name:5s} {tag}  {row}{ratio}", flush=True)
+            print(f"{name:5s} {tag}  {row}{ratio}  [peak in these rounds {round_peak / 1e9:.1f} GFLOP/s; "
+                  f"{flops[f'rmtl {name}'] / BATCH / 1e6:.1f} MFLOP per sample]", flush=True)
     if args.quality_steps > 0 and not (has_bf16 or args.bf16):
         print("bf16-vs-fp32 quality check skipped: no native bf16 here (--bf16 runs it anyway)")
     elif args.quality_steps > 0:
