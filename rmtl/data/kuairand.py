@@ -713,9 +713,10 @@ class _BlockCodes:
         sizes = [len(u) for u in self.uniques]
         global_codes, uniques = pd.factorize(np.concatenate(self.uniques), use_na_sentinel=True)
         small = np.int32 if len(uniques) < 2**31 - 1 else np.int64
-        global_codes = np.append(global_codes.astype(small), small(-1))  # block code -1 -> the appended -1
+        global_codes = global_codes.astype(small)
         offsets = np.r_[0, np.cumsum(sizes)[:-1]]
-        out = np.concatenate([global_codes[np.where(c >= 0, c + o, -1)] for c, o in zip(self.codes, offsets)])
+        out = np.concatenate([take_or(global_codes, np.where(c >= 0, c + o, -1), -1)  # block code -1 stays -1
+                              for c, o in zip(self.codes, offsets)])
         self.codes, self.uniques = [], []
         return out, pd.Index(uniques)
 

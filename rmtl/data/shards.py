@@ -433,7 +433,7 @@ def _partition(plan, raw_dir: Path, shards: int, block_bytes, workers: int) -> d
     _CTX.clear()
     _CTX.update(tasks=tasks, plan=plan, raw_dir=raw_dir, shards=shards, block_bytes=block_bytes or STREAM_BLOCK_BYTES)
     by_file: dict[int, list] = {}
-    for t, got in zip(range(len(tasks)), _map(_partition_task, range(len(tasks)), workers)):
+    for t, got in enumerate(_map(_partition_task, range(len(tasks)), workers)):
         by_file.setdefault(tasks[t][0], []).append((t, got))
     users, videos = _Fold("set"), _Fold("set")
     parts, pos, n_read, n_random = [], 0, 0, 0
@@ -779,14 +779,15 @@ def _global_order(mid_dir: Path, counts: list[int], order_kind: str, seed: int) 
 
 
 def _bucketed_time_order(mid_dir: Path, counts, present, total: int, ptr_out) -> None:
-    starts = {s: _read_keys(mid_dir, s, "start") for s in present}  # 8 B per session, one shard at a time below
+    # the start times are read shard by shard, twice (sample, then cuts): one shard's in memory, not the log's
     step = max(total // SAMPLE_SESSIONS, 1)
-    sample = np.sort(np.concatenate([starts[s][::step] for s in present]))
+    sample = np.sort(np.concatenate([_read_keys(mid_dir, s, "start")[::step] for s in present]))
     n_buckets = max(-(-total // SESSION_BUCKET), 1)
     edges = np.unique(sample[(len(sample) * np.arange(1, n_buckets)) // n_buckets])
+    del sample
     # per shard, where each bucket's sessions begin (its start times are sorted)
-    cuts = {s: np.r_[0, np.searchsorted(starts[s], edges, side="left"), counts[s]] for s in present}
-    del starts, sample
+    cuts = {s: np.r_[0, np.searchsorted(_read_keys(mid_dir, s, "start"), edges, side="left"), counts[s]]
+            for s in present}
     rank_base = row_base = 0
     for b in range(len(edges) + 1):
         spans = [(s, int(cuts[s][b]), int(cuts[s][b + 1])) for s in present if cuts[s][b + 1] > cuts[s][b]]
@@ -797,12 +798,7 @@ def _bucketed_time_order(mid_dir: Path, counts, present, total: int, ptr_out) ->
         length = np.concatenate([_read_keys(mid_dir, s, "length", a, z) for s, a, z in spans])
         order = _time_order(start, k1)
         del start, k1
-        rank = np.empty(len(order), dtype=np.int64)
-        rank[order] = np.arange(rank_base, rank_base + len(order), dtype=np.int64)
-        ends = row_base + np.cumsum(length[order])
-        first = np.empty(len(order), dtype=np.int64)
-        first[order] = ends - length[order]
-        ends.tofile(ptr_out)
+        rank, first = _place(order, length, rank_base, row_base, ptr_out)
         at = 0
         for s, a, z in spans:  # back to each shard, appended in its local order
             for name, values in (("rank", rank), ("first", first)):
@@ -810,7 +806,7 @@ def _bucketed_time_order(mid_dir: Path, counts, present, total: int, ptr_out) ->
                     values[at: at + z - a].tofile(fh)
             at += z - a
         rank_base += len(order)
-        row_base = int(ends[-1])
+        row_base += int(length.sum())
 
 
 def _random_order(mid_dir: Path, counts, present, seed: int, ptr_out) -> None:
@@ -820,17 +816,25 @@ def _random_order(mid_dir: Path, counts, present, seed: int, ptr_out) -> None:
     order = by_id[np.random.default_rng(seed).permutation(len(by_id))]
     del by_id
     length = np.concatenate([_read_keys(mid_dir, s, "length") for s in present])
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order), dtype=np.int64)
-    ends = np.cumsum(length[order])
-    first = np.empty(len(order), dtype=np.int64)
-    first[order] = ends - length[order]
-    ends.tofile(ptr_out)
+    rank, first = _place(order, length, 0, 0, ptr_out)
     at = 0
     for s in present:
         rank[at: at + counts[s]].tofile(_key_file(mid_dir, s, "rank"))
         first[at: at + counts[s]].tofile(_key_file(mid_dir, s, "first"))
         at += counts[s]
+
+
+def _place(order: np.ndarray, length: np.ndarray, rank_base: int, row_base: int, ptr_out):
+    """Sessions (``length`` rows each) placed in ``order`` after ``rank_base`` sessions and
+    ``row_base`` rows: their global rank and first global row, in their given order; their
+    session_ptr ends are appended to ``ptr_out``."""
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(rank_base, rank_base + len(order), dtype=np.int64)
+    ends = row_base + np.cumsum(length[order])
+    first = np.empty(len(order), dtype=np.int64)
+    first[order] = ends - length[order]
+    ends.tofile(ptr_out)
+    return rank, first
 
 
 def _global_rows(sess: np.ndarray, rank: np.ndarray, first: np.ndarray):
