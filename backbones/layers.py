@@ -87,6 +87,15 @@ class _ReluDropout(torch.autograd.Function):
         return torch.ops.aten.threshold_backward(grad, out, 0).mul_(ctx.scale), None
 
 
+# The first expert layer's backward products output [B, in] and [E*H, in]: rows only `in`
+# wide (897 in bench/backbones.py). MKL on AVX2 (AMD EPYC) ran such outputs at ~2/3 of its
+# rate, so there they are written transposed ([in, B], [in, E*H]) and the step pays a
+# strided sum into x's gradient and a transposing copy of the weight gradient (~5 % of an
+# MMoE step). On AVX-512 (Intel Xeon) all eight layouts of these products run at the same
+# rate (within 5 %, bench/step_profile.py), so there the outputs are row-major and both
+# passes go. Chosen by the instruction set torch dispatches to: the AVX2 path is unchanged.
+ROW_MAJOR_FIRST_BACKWARD = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
 _scratch = threading.local()
 
 
@@ -125,6 +134,9 @@ class _ExpertLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, bias, p: float, first: bool, batch_major: bool, owns_grad: bool):
         E, H, D = w.shape
+        if torch.is_autocast_enabled(x.device.type):  # cast once; backward reuses the cast operands
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w = x.to(dtype), w.to(dtype)
         if first and batch_major:
             h = torch.mm(x, w.reshape(E * H, D).t()).view(-1, E, H)
         elif first:
@@ -139,7 +151,10 @@ class _ExpertLayer(torch.autograd.Function):
         if batch_major:
             b = b.view(E, H)
         out = torch.add(b, h, alpha=scale, out=h)  # (h + bias) * scale, in place
-        out.mul_(torch.ge(uniform, threshold, out=_scratch_like(out.shape, out.dtype, out.device))).relu_()
+        # The float mask: compare in int16 in place, then a converting copy (a compare that
+        # writes floats directly is not vectorised: 4-7 ms against 1 + 2 ms for 2048 x 4096).
+        mask = _scratch_like(out.shape, out.dtype, out.device).copy_(torch.ge(uniform, threshold, out=uniform))
+        out.mul_(mask).relu_()
         ctx.save_for_backward(x, w, out)
         ctx.scale, ctx.first, ctx.batch_major, ctx.owns_grad = scale, first, batch_major, owns_grad
         ctx.bias_dtype = bias.dtype
@@ -152,7 +167,12 @@ class _ExpertLayer(torch.autograd.Function):
             g = torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=grad)
         else:
             g = torch.ops.aten.threshold_backward(grad.contiguous(), out, 0)
-        if ctx.batch_major:
+        if ctx.batch_major and not ctx.first and g.dtype != torch.float32:
+            # oneDNN's bf16 / fp16 batched GEMM (AMX) takes no batch stride smaller than a
+            # matrix (the permuted view below): it fell back to ~1/8 of its rate. An
+            # [E, B, H] copy moves contiguous rows of H (~1 ms); read as [E, H, B].
+            g = g.transpose(0, 1).contiguous().transpose(1, 2)
+        elif ctx.batch_major:
             g = g.permute(1, 2, 0)  # [E, H, B] view: MKL reads it transposed
         s = ctx.scale
         x, w = x.to(g.dtype), w.to(g.dtype)  # under autocast the forward GEMM ran in g's dtype
@@ -161,7 +181,14 @@ class _ExpertLayer(torch.autograd.Function):
         gx = gw = None
         zero = g.new_zeros(())  # beta=0: the product times alpha into a fresh buffer (out= keeps
         # the op countable by torch's FlopCounterMode, which bench/backbones.py uses; no input copy)
-        if ctx.first:
+        if ctx.first and ROW_MAJOR_FIRST_BACKWARD:
+            g2 = g.reshape(E * H, -1)  # a view in both layouts
+            if ctx.needs_input_grad[0]:  # [B, in] like the gates' share of x's gradient: a contiguous sum
+                gx = torch.addmm(zero, g2.t(), w.reshape(E * H, D), beta=0, alpha=s,
+                                 out=g.new_empty(g2.shape[1], D))
+            if ctx.needs_input_grad[1]:  # straight into the parameter's layout, no transposing copy
+                gw = torch.addmm(zero, g2, x, beta=0, alpha=s, out=g.new_empty(E * H, D)).view(E, H, D)
+        elif ctx.first:
             g2 = g.reshape(E * H, -1)  # a view in both layouts
             if ctx.needs_input_grad[0]:
                 gx = torch.addmm(zero, w.reshape(E * H, D).t(), g2, beta=0, alpha=s,
