@@ -12,9 +12,11 @@ Speed notes (CPU, see docs/backbones.md for figures):
 - In training (ReLU, 0 < dropout < 1) each expert layer is ONE autograd node
   (``_ExpertLayer``): GEMM, then bias + scale + float mask + ReLU in place on its output;
   the last layer's GEMM writes [B, E, H] directly. Backward runs ReLU's kernel in place,
-  folds the dropout scale into the GEMMs' alpha and picks GEMM layouts MKL runs fast on
-  AVX2 (no output rows as narrow as the odd input width). Eval / other activations keep
-  addmm / baddbmm.
+  folds the dropout scale into the GEMMs' alpha and picks GEMM layouts by what was
+  measured (``ROW_MAJOR_FIRST_BACKWARD``: transposed outputs on AVX2, row-major on
+  AVX-512). Under bf16 autocast the operands are cast once and kept for backward, and the
+  last layer's gradient reaches oneDNN's batched GEMMs (AMX) as a plain [E, B, H] copy.
+  Eval / other activations keep addmm / baddbmm. Profile: bench/step_profile.py.
 """
 
 from __future__ import annotations
@@ -127,8 +129,9 @@ class _ExpertLayer(torch.autograd.Function):
     on the incoming gradient when ``owns_grad`` (the consumer is the next expert layer,
     so nobody else sees that gradient), and folds the 1 / (1 - p) scale into the
     backward GEMMs' alpha. The first layer's backward GEMMs write [in, E*H] and [in, B]
-    and return transposed views: MKL on AVX2 runs products whose output rows are only
-    ``in`` wide (897 in bench/backbones.py, an odd width) at ~2/3 of its rate.
+    and return transposed views where MKL runs products whose output rows are only ``in``
+    wide (897 in bench/backbones.py, an odd width) at ~2/3 of its rate (AVX2); on AVX-512
+    they write [B, in] and [E*H, in] directly (``ROW_MAJOR_FIRST_BACKWARD``).
     """
 
     @staticmethod

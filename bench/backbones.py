@@ -18,7 +18,8 @@ steps/s / the fp32 GEMM peak of the same rounds (median over rounds of the best 
 few 2048 x 1024 x 4096 products, measured before each round). bf16 rows run only where
 the CPU has native bf16 (rmtl.device.native_bf16) unless --bf16 forces them.
 torch-rechub needs ``pip install torch-rechub==0.9.0 --no-deps`` (the ``bench`` extra);
-without it only our rows are printed.
+without it only our rows are printed. Where the step's time goes, per op and per GEMM
+layout: bench/step_profile.py.
 """
 
 from __future__ import annotations
