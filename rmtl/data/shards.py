@@ -609,7 +609,7 @@ def _pass_sessions(s: int):
     del table
     for p, _ in files:
         p.unlink()
-    sides = _sides(s, np.unique(log["user_id"]))  # the side rows of this shard's users (load_sides' cut)
+    sides = _sides(s, pd.unique(log["user_id"]))  # the side rows of this shard's users (load_sides' cut)
     if sides["user"] is not None and not sides["user"]["index"].is_unique:
         return "duplicated", side_shards.duplicates(sides["user"]["index"])
     acc = _Acc()
@@ -710,7 +710,7 @@ def _read_mid(s: int):
     mid = {name: table.column(name).to_numpy() for name in table.column_names}
     del table
     frame, _, _, _ = kr.events_frame({c: mid[c] for c in ctx["plan"].log_columns}, ctx["plan"],
-                                 _sides(s, np.unique(mid["user_id"])))
+                                 _sides(s, pd.unique(mid["user_id"])))
     rank, first = (np.fromfile(_key_file(ctx["mid_dir"], s, k), dtype=np.int64) for k in ("rank", "first"))
     row, srank = _global_rows(mid["sess"], rank, first)
     return mid, frame, row, srank

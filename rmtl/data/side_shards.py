@@ -109,7 +109,7 @@ def _read(out: Path, s: int) -> dict:
 
 
 def load(out: Path, s: int, info: dict, users: np.ndarray | None = None) -> dict:
-    """Shard ``s``'s side rows (of the sorted ``users`` only, if given) as
+    """Shard ``s``'s side rows (of the ``users`` ids only, if given) as
     ``kuairand.load_side`` gives a whole file."""
     columns = info["columns"]
     if _file(out, s).is_file():
