@@ -565,3 +565,43 @@ def test_duplicated_user_id_is_the_one_readers_error(synth, tmp_path):
         prepare_sharded(folder, shards=3, cache_dir=tmp_path / "bad", workers=2, **opts)
     assert str(got.value) == str(want.value) and "3 duplicated id(s)" in str(got.value)
     assert not any((tmp_path / "bad").iterdir())
+
+
+def test_streamed_csv_read_stays_a_few_blocks_ahead(tmp_path, monkeypatch):
+    """pyarrow's streaming CSV reader reads its source ahead without limit (a 118 MB user file
+    was read whole before its 4th block was parsed): a streamed read (block_bytes given)
+    keeps at most READ_AHEAD_BLOCKS blocks ahead of the batches taken, and reads every row."""
+    import builtins
+    import time
+
+    from rmtl.data import kuairand as kr
+
+    path = tmp_path / "user_features_1k.csv"
+    pd.DataFrame({"user_id": np.arange(20_000), "register_days": np.arange(20_000) % 97}).to_csv(path, index=False)
+    reads = []
+
+    class Counted:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def read(self, size=-1):
+            data = self.fh.read(size)
+            reads.append(len(data))
+            return data
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    def counted_open(file, mode="r", *args, **kwargs):
+        fh = builtins.open(file, mode, *args, **kwargs)
+        return Counted(fh) if mode == "rb" else fh
+
+    monkeypatch.setattr(kr, "open", counted_open, raising=False)
+    ahead, ids = [], []
+    for data, _ in kr.iter_csv(path, ["user_id", "register_days"], "KuaiRand user_features", block_bytes=4096):
+        time.sleep(0.01 if ids else 0.3)  # time for an unthrottled reader to run far ahead
+        ahead.append(len(reads) - len(ids))
+        ids.append(data["user_id"])
+    np.testing.assert_array_equal(np.concatenate(ids), np.arange(20_000))
+    assert len(ids) > 5 * kr.READ_AHEAD_BLOCKS
+    assert max(ahead) <= kr.READ_AHEAD_BLOCKS + 1, ahead[:5]
