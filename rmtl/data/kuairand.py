@@ -711,7 +711,8 @@ def _read_side(paths: list[Path], key: str, columns: list[str], needed: np.ndarr
     coded = {c: _BlockCodes() for c in sparse}
     chunks: dict[str, list[np.ndarray]] = {c: [] for c in [key, *columns] if c not in coded}
     for p in paths:
-        for data, _ in iter_csv(p, [key, *columns], what, keep=keep,
+        # block_bytes: read through ReadAhead, a few blocks ahead (the 27K video file is GBs)
+        for data, _ in iter_csv(p, [key, *columns], what, keep=keep, block_bytes=BLOCK_BYTES,
                                 check=lambda d, path, row: _require_values(d, [key], path, row)):
             for c in sparse:
                 coded[c].add(_first_tag(data[c]) if c == "tag" else data[c])
