@@ -73,11 +73,32 @@ class RMTLStrategy(Strategy):
         self.tasks = list(agent.spec.tasks)
         self._gen = torch.Generator().manual_seed(int(seed))
         self._row_fold = self._row_context = self._class_weights = None
+        self._row_index = None  # sorted global train rows of the bound table (None: rows index it directly)
+
+    def bind_parts(self, parts, num_sessions: int) -> None:
+        """The train rows this process streams (rmtl.data.shard_parts.TrainPart of each of its
+        streams, whole sessions): each row's critic set and session context, looked up by the
+        global train row a streamed batch carries. What ``bind_log`` gives, for these rows only
+        (``num_sessions``: all train sessions, which the agent's folds must cover)."""
+        if self.transform == "label":
+            raise ConfigError("transform 'label' needs the whole train split in memory (class means of the "
+                              "weights); it does not train from data.shards", key="strategy.options.transform")
+        agent = self.agent
+        rows = np.concatenate([p.rows for p in parts])
+        order = np.argsort(rows, kind="stable")
+        fold = np.concatenate([agent.fold_of_sessions(p.sessions[p.log.session_of_row()], num_sessions)
+                               for p in parts])
+        self._row_index = torch.from_numpy(rows[order])
+        self._row_fold = torch.from_numpy(fold[order])
+        ctxs = [agent.context_of(p.log) for p in parts]
+        self._row_context = None if ctxs[0] is None else torch.from_numpy(np.concatenate(ctxs)[order])
+        self._class_weights = None
 
     def bind_log(self, train_log, model: nn.Module | None = None) -> None:
         """The train split the model is fine-tuned on: each row's critic set (its session's
         fold) and session context; for ``transform="label"`` also the class-mean weights."""
         agent = self.agent
+        self._row_index = None
         self._row_fold = torch.from_numpy(agent.fold_of_rows(train_log))
         ctx = agent.context_of(train_log)
         self._row_context = None if ctx is None else torch.from_numpy(ctx)
@@ -126,6 +147,8 @@ class RMTLStrategy(Strategy):
         fold = context = None
         if rows is not None and self._row_fold is not None:
             rows = rows.cpu().long()
+            if self._row_index is not None:  # streamed rows: their places in the bound table
+                rows = torch.searchsorted(self._row_index, rows)
             fold = self._row_fold.index_select(0, rows)
             context = None if self._row_context is None else self._row_context.index_select(0, rows)
         return agent.loss_weights(sparse, dense, probs, lam=self.lam, twin=self.twin, fold=fold, context=context)
