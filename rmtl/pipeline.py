@@ -125,7 +125,7 @@ def train_agent(cfg: RunConfig, log, backbone: nn.Module, *, run_dir: str | os.P
     parts, streams, sharing, num_sessions = agent_parts(cfg, log, backbone)
     agent = RMTLAgent(log.spec, ac, backbone if actor is None else actor, seed=cfg.seed)
     sets = f"{agent.num_sets} cross-fitted critic sets" if agent.num_sets > 1 else "1 critic set (not cross-fitted)"
-    cut = f", {streams} streams" if isinstance(log, ShardSource) else ""
+    cut = f", {_count(streams, 'stream')}" if isinstance(log, ShardSource) else ""
     say(f"agent: {num_transitions:,} transitions ({ac.behaviour} behaviour{cut}), {sets}, {ac.steps} updates in all")
     total = agent.num_sets * -(-ac.steps // agent.num_sets)
     with _writer(out if main else None) as writer, _progress(total, "agent", cfg.train.progress and main) as bar:
@@ -177,6 +177,10 @@ def shard_streams(cfg: RunConfig) -> int:
     """The stream count of a sharded run (``data.shard_streams``, default the process count):
     the pipeline's fits and its agent cut the train rows the same way."""
     return int(cfg.data.shard_streams or distributed.world_size())
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _train_rows(log) -> int:
@@ -323,7 +327,7 @@ def run_pipeline(cfg: RunConfig, *, prepared=None, model: nn.Module | None = Non
         with distributed.all_or_none("loading the shards"):
             log = ShardSource.open(resolve_data_dir(cfg.data.shards))
         rows, sessions = int(log.meta["num_rows"]), int(log.meta["num_sessions"])
-        where = f" in {len(log.meta['shards'])} shards, {cfg.data.shard_streams} streams"
+        where = f" in {len(log.meta['shards'])} shards, {_count(cfg.data.shard_streams, 'stream')}"
     else:
         log = load_everywhere(cfg, prepared)
         rows, sessions, where = log.num_rows, log.num_sessions, ""

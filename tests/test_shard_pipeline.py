@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -137,6 +138,17 @@ def check_two_process_pipeline(entry: Path, two: Path, ranks: list[dict], one: P
     assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) < METRIC_ATOL
     assert json.loads((two / "pipeline.json").read_text())["processes"] == 2
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    # the 2-process run, as if it died before its fine-tune, resumed by ONE process: the
+    # config.yaml's 2 streams, the saved critics (not retrained), the 2-process fine-tune
+    died = one.parent / "died"
+    shutil.copytree(two, died)
+    shutil.rmtree(died / "finetune")
+    agent_file = (died / "agent" / "agent.pt").read_bytes()
+    code, out, _ = _cli(["pipeline", "--resume", "--run-dir", str(died)])
+    assert code == 0 and "2 streams" in out
+    assert (died / "agent" / "agent.pt").read_bytes() == agent_file
+    assert _max_diff(_weights(died, "finetune"), _weights(two, "finetune")) < ATOL
+    assert json.loads((died / "pipeline.json").read_text())["processes"] == 1
 
 
 def test_the_agent_command_trains_the_pipeline_critics_from_shards(entries, tmp_path, capsys):
