@@ -354,6 +354,15 @@ class RMTLAgent:
         share = len(parts) * (mine.stop - mine.start) / (per_stream * streams)
         held_sessions = self._heldout_sessions(num_sessions)  # bool [sessions] or None (fixed steps)
         history["stopped_at"] = []  # per set: updates taken (< steps when early stopping stopped it)
+        with distributed.all_or_none("checking the critics' replay pools"):  # before any collective of the updates
+            for p, fold, sessions in zip(parts, row_fold, session_of_row):
+                trainable = np.ones(len(fold), bool) if held_sessions is None else ~held_sessions[sessions]
+                for k in range(self.num_sets):
+                    if not (trainable & ((fold != k) if self.num_sets > 1 else True)).any():
+                        where = f"stream {p.stream} of {streams}" if streams > 1 else "the train split"
+                        raise DataError(f"{where} has no transitions to train critic set {k} on (too few sessions "
+                                        "outside its fold and the held-out ones): prepare with more shards, run "
+                                        "fewer streams (data.shard_streams) or lower agent.folds", column="session")
         for k in range(self.num_sets):
             self._set = k
             replays, held_rows = [], []
@@ -365,10 +374,6 @@ class RMTLAgent:
                     held = held_sessions[sessions]
                     rows = np.flatnonzero(pool & ~held)
                     held_rows.append(torch.from_numpy(np.flatnonzero(pool & held)))
-                if rows is not None and len(rows) == 0 or p.log.num_rows == 0:
-                    raise DataError(f"stream {p.stream} of {streams} has no transitions to train critic set {k} on: "
-                                    "prepare with more shards or run fewer streams (data.shard_streams)",
-                                    column="session")
                 replays.append(RowReplay(p.log, p.transitions, self.device, rows=rows, next_probs=probs))
             stopper = None if held_sessions is None else _EarlyStop(held_rows, cfg.critic_patience)
             seen = [torch.zeros(p.log.num_rows, dtype=torch.bool) for p in parts]

@@ -229,3 +229,23 @@ def test_stream_parts_hold_whole_sessions_and_bind_the_in_memory_weights(entries
     torch.testing.assert_close(streamed._critic_weights(*args, rows), want, rtol=0, atol=0)
     with pytest.raises(Exception, match="sessions"):  # folds of another train split are refused
         streamed.bind_parts(parts, full.num_sessions + 1)
+
+
+def test_a_stream_without_transitions_for_a_critic_set_is_one_clear_error(entries):
+    """A stream too small to train a critic set fails before the first update (so, under
+    torchrun, before any collective another process would wait in), naming the stream."""
+    from dataclasses import replace
+
+    from rmtl.agents.config import AgentConfig
+    from rmtl.agents.rmtl_agent import ReplayPart, RMTLAgent
+    from rmtl.envs import build_transitions
+    from rmtl.errors import DataError
+
+    four, _ = entries
+    full = load_log(four).split("train")
+    first = replace(full, splits={"train": (0, 1), "rest": (1, full.num_sessions)}).split("train")  # one session
+    agent = RMTLAgent(full.spec, AgentConfig(device="cpu", critic_hidden=[8], steps=4, batch_size=8), seed=0)
+    part = ReplayPart(first, build_transitions(first, policy="random", seed=0), np.array([0]), stream=1)
+    with pytest.raises(DataError, match="stream 1 of 2 has no transitions to train critic set"):
+        agent.train_parts([part], streams=2, sharing=None, num_sessions=full.num_sessions)
+    assert agent.steps_done == 0
