@@ -69,9 +69,9 @@ def load_data(data: DataConfig, seed: int = 0):
     return prepare(data.source, data_dir, **kwargs)
 
 
-SHARDS_REFUSED = ("data.shards is read by `rmtl train`, `rmtl pipeline` and `rmtl agent` only; this command needs "
-                  "the whole log "
-                  "(drop data.shards and give data.source / data.data_dir)")
+SHARDS_REFUSED = ("data.shards is streamed by `rmtl train`, `rmtl pipeline`, `rmtl agent` and `rmtl compare`, "
+                  "not loaded whole (drop data.shards and give data.source / data.data_dir, or "
+                  "rmtl.data.shards.load_log the entry)")
 
 
 def check_shards(cfg: RunConfig, *, reads_shards: bool) -> None:
@@ -181,7 +181,7 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
         if stream is None:
             strategy.bind_log(log.split("train"), model)
         elif hasattr(strategy, "bind_parts"):  # this process's streamed rows, bound at the fit's start
-            callbacks = [*callbacks, shard_parts.BindTrainParts(strategy, stream)]
+            callbacks = [*callbacks, shard_parts.BindTrainParts(strategy, stream, model)]
         else:
             raise ConfigError(f"strategy {cfg.strategy.name} needs the whole train split in memory; "
                               "it does not train from data.shards", key="strategy.name")

@@ -249,3 +249,51 @@ def test_a_stream_without_transitions_for_a_critic_set_is_one_clear_error(entrie
     with pytest.raises(DataError, match="stream 1 of 2 has no transitions to train critic set"):
         agent.train_parts([part], streams=2, sharing=None, num_sessions=full.num_sessions)
     assert agent.steps_done == 0
+
+
+def test_compare_reads_shards(entries, tmp_path, capsys):
+    """`rmtl compare data.shards=...`: every arm fine-tunes from the streamed shards; lam0
+    (w = 1) is EW (up to float order: its loss is another sum of the same terms); the label arm's class means are summed over the streams; the
+    bootstrap reads the gathered test rows."""
+    _, one = entries
+    code = main(["compare", "-c", "quickstart", *TINY, "agent.ew_control=false", f"data.shards={one}", "--seeds", "1",
+                 "--jobs", "1", "--arms", "lam0,label", "--bootstrap", "10", "--run-dir", str(tmp_path / "c")])
+    capsys.readouterr()
+    assert code == 0
+    got = json.loads((tmp_path / "c" / "compare.json").read_text())["per_seed"][0]
+    def gap(arm):  # largest metric difference to the EW arm
+        a, b = got["arms"][arm]["finetuned_metrics"], got["arms"]["ew"]["finetuned_metrics"]
+        return max(abs(a[t][m] - b[t][m]) for t in a for m in a[t])
+
+    assert gap("lam0") < 1e-5  # w = 1: EW up to the loss's float order
+    assert np.isfinite(got["arms"]["label"]["finetuned_metrics"]["ctr"]["auc"])
+    assert set(got["bootstrap"]) == {"lam0", "label"}
+    lo, hi = got["bootstrap"]["label"]["ctr"]["auc"]
+    assert lo <= hi and np.isfinite([lo, hi]).all()
+    assert "shard_streams: 1" in (tmp_path / "c" / "config.yaml").read_text()
+
+
+def test_label_class_means_from_stream_parts_equal_the_whole_split(entries):
+    from rmtl.agents.config import AgentConfig
+    from rmtl.agents.rmtl_agent import RMTLAgent, session_folds
+    from rmtl.backbones import build
+    from rmtl.data.shard_parts import train_part
+    from rmtl.data.shard_stream import ShardSource
+    from rmtl.weighting.rmtl_critic import RMTLStrategy
+
+    four, _ = entries
+    source = ShardSource.open(four)
+    full = load_log(four).split("train")
+    torch.manual_seed(0)
+    model = build("mmoe", full.spec, embed_dim=8, num_experts=2, expert_dims=[16], tower_dims=[8])
+    agent = RMTLAgent(full.spec, AgentConfig(device="cpu", critic_hidden=[8], lam=0.5), seed=1)
+    agent.session_fold = session_folds(full.num_sessions, agent.num_sets, 1)
+    memory = RMTLStrategy(full.spec.num_tasks, agent=agent, transform="label")
+    streamed = RMTLStrategy(full.spec.num_tasks, agent=agent, transform="label")
+    memory.bind_log(full, model)
+    streamed.bind_parts([train_part(source, s, 2) for s in range(2)], full.num_sessions, model)
+    assert not torch.allclose(memory._class_weights[0], memory._class_weights[1])
+    torch.testing.assert_close(streamed._class_weights, memory._class_weights, rtol=1e-6, atol=0)
+    uncounted = RMTLStrategy(full.spec.num_tasks, agent=agent, transform="label")
+    uncounted.bind_parts([train_part(source, 0, 2)], full.num_sessions, model, counted=False)
+    assert torch.equal(uncounted._class_weights, torch.zeros_like(memory._class_weights))  # counted by another

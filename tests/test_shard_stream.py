@@ -335,16 +335,15 @@ def test_bad_shards_folder_exits_2_and_leaves_nothing(entries, tmp_path, capsys)
         assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("command", [["compare", "--seeds", "1"]])
-def test_commands_that_need_the_whole_log_refuse_data_shards(entries, tmp_path, capsys, command):
-    """(`rmtl pipeline` and `rmtl agent` read shards: tests/test_shard_pipeline.py.)"""
+def test_loading_a_sharded_entry_whole_is_refused_with_the_commands_that_read_it(entries):
+    """(Every command that starts a run reads data.shards -- tests/test_shard_pipeline.py for
+    pipeline, agent and compare; load_data, which would load the whole log, refuses it.)"""
+    from rmtl.config import DataConfig
+    from rmtl.train import load_data
+
     path, _ = entries
-    code = main([*command, "-c", "quickstart", f"data.shards={path}", "--run-dir", str(tmp_path / "run")])
-    out, err = capsys.readouterr()
-    err = err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "data.shards" in err[0] and "rmtl pipeline" in err[0], err
-    assert out == ""
-    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="data.shards .*`rmtl pipeline`.*`rmtl compare`"):
+        load_data(DataConfig(source="kuairand", shards=str(path)))
 
 
 # ----------------------------------------------------------------------------- another process count

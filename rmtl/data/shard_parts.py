@@ -12,6 +12,7 @@ context, the critics' transitions) is what the whole train split would give for 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,8 +90,11 @@ class BindTrainParts(Callback):
 
     name = "shard_train_rows"
 
-    def __init__(self, strategy, stream):
+    def __init__(self, strategy, stream, model=None):
         self.strategy, self.stream = strategy, stream
+        # the class-mean weights (transform "label") are taken at the fit's START weights, as
+        # bind_log takes them before a resume restores last.pt: a copy of them, kept until bound
+        self.start = copy.deepcopy(model) if getattr(strategy, "transform", None) == "label" else None
 
     def on_fit_start(self, trainer) -> None:
         from rmtl import distributed
@@ -99,4 +103,6 @@ class BindTrainParts(Callback):
         with distributed.all_or_none("reading the train shards"):
             stream._layout()
             parts = [train_part(stream.source, s, stream.streams) for s in stream.mine]
-            self.strategy.bind_parts(parts, train_sessions(stream.source))
+            counted = stream.part is None or stream.part[0] == 0  # a shared stream: its first process counts it
+            self.strategy.bind_parts(parts, train_sessions(stream.source), self.start, counted)
+        self.start = None
