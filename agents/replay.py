@@ -17,9 +17,10 @@ class RowReplay:
     """
 
     def __init__(self, log: SessionLog, transitions: Transitions, device: str | torch.device = "cpu",
-                 rows: np.ndarray | None = None):
+                 rows: np.ndarray | None = None, next_probs: torch.Tensor | None = None):
         """``rows`` (optional) restricts sampling to these transitions (a cross-fitting fold's
-        complement); next states still come from the full log."""
+        complement); next states still come from the full log. ``next_probs`` [N, K]: a frozen
+        actor's probabilities of every row; a batch then carries its next states' (``next_probs``)."""
         if len(transitions) == 0:
             raise ValueError("no transitions to replay")
         if not np.array_equal(transitions.state_row, np.arange(len(transitions))):
@@ -37,6 +38,7 @@ class RowReplay:
         self.done = torch.from_numpy(transitions.done)
         ctx = transitions.context
         self.context = torch.from_numpy(np.ascontiguousarray(ctx, dtype=np.float32)) if ctx is not None else None
+        self.next_probs = next_probs
         self.pool = None if rows is None else torch.from_numpy(np.asarray(rows, dtype=np.int64))
         if self.pool is not None and len(self.pool) == 0:
             raise ValueError("no transitions to replay in the given rows")
@@ -69,6 +71,8 @@ class RowReplay:
             "done": self.done.index_select(0, idx).to(dev), "labels": self.labels.index_select(0, rows).to(dev),
             "next_action": self.action.index_select(0, nxt).to(dev),
         }
+        if self.next_probs is not None:
+            out["next_probs"] = self.next_probs.index_select(0, nxt.to(self.next_probs.device))
         if self.context is not None:
             out["context"] = self.context.index_select(0, rows).to(dev)
             out["next_context"] = self.context.index_select(0, nxt).to(dev)

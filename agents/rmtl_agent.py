@@ -16,6 +16,10 @@ both, and the critic (and actor) gradients are all-reduced share-weighted before
 optimizer step: every process takes the step one process takes on the global minibatch
 (up to float summation order), so the critics are the same everywhere and the same as in
 one process. Cross-fitting is untouched: folds, pools and held-out sessions are global.
+From shards (``train_parts``) the train split is cut into streams of whole sessions, each
+process holding only its streams' transitions: the global minibatch is every stream's own
+draw (its own generator, ``stream_seed``), so it does not depend on who holds which stream;
+folds and held-out sessions are still drawn over the global train sessions.
 
 Cross-fitting (``cross_fit``, the default): train sessions are dealt into ``folds`` folds
 and critic set f is trained only on transitions of the other folds; a train row is then
@@ -32,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,16 +67,48 @@ def backbone_embedding(actor: nn.Module | None):
 
 
 def ips_weights(labels: np.ndarray, clip: float) -> np.ndarray:
-    """float32 [2, K]: weight of a negative (row 0) and a positive (row 1) label per task.
+    """float32 [2, K]: weight of a negative (row 0) and a positive (row 1) label per task
+    (``ips_from_rate`` of the labels' positive rate).
 
     Each class gets half of the total weight (weights 1 / (2 * class rate)), the ratio of a
     positive's to a negative's weight is clipped to [1 / clip, clip], and the weights are
     rescaled so the average weight over the data is 1.
     """
-    rate = np.clip(labels.mean(axis=0).astype(np.float64), 1e-6, 1 - 1e-6)
+    return ips_from_rate(labels.sum(axis=0, dtype=np.float64) / max(len(labels), 1), clip)
+
+
+def ips_from_rate(rate: np.ndarray, clip: float) -> np.ndarray:
+    """``ips_weights`` of tasks with positive rates ``rate`` [K]."""
+    rate = np.clip(np.asarray(rate, np.float64), 1e-6, 1 - 1e-6)
     ratio = np.clip((1 - rate) / rate, 1.0 / clip, clip)  # w_pos / w_neg
     w_neg = 1.0 / ((1 - rate) + rate * ratio)  # so that w_neg * (1 - rate) + w_pos * rate = 1
     return np.stack([w_neg, w_neg * ratio]).astype(np.float32)
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """The seed of stream ``stream``'s generators: ``seed`` itself for stream 0 (so one stream
+    draws what the in-memory agent draws), an independent one for the others."""
+    if stream == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), int(stream)]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def part_slice(n: int, index: int, count: int) -> slice:
+    """Part ``index`` of ``count`` near-equal contiguous parts of ``n`` rows (how processes
+    split a minibatch they share; distributed.my_slice's rule)."""
+    bounds = np.linspace(0, int(n), int(count) + 1).astype(np.int64)
+    return slice(int(bounds[index]), int(bounds[index + 1]))
+
+
+@dataclass
+class ReplayPart:
+    """The transitions of one stream of the train split: whole sessions (in memory: all of
+    them, stream 0 of 1), with each session's index among all train sessions."""
+    log: SessionLog
+    transitions: Transitions
+    sessions: np.ndarray  # int64 [log.num_sessions]: index among all train sessions (folds, held-out draw)
+    stream: int = 0
+    probs: np.ndarray | None = None  # [rows, K]: a frozen actor's probabilities (default: predicted)
 
 
 def session_folds(num_sessions: int, folds: int, seed: int) -> np.ndarray:
@@ -198,18 +234,23 @@ class RMTLAgent:
     def fold_of_rows(self, log: SessionLog) -> np.ndarray:
         """int64 [N]: the critic set that may weight each row of ``log`` (its session's fold).
 
-        ``log`` must be the train split the agent was trained on; -1 everywhere when the
-        critics are not cross-fitted (the one set saw every row)."""
+        ``log`` must be the train split the agent was trained on (fold_of_sessions)."""
+        return self.fold_of_sessions(log.session_of_row(), log.num_sessions)
+
+    def fold_of_sessions(self, sessions: np.ndarray, num_sessions: int) -> np.ndarray:
+        """int64: the critic set that may weight rows of the given sessions (indices among
+        the ``num_sessions`` train sessions the agent was trained on); -1 when the critics are
+        not cross-fitted (the one set saw every row)."""
         if self.num_sets == 1:
-            return np.full(log.num_rows, -1, np.int64)
+            return np.full(len(sessions), -1, np.int64)
         if self.session_fold is None:
             raise ConfigError("the critics are cross-fitted but were never trained (no session folds)",
                               key="agent.cross_fit")
-        if len(self.session_fold) != log.num_sessions:
+        if len(self.session_fold) != num_sessions:
             raise ConfigError(f"the critics were cross-fitted on a train split of {len(self.session_fold)} sessions; "
-                              f"this one has {log.num_sessions}: retrain them on this data",
+                              f"this one has {num_sessions}: retrain them on this data",
                               key="strategy.options.checkpoint")
-        return self.session_fold[log.session_of_row()]
+        return self.session_fold[sessions]
 
     @torch.no_grad()
     def q_values(self, sparse: torch.Tensor, dense: torch.Tensor, actions: torch.Tensor, *, twin: str = "min",
@@ -260,72 +301,97 @@ class RMTLAgent:
         ``log_every`` steps (also written to TensorBoard when ``writer`` is given).
         A frozen actor's probabilities are computed once for every row (or taken from
         ``actor_probs`` [N, K], e.g. the predictions that made the behaviour actions), so a
-        critic update costs no backbone forward pass.
+        critic update costs no backbone forward pass. Under torchrun every process holds the
+        whole split and takes its slice of each global minibatch (the module doc).
         """
+        part = ReplayPart(log, transitions, np.arange(log.num_sessions, dtype=np.int64), probs=actor_probs)
+        sharing = (distributed.rank(), distributed.world_size()) if distributed.active() else None
+        return self.train_parts([part], streams=1, sharing=sharing, num_sessions=log.num_sessions, steps=steps,
+                                writer=writer, progress=progress)
+
+    def train_parts(self, parts: list["ReplayPart"], *, streams: int, sharing: tuple[int, int] | None,
+                    num_sessions: int, steps: int | None = None, writer=None, progress=None) -> dict[str, list[float]]:
+        """``train`` on the train split cut into ``streams`` streams of whole sessions, of which
+        this process holds ``parts`` (rmtl.data.shard_parts; in memory: the one stream, all of
+        it). The global minibatch is every stream's ``batch_size // streams`` transitions,
+        drawn from that stream's pool by its own generator (``stream_seed``), in stream order;
+        ``sharing`` = (index, count): this process takes that contiguous part of its one
+        stream's draw (processes sharing a stream; in memory every process shares stream 0).
+        Folds and held-out sessions are drawn over the ``num_sessions`` train sessions (the
+        parts' ``sessions`` index them), so neither depends on the stream or process count."""
         cfg = self.config
         if cfg.num_threads is None:
-            return self._train(log, transitions, steps=steps, writer=writer, progress=progress, actor_probs=actor_probs)
+            return self._train(parts, streams, sharing, num_sessions, steps, writer, progress)
         before = torch.get_num_threads()
         torch.set_num_threads(cfg.num_threads)  # small critics: fewer threads are often faster on busy CPUs
         try:
-            return self._train(log, transitions, steps=steps, writer=writer, progress=progress, actor_probs=actor_probs)
+            return self._train(parts, streams, sharing, num_sessions, steps, writer, progress)
         finally:
             torch.set_num_threads(before)
 
-    def _train(self, log: SessionLog, transitions: Transitions, *, steps: int | None, writer, progress,
-               actor_probs: np.ndarray | None) -> dict:
+    def _train(self, parts: list["ReplayPart"], streams: int, sharing: tuple[int, int] | None, num_sessions: int,
+               steps: int | None, writer, progress) -> dict:
         cfg = self.config
         steps = cfg.steps if steps is None else int(steps)
         steps = -(-steps // self.num_sets)  # the total is split over the sets: cross-fitting costs no extra time
-        if transitions.action.shape[1] != self.spec.num_tasks:
-            raise DataError(f"transitions have {transitions.action.shape[1]} tasks, the agent {self.spec.num_tasks}",
-                            column="action")
-        want = self.critics[0].context_dim
-        if want and (transitions.context is None or transitions.context.shape[1] != want):
-            # the same features build_transitions makes; computed here when the caller did not ask for them
-            transitions = replace(transitions, context=session_context(log, self.context_names))
-        ips = torch.from_numpy(ips_weights(log.labels, cfg.ips_clip)).to(self.device) if cfg.ips else None
-        if self.num_sets > 1 and (self.session_fold is None or len(self.session_fold) != log.num_sessions):
-            self.session_fold = session_folds(log.num_sessions, self.num_sets, self.seed)
-        row_fold = self.fold_of_rows(log)
+        parts = [self._checked_part(p) for p in parts]
+        ips = self._ips(parts, sharing) if cfg.ips else None
+        if self.num_sets > 1 and (self.session_fold is None or len(self.session_fold) != num_sessions):
+            self.session_fold = session_folds(num_sessions, self.num_sets, self.seed)
+        session_of_row = [p.sessions[p.log.session_of_row()] for p in parts]
+        row_fold = [self.session_fold[s] if self.num_sets > 1 else np.full(len(s), -1, np.int64)
+                    for s in session_of_row]
         tasks = self.spec.tasks
         history: dict[str, list[float]] = {"step": [], "set": [], "td_loss": [], **{f"td_loss/{t}": [] for t in tasks}}
         if self.actor is not None:
             self.actor.eval()  # no dropout / batch-norm updates while it only proposes a'
-        self._frozen_probs = None
-        if self.actor is not None and not cfg.actor_update:
-            if actor_probs is None:
-                actor_probs = predict(self.actor_target, log)  # the shared loop: eval mode, no grad
-            elif actor_probs.shape != log.labels.shape:
-                raise DataError(f"actor_probs have shape {actor_probs.shape}, expected {log.labels.shape}",
-                                column="actor_probs")
-            self._frozen_probs = torch.as_tensor(np.asarray(actor_probs, dtype=np.float32), device=self.device)
+        frozen = [self._frozen(p) for p in parts]  # a frozen actor's probabilities of every row, or None
+        self._frozen_probs = frozen[0] if len(frozen) == 1 else None  # the one part's (inspected by tests)
         self.trained_rows = []
-        distributed.check_global_batch(cfg.batch_size, "agent.batch_size")
-        part = distributed.my_slice(cfg.batch_size)  # this process's rows of every global minibatch
-        share = (part.stop - part.start) / cfg.batch_size
-        held = self._heldout_rows(log)  # bool [N] or None (fixed steps)
+        distributed.check_global_batch(cfg.batch_size, "agent.batch_size", max(streams, distributed.world_size()))
+        per_stream = cfg.batch_size // streams  # each stream's rows of a global minibatch
+        mine = part_slice(per_stream, *sharing) if sharing is not None else slice(0, per_stream)
+        share = len(parts) * (mine.stop - mine.start) / (per_stream * streams)
+        held_sessions = self._heldout_sessions(num_sessions)  # bool [sessions] or None (fixed steps)
         history["stopped_at"] = []  # per set: updates taken (< steps when early stopping stopped it)
+        with distributed.all_or_none("checking the critics' replay pools"):  # before any collective of the updates
+            for p, fold, sessions in zip(parts, row_fold, session_of_row):
+                trainable = np.ones(len(fold), bool) if held_sessions is None else ~held_sessions[sessions]
+                for k in range(self.num_sets):
+                    if not (trainable & ((fold != k) if self.num_sets > 1 else True)).any():
+                        where = f"stream {p.stream} of {streams}" if streams > 1 else "the train split"
+                        raise DataError(f"{where} has no transitions to train critic set {k} on (too few sessions "
+                                        "outside its fold and the held-out ones): prepare with more shards, run "
+                                        "fewer streams (data.shard_streams) or lower agent.folds", column="session")
         for k in range(self.num_sets):
             self._set = k
-            mine = np.ones(log.num_rows, bool) if self.num_sets == 1 else row_fold != k
-            if held is None:
-                rows, stopper = (None if self.num_sets == 1 else np.flatnonzero(mine)), None
-            else:
-                rows = np.flatnonzero(mine & ~held)
-                stopper = _EarlyStop(torch.from_numpy(np.flatnonzero(mine & held)), cfg.critic_patience)
-            buffer = RowReplay(log, transitions, self.device, rows=rows)
-            seen = torch.zeros(log.num_rows, dtype=torch.bool)
-            gen = torch.Generator().manual_seed(self.seed + self.steps_done)
-            noise_gen = torch.Generator(device=self.device).manual_seed(self.seed + 1 + self.steps_done)
+            replays, held_rows = [], []
+            for p, fold, sessions, probs in zip(parts, row_fold, session_of_row, frozen):
+                pool = np.ones(p.log.num_rows, bool) if self.num_sets == 1 else fold != k
+                if held_sessions is None:
+                    rows = None if self.num_sets == 1 else np.flatnonzero(pool)
+                else:
+                    held = held_sessions[sessions]
+                    rows = np.flatnonzero(pool & ~held)
+                    held_rows.append(torch.from_numpy(np.flatnonzero(pool & held)))
+                replays.append(RowReplay(p.log, p.transitions, self.device, rows=rows, next_probs=probs))
+            stopper = None if held_sessions is None else _EarlyStop(held_rows, cfg.critic_patience)
+            seen = [torch.zeros(p.log.num_rows, dtype=torch.bool) for p in parts]
+            gens = [torch.Generator().manual_seed(stream_seed(self.seed + self.steps_done, p.stream)) for p in parts]
+            noise_gens = [torch.Generator(device=self.device).manual_seed(stream_seed(self.seed + 1 + self.steps_done,
+                                                                                      p.stream)) for p in parts]
             running = torch.zeros(len(tasks), device=self.device)
             count = 0
             for i in range(steps):
-                idx = buffer.draw(cfg.batch_size, gen)  # the global minibatch: the same on every process
-                seen[buffer.state_row.index_select(0, idx)] = True
-                noise = self._target_noise(cfg.batch_size, noise_gen)  # drawn for the global batch too
-                b = buffer.batch(idx[part])  # this process's slice (all of it in one process)
-                td = self._critic_step(b, ips, None if noise is None else noise[part], share)
+                pieces, noises = [], []
+                for replay, gen, noise_gen, used in zip(replays, gens, noise_gens, seen):
+                    idx = replay.draw(per_stream, gen)  # the stream's draw: the same on every process holding it
+                    used[replay.state_row.index_select(0, idx)] = True
+                    noise = self._target_noise(per_stream, noise_gen)  # drawn for the stream's rows too
+                    pieces.append(replay.batch(idx[mine]))  # this process's part (all of it unless shared)
+                    noises.append(None if noise is None else noise[mine])
+                b = pieces[0] if len(pieces) == 1 else {key: torch.cat([x[key] for x in pieces]) for key in pieces[0]}
+                td = self._critic_step(b, ips, None if noises[0] is None else torch.cat(noises), share)
                 running += td
                 count += 1
                 self.steps_done += 1
@@ -349,7 +415,7 @@ class RMTLAgent:
                 if progress is not None:
                     progress(1)
                 if stopper is not None and ((i + 1) % cfg.critic_eval_every == 0 or last):
-                    stopper.observe(self._heldout_td(buffer, stopper.rows, ips), i + 1, self)
+                    stopper.observe(self._heldout_td(replays, stopper.rows, ips, sharing), i + 1, self)
                     for key, value in (("set", k), ("step", i + 1), ("td", stopper.history[-1])):
                         history.setdefault(f"heldout/{key}", []).append(value)
                     if stopper.done:
@@ -359,11 +425,46 @@ class RMTLAgent:
             if stopper is not None:
                 stopper.restore(self)
             history["stopped_at"].append(i + 1 if steps else 0)
-            self.trained_rows.append(seen.numpy())
+            self.trained_rows.append(torch.cat(seen).numpy())
         self._set = 0
         if distributed.active():  # identical already (same reduced steps); rank 0's, so it is guaranteed
             self._broadcast()
         return history
+
+    def _checked_part(self, part: "ReplayPart") -> "ReplayPart":
+        transitions = part.transitions
+        if transitions.action.shape[1] != self.spec.num_tasks:
+            raise DataError(f"transitions have {transitions.action.shape[1]} tasks, the agent {self.spec.num_tasks}",
+                            column="action")
+        want = self.critics[0].context_dim
+        if want and (transitions.context is None or transitions.context.shape[1] != want):
+            # the same features build_transitions makes; computed here when the caller did not ask for them
+            part = replace(part, transitions=replace(transitions, context=session_context(part.log, self.context_names)))
+        return part
+
+    def _ips(self, parts: list["ReplayPart"], sharing: tuple[int, int] | None) -> torch.Tensor:
+        """IPS weights from the label rates of the WHOLE train split (summed over the processes;
+        a stream shared by several processes is counted by the first of them)."""
+        k = self.spec.num_tasks
+        counted = sharing is None or sharing[0] == 0
+        sums = [float(x) for x in (sum(p.log.labels.sum(axis=0, dtype=np.float64) for p in parts)
+                                   if counted and parts else np.zeros(k))]
+        rows = float(sum(p.log.num_rows for p in parts)) if counted else 0.0
+        total = distributed.sum_over_ranks([*sums, rows])
+        rate = np.asarray(total[:k], np.float64) / max(total[k], 1.0)
+        return torch.from_numpy(ips_from_rate(rate, self.config.ips_clip)).to(self.device)
+
+    def _frozen(self, part: "ReplayPart") -> torch.Tensor | None:
+        """A frozen actor's probabilities of every row of ``part`` (its a' for any next state)."""
+        if self.actor is None or self.config.actor_update:
+            return None
+        probs = part.probs
+        if probs is None:
+            probs = predict(self.actor_target, part.log)  # the shared loop: eval mode, no grad
+        elif probs.shape != part.log.labels.shape:
+            raise DataError(f"actor_probs have shape {probs.shape}, expected {part.log.labels.shape}",
+                            column="actor_probs")
+        return torch.as_tensor(np.asarray(probs, dtype=np.float32), device=self.device)
 
     def _broadcast(self) -> None:
         distributed.broadcast_module(self.critics)
@@ -379,42 +480,46 @@ class RMTLAgent:
         noise = torch.randn((batch_size, self.spec.num_tasks), generator=gen, device=self.device)
         return noise * self.config.policy_noise
 
-    def _heldout_rows(self, log: SessionLog) -> np.ndarray | None:
-        """bool [N]: rows of the sessions held out for early stopping (None: early stopping off).
-        One seeded draw per session, so every set holds out the same sessions of its folds."""
+    def _heldout_sessions(self, num_sessions: int) -> np.ndarray | None:
+        """bool [sessions]: the train sessions held out for early stopping (None: early stopping
+        off). One seeded draw per session, so every set holds out the same sessions of its folds."""
         cfg = self.config
         if cfg.critic_eval_every is None:
             return None
-        held = np.random.default_rng([int(self.seed), 11]).random(log.num_sessions) < cfg.critic_holdout
+        held = np.random.default_rng([int(self.seed), 11]).random(num_sessions) < cfg.critic_holdout
         if not held.any():
-            raise DataError(f"agent.critic_holdout={cfg.critic_holdout} of {log.num_sessions} sessions holds out none: "
+            raise DataError(f"agent.critic_holdout={cfg.critic_holdout} of {num_sessions} sessions holds out none: "
                             "raise it or turn early stopping off (agent.critic_eval_every: null)", column="session")
-        return held[log.session_of_row()]
+        return held
 
     @torch.no_grad()
-    def _heldout_td(self, buffer: RowReplay, rows: torch.Tensor, ips: torch.Tensor | None,
-                    chunk: int = 8192) -> float:
+    def _heldout_td(self, replays: list[RowReplay], rows: list[torch.Tensor], ips: torch.Tensor | None,
+                    sharing: tuple[int, int] | None = None, chunk: int = 8192) -> float:
         """Mean TD error (over rows, twins and tasks; IPS-weighted as in training) of the
-        current critic set on transitions ``rows``, against its target without target noise."""
+        current critic set on the held-out transitions ``rows`` of each replay, against its
+        target without target noise; summed over the processes (a shared stream's rows split)."""
         cfg = self.config
         self.critic.eval()
-        rows = rows[distributed.my_slice(len(rows))]  # each process its share; the sums are added up below
         total, n = 0.0, 0
-        for start in range(0, len(rows), chunk):
-            b = buffer.batch(rows[start:start + chunk])
-            if self.actor_target is None:
-                nxt = b["next_action"]
-            elif self._frozen_probs is not None:
-                nxt = self._frozen_probs.index_select(0, b["next_rows"].to(self.device))
-            else:
-                nxt = self._actor_probs(self.actor_target, b["next_sparse"], b["next_dense"])
-            q_next = self.critic_target(b["next_sparse"], b["next_dense"], nxt, b.get("next_context")).min(dim=1).values
-            target = b["reward"] + cfg.gamma * (1.0 - b["done"]).unsqueeze(1) * q_next
-            err = (self.critic(b["sparse"], b["dense"], b["action"], b.get("context")) - target.unsqueeze(1)).pow(2)
-            if ips is not None:
-                err = err * torch.where(b["labels"] > 0.5, ips[1], ips[0]).unsqueeze(1)
-            total += float(err.mean(dim=(1, 2)).sum())
-            n += err.shape[0]
+        for replay, held in zip(replays, rows):
+            if sharing is not None:
+                held = held[part_slice(len(held), *sharing)]  # each sharer its part; the sums are added up below
+            for start in range(0, len(held), chunk):
+                b = replay.batch(held[start:start + chunk])
+                if self.actor_target is None:
+                    nxt = b["next_action"]
+                elif "next_probs" in b:
+                    nxt = b["next_probs"]
+                else:
+                    nxt = self._actor_probs(self.actor_target, b["next_sparse"], b["next_dense"])
+                q_next = self.critic_target(b["next_sparse"], b["next_dense"], nxt,
+                                            b.get("next_context")).min(dim=1).values
+                target = b["reward"] + cfg.gamma * (1.0 - b["done"]).unsqueeze(1) * q_next
+                err = (self.critic(b["sparse"], b["dense"], b["action"], b.get("context")) - target.unsqueeze(1)).pow(2)
+                if ips is not None:
+                    err = err * torch.where(b["labels"] > 0.5, ips[1], ips[0]).unsqueeze(1)
+                total += float(err.mean(dim=(1, 2)).sum())
+                n += err.shape[0]
         total, n = distributed.sum_over_ranks([total, float(n)])
         return total / max(n, 1)
 
@@ -426,8 +531,8 @@ class RMTLAgent:
         self.critic.train()
         with torch.no_grad():
             if self.actor_target is not None:
-                if self._frozen_probs is not None:
-                    nxt = self._frozen_probs.index_select(0, b["next_rows"].to(self.device))
+                if "next_probs" in b:  # a frozen actor's, precomputed
+                    nxt = b["next_probs"]
                 else:
                     nxt = self._actor_probs(self.actor_target, b["next_sparse"], b["next_dense"])
                 nxt = (nxt + noise.clamp(-cfg.noise_clip, cfg.noise_clip)).clamp(0.0, 1.0)

@@ -35,7 +35,8 @@ import torch
 
 from rmtl.fusion.data import FusionDataset
 from rmtl.fusion.estimators import ESTIMATORS, estimate_all, make_critic
-from rmtl.fusion.ope import bootstrap_counts, capped, dr_terms, dr_with_bootstrap, episode_grid, fqe_ensemble, weighted_dr
+from rmtl.fusion.ope import (bootstrap_counts, capped, dr_terms, dr_with_bootstrap, episode_grid, fqe_ensemble,
+                             weighted_dr, weighted_dr_many)
 from rmtl.fusion.policies import load_policy
 from rmtl.fusion.slates import SlateSpec
 from rmtl.fusion.validation import distinguishable_pairs, resolution, spearman, tie_aware
@@ -153,7 +154,7 @@ def main() -> None:
                 for n, act in policies.items():
                     torch.manual_seed(cfg.seed)  # BCQ samples its proposals
                     g = capped(dr_terms(held, act, spec, cfg.fqe.gamma, saved_critic(run, n)), float(cap), mode)
-                    point[n], samples[n] = weighted_dr(g), np.array([weighted_dr(g, c) for c in counts])
+                    point[n], samples[n] = weighted_dr(g), weighted_dr_many(g, counts)
             elif key == "dr_xfit":  # each half's critic is fitted on the other half of the episodes
                 ep, _, n_ep = episode_grid(held)
                 half = np.random.default_rng(cfg.seed).permutation(n_ep) < n_ep // 2
@@ -167,7 +168,7 @@ def main() -> None:
                         q[use], v[use] = c.q_values(held)[use], c.q_values(held, act)[use]
                     torch.manual_seed(cfg.seed)
                     g = dr_terms(held, act, spec, cfg.fqe.gamma, FixedCritic(q, v))
-                    point[n], samples[n] = weighted_dr(g), np.array([weighted_dr(g, c) for c in counts])
+                    point[n], samples[n] = weighted_dr(g), weighted_dr_many(g, counts)
             elif key == "mtf_gauc":  # a ranking criterion with its paired user bootstrap
                 from rmtl.fusion.fqe import gauc_mean, gauc_resampled, mtf_gauc_groups, user_bootstrap
 

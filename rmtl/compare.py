@@ -32,6 +32,7 @@ import numpy as np
 from rmtl.atomic import atomic_path, write_json, write_text
 from rmtl.config import RunConfig, StrategyConfig
 from rmtl.data.prepare import as_session_log
+from rmtl.data.shard_stream import ShardSource
 from rmtl.errors import ConfigError
 from rmtl.tables import text_table
 
@@ -86,8 +87,8 @@ def run_seed(cfg: RunConfig, seed: int, arms: list[str], root: str | os.PathLike
     import torch
 
     from rmtl.metrics import mean_metric
-    from rmtl.pipeline import finetune_arm, train_agent
-    from rmtl.train import fit, load_data
+    from rmtl.pipeline import _prepared, finetune_arm, train_agent
+    from rmtl.train import fit
 
     if threads:
         torch.set_num_threads(int(threads))
@@ -96,9 +97,9 @@ def run_seed(cfg: RunConfig, seed: int, arms: list[str], root: str | os.PathLike
     data_seed = cfg.data.seed if cfg.data.seed is not None else cfg.seed
     cfg = replace(cfg, seed=int(seed), data=replace(cfg.data, seed=data_seed),
                   train=replace(cfg.train, progress=False))
-    prepared = load_data(cfg.data, cfg.seed)
-    log = as_session_log(prepared)
-    pre = fit(replace(cfg, strategy=StrategyConfig(name="ew", options={})), prepared=log, run_dir=root, tag="pretrain")
+    log = _seed_data(cfg)
+    pre = fit(replace(cfg, strategy=StrategyConfig(name="ew", options={})), prepared=_prepared(log), run_dir=root,
+              tag="pretrain")
     pretrained = pre.model.eval()
     pre_val = mean_metric(pre.metrics["val"], "auc")
     stage = train_agent(cfg, log, pretrained, run_dir=root)
@@ -108,7 +109,7 @@ def run_seed(cfg: RunConfig, seed: int, arms: list[str], root: str | os.PathLike
         strategy_cfg, strategy = _arm_strategy(name, stage.agent, seed)
         results[name] = finetune_arm(cfg, log, pretrained, pre_val, name, strategy_cfg, strategy=strategy,
                                      run_dir=root, tag=name, step_offset=pre.steps)
-    test = log.split("test")
+    test = shard_test_rows(log) if isinstance(log, ShardSource) else log.split("test")
     boot = {}
     if bootstrap:
         for name, arm in results.items():
@@ -122,6 +123,30 @@ def run_seed(cfg: RunConfig, seed: int, arms: list[str], root: str | os.PathLike
            "bootstrap": boot}
     say(f"seed {seed}: done in {out['seconds']:.0f}s")
     return out
+
+
+def _seed_data(cfg: RunConfig):
+    """A seed's data: the SessionLog (from the cache run_compare filled), or the sharded entry
+    of ``data.shards``, which every stage then streams / reads per stream (rmtl.pipeline)."""
+    from rmtl.train import load_data, resolve_data_dir
+
+    if cfg.data.shards:
+        return ShardSource.open(resolve_data_dir(cfg.data.shards))
+    return as_session_log(load_data(cfg.data, cfg.seed))
+
+
+def shard_test_rows(source: ShardSource):
+    """What the bootstrap reads of a sharded entry's test split, in the order of the gathered
+    probabilities (global row order): ``session_ptr`` and ``labels``."""
+    from types import SimpleNamespace
+
+    parts = list(source.chunks("test", part=0, parts=1))
+    row = np.concatenate([c["row"] for c in parts])
+    order = np.argsort(row, kind="stable")
+    session = np.concatenate([c["session"] for c in parts])[order]
+    labels = np.concatenate([c["labels"] for c in parts])[order]
+    starts = np.flatnonzero(np.r_[True, session[1:] != session[:-1]])
+    return SimpleNamespace(session_ptr=np.r_[starts, len(session)].astype(np.int64), labels=labels)
 
 
 def bootstrap_ci(test, probs: np.ndarray, control: np.ndarray, tasks, *, draws: int = 200, seed: int = 0,
@@ -258,9 +283,11 @@ def run_compare(cfg: RunConfig, *, seeds: int = 10, arms=DEFAULT_ARMS, jobs: int
     threads = max(1, cores // jobs)
     t0 = time.perf_counter()
     data_seed = cfg.data.seed if cfg.data.seed is not None else cfg.seed
-    prepared = load_data(replace(cfg.data, seed=data_seed), cfg.seed)  # once, so workers read the cache
-    log = as_session_log(prepared)
-    tasks = list(log.spec.tasks)
+    if cfg.data.shards:  # prepared already: each seed streams it
+        tasks = list(_seed_data(cfg).spec.tasks)
+    else:
+        prepared = load_data(replace(cfg.data, seed=data_seed), cfg.seed)  # once, so workers read the cache
+        tasks = list(as_session_log(prepared).spec.tasks)
     seed_list = [cfg.seed + i for i in range(int(seeds))]
     say(f"compare: {len(arms)} arms ({', '.join(arms)}) x {seeds} seeds, {jobs} process(es) x {threads} thread(s)")
     if jobs == 1:

@@ -24,6 +24,13 @@ Under torchrun every stage is data-parallel (rmtl.distributed): the fits shard e
 batch, the agent shards each critic minibatch (rmtl.agents.rmtl_agent), predictions for
 the transitions and the tables are sharded and gathered; only rank 0 writes files and
 prints, and every rank returns the same result.
+
+With ``data.shards`` (a sharded entry) no process holds the log: the fits stream each
+process's shards (rmtl.data.shard_stream), the agent stage reads the train rows of its
+streams only (``agent_parts``: whole sessions, folds over the global train sessions, one
+generator per stream), and the tables gather the val / test rows to rank 0. With
+``data.shard_streams`` fixed the result does not depend on the process count (up to float
+summation order); docs/shards.md.
 """
 
 from __future__ import annotations
@@ -39,12 +46,16 @@ import numpy as np
 from torch import nn
 
 from rmtl import distributed
-from rmtl.agents.rmtl_agent import RMTLAgent
+from rmtl.agents.rmtl_agent import ReplayPart, RMTLAgent, stream_seed
 from rmtl.atomic import read_json, write_json, write_text
 from rmtl.config import RunConfig, StrategyConfig
+from rmtl.data import shard_stream
+from rmtl.data.shard_parts import train_part, train_sessions
+from rmtl.data.shard_stream import ShardSource
 from rmtl.data.sessionlog import SessionLog
 from rmtl.envs.transitions import build_transitions
 from rmtl.distributed import predict_sharded
+from rmtl.predict import predict
 from rmtl.tables import text_table
 
 TABLE_METRICS = ("auc", "logloss", "session_logloss", "gauc", "calibration", "platt_logloss")
@@ -85,12 +96,14 @@ class PipelineResult:
     arms: dict = field(default_factory=dict)  # name -> ArmResult ("rmtl", "ew" when the control ran)
 
 
-def train_agent(cfg: RunConfig, log: SessionLog, backbone: nn.Module, *, run_dir: str | os.PathLike,
+def train_agent(cfg: RunConfig, log, backbone: nn.Module, *, run_dir: str | os.PathLike,
                 actor: nn.Module | None = None, out_path: str | os.PathLike | None = None,
                 say: Callable[[str], None] = lambda s: None, resume: bool = False) -> AgentStage:
     """The agent stage: behaviour actions from ``backbone``'s train predictions, critics
     trained on all train transitions, saved to ``<run_dir>/agent/agent.pt``.
 
+    ``log``: the SessionLog, or a sharded entry (``ShardSource``, ``data.shards``): each
+    process then reads the train rows of its own streams only (``agent_parts``).
     ``actor`` (default: ``backbone``; when given, a copy with the same weights) proposes
     the next actions a'; with
     ``agent.actor_update`` it is also updated (TD3+BC) in place. ``out_path`` replaces
@@ -104,38 +117,85 @@ def train_agent(cfg: RunConfig, log: SessionLog, backbone: nn.Module, *, run_dir
     main = distributed.is_main()
     say = say if main else (lambda s: None)
     t0 = time.perf_counter()
-    train_log = log.split("train") if "train" in log.splits and len(log.splits) > 1 else log
+    num_transitions = _train_rows(log)
     if distributed.from_rank0(resume and target.exists()):
-        return _load_agent_stage(target, train_log, backbone if actor is None else actor, t0)
+        return _load_agent_stage(target, num_transitions, backbone if actor is None else actor, t0)
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    # the backbone's train predictions: the behaviour actions (plus noise), and a' of a frozen actor
-    preds = predict_sharded(backbone, train_log, batch_size=cfg.train.eval_batch_size)
-    actions = preds if ac.behaviour == "noisy" else None
-    transitions = build_transitions(train_log, actions, policy=ac.behaviour, noise_std=ac.behaviour_noise,
-                                    seed=cfg.seed, reward=ac.reward, context=ac.context)
+    parts, streams, sharing, num_sessions = agent_parts(cfg, log, backbone)
     agent = RMTLAgent(log.spec, ac, backbone if actor is None else actor, seed=cfg.seed)
     sets = f"{agent.num_sets} cross-fitted critic sets" if agent.num_sets > 1 else "1 critic set (not cross-fitted)"
-    say(f"agent: {len(transitions):,} transitions ({ac.behaviour} behaviour), {sets}, {ac.steps} updates in all")
+    cut = f", {_count(streams, 'stream')}" if isinstance(log, ShardSource) else ""
+    say(f"agent: {num_transitions:,} transitions ({ac.behaviour} behaviour{cut}), {sets}, {ac.steps} updates in all")
     total = agent.num_sets * -(-ac.steps // agent.num_sets)
     with _writer(out if main else None) as writer, _progress(total, "agent", cfg.train.progress and main) as bar:
-        # a frozen actor starts from the backbone's weights, so its a' are these predictions
-        history = agent.train(train_log, transitions, writer=writer, actor_probs=preds, progress=bar.update)
+        history = agent.train_parts(parts, streams=streams, sharing=sharing, num_sessions=num_sessions,
+                                    writer=writer, progress=bar.update)
     if main:
         agent.save(target)
         _write_json({"history": history, "config": agent.state_dict()["config"]}, out / "history.json")
     _barrier()  # the agent file exists for every rank that can see it before anyone goes on
     return AgentStage(agent=agent, path=target, history=history, seconds=time.perf_counter() - t0,
-                      num_transitions=len(transitions))
+                      num_transitions=num_transitions)
 
 
-def _load_agent_stage(path: Path, train_log: SessionLog, actor: nn.Module, t0: float) -> AgentStage:
+def agent_parts(cfg: RunConfig, log, backbone: nn.Module) -> tuple[list[ReplayPart], int, tuple | None, int]:
+    """(this process's ReplayParts, the stream count, its sharing, the train session count).
+
+    In memory: one stream, the whole train split on every process (its predictions sharded
+    and gathered), each process taking its slice of every minibatch. From shards: the train
+    rows are cut into S = ``data.shard_streams`` streams (shard_stream.assign, as the fits'),
+    each process reads its streams' train rows (whole sessions: users are partitioned by
+    hash) and predicts, draws its behaviour noise (``stream_seed``) and builds the
+    transitions of those rows alone. A frozen actor's a' are these predictions."""
+    ac = cfg.agent
+    batch = cfg.train.eval_batch_size
+
+    def part(train_log: SessionLog, preds: np.ndarray, stream: int, sessions: np.ndarray) -> ReplayPart:
+        transitions = build_transitions(train_log, preds if ac.behaviour == "noisy" else None, policy=ac.behaviour,
+                                        noise_std=ac.behaviour_noise, seed=stream_seed(cfg.seed, stream),
+                                        reward=ac.reward, context=ac.context)
+        return ReplayPart(train_log, transitions, sessions, stream=stream, probs=preds)
+
+    if not isinstance(log, ShardSource):
+        train_log = log.split("train") if "train" in log.splits and len(log.splits) > 1 else log
+        preds = predict_sharded(backbone, train_log, batch_size=batch)
+        sharing = (distributed.rank(), distributed.world_size()) if distributed.active() else None
+        return [part(train_log, preds, 0, np.arange(train_log.num_sessions))], 1, sharing, train_log.num_sessions
+    streams = shard_streams(cfg)
+    with distributed.all_or_none("reading the train shards"):
+        mine, sharing = shard_stream.assign(distributed.rank(), distributed.world_size(), streams)
+        distributed.check_global_batch(ac.batch_size, "agent.batch_size", max(streams, distributed.world_size()))
+        parts = []
+        for s in mine:
+            tp = train_part(log, s, streams)
+            parts.append(part(tp.log, predict(backbone, tp.log, batch), s, tp.sessions))
+    return parts, streams, sharing, train_sessions(log)
+
+
+def shard_streams(cfg: RunConfig) -> int:
+    """The stream count of a sharded run (``data.shard_streams``, default the process count):
+    the pipeline's fits and its agent cut the train rows the same way."""
+    return int(cfg.data.shard_streams or distributed.world_size())
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _train_rows(log) -> int:
+    if isinstance(log, ShardSource):
+        return int(sum(int(s["rows_by_split"]["train"]) for s in log.meta["shards"]))
+    return (log.split("train") if "train" in log.splits and len(log.splits) > 1 else log).num_rows
+
+
+def _load_agent_stage(path: Path, num_transitions: int, actor: nn.Module, t0: float) -> AgentStage:
     """A finished agent stage of a run being resumed: its critics (and updated actor)."""
     agent = RMTLAgent.load(path, actor=actor)
     saved = path.parent / "history.json"
     history = read_json(saved, "agent history")["history"] if saved.exists() else {"td_loss": [float("nan")]}
     return AgentStage(agent=agent, path=path, history=history, seconds=time.perf_counter() - t0,
-                      num_transitions=train_log.num_rows)
+                      num_transitions=num_transitions)
 
 
 def _writer(folder: Path | None):
@@ -170,13 +230,18 @@ def _finetune_cfg(cfg: RunConfig, strategy: StrategyConfig) -> RunConfig:
     return replace(cfg, strategy=strategy, train=train)
 
 
-def evaluate_full(model: nn.Module, log: SessionLog, batch_size: int = 8192) -> tuple[dict, np.ndarray]:
+def evaluate_full(model: nn.Module, log, batch_size: int = 8192) -> tuple[dict, np.ndarray | None]:
     """({task: {auc, logloss, session_logloss, gauc, calibration, platt_logloss}} on test, test probs).
 
-    Platt scaling is fitted on the val split's predictions and applied to test."""
+    Platt scaling is fitted on the val split's predictions and applied to test. ``log`` may
+    be a sharded entry (ShardSource): each process predicts its own val / test rows, which
+    are gathered to rank 0 in global row order (the numbers of one process over all
+    shards); rank 0 sends the metrics to all, and only rank 0 gets the test probabilities."""
     from rmtl.calibration import calibration_metrics
     from rmtl.metrics import evaluate_predictions
 
+    if isinstance(log, ShardSource):
+        return _evaluate_shards(model, log, batch_size)
     val, test = log.split("val"), log.split("test")
     # under torchrun each rank predicts its share of the rows; all get every row's probabilities
     pv, pt = predict_sharded(model, val, batch_size), predict_sharded(model, test, batch_size)
@@ -184,6 +249,24 @@ def evaluate_full(model: nn.Module, log: SessionLog, batch_size: int = 8192) -> 
     for k, task in enumerate(log.spec.tasks):
         metrics[task].update(calibration_metrics(val.labels[:, k], pv[:, k], test.labels[:, k], pt[:, k]))
     return metrics, pt
+
+
+def _evaluate_shards(model: nn.Module, source: ShardSource, batch_size: int) -> tuple[dict, np.ndarray | None]:
+    from rmtl.calibration import calibration_metrics
+    from rmtl.metrics import evaluate_predictions
+    from rmtl.predict import task_columns
+
+    val = shard_stream.gather_predictions(model, source.split("val"), batch_size, dst=0)
+    test = shard_stream.gather_predictions(model, source.split("test"), batch_size, dst=0)
+    metrics = probs = None
+    if test is not None:  # rank 0
+        tasks = [source.spec.tasks[c] for c in task_columns(model, source.spec.num_tasks)]
+        probs = test["probs"]
+        metrics = evaluate_predictions(test["labels"], probs, test["session"], test["user"], tasks)
+        for k, task in enumerate(tasks):
+            metrics[task].update(calibration_metrics(val["labels"][:, k], val["probs"][:, k],
+                                                     test["labels"][:, k], probs[:, k]))
+    return distributed.from_rank0(metrics), probs
 
 
 def finetune_arm(cfg: RunConfig, log: SessionLog, start: nn.Module, start_val_auc: float, name: str,
@@ -199,7 +282,7 @@ def finetune_arm(cfg: RunConfig, log: SessionLog, start: nn.Module, start_val_au
     t = time.perf_counter()
     model = copy.deepcopy(start)
     tag = tag or name
-    ft = fit(_finetune_cfg(cfg, strategy_cfg), prepared=log, model=model, strategy=strategy, run_dir=run_dir,
+    ft = fit(_finetune_cfg(cfg, strategy_cfg), prepared=_prepared(log), model=model, strategy=strategy, run_dir=run_dir,
              tag=tag, step_offset=step_offset, resume=_resumable(resume, run_dir, tag))
     val_auc = mean_metric(ft.metrics["val"], "auc")
     ft_metrics, probs = evaluate_full(model, log, cfg.train.eval_batch_size)
@@ -209,6 +292,11 @@ def finetune_arm(cfg: RunConfig, log: SessionLog, start: nn.Module, start_val_au
         kept = "pretrained"
     return ArmResult(name=name, metrics=metrics, probs=probs, kept=kept, finetuned_metrics=ft_metrics, steps=ft.steps,
                      best_step=ft.best_step, val_auc=val_auc, seconds=time.perf_counter() - t)
+
+
+def _prepared(log) -> SessionLog | None:
+    """What ``fit`` is given: the SessionLog, or None for a sharded entry (fit streams cfg.data.shards)."""
+    return None if isinstance(log, ShardSource) else log
 
 
 def _resumable(resume: bool, run_dir, tag: str) -> bool:
@@ -223,7 +311,7 @@ def run_pipeline(cfg: RunConfig, *, prepared=None, model: nn.Module | None = Non
     continues the stages of ``run_dir`` that did not finish. Under torchrun only rank 0
     calls ``say`` and writes files; every rank returns the same result."""
     from rmtl.metrics import mean_metric
-    from rmtl.train import fit, load_everywhere
+    from rmtl.train import fit, load_everywhere, resolve_data_dir
     from rmtl.weighting.rmtl_critic import RMTLStrategy
 
     from rmtl.device import resolve_device
@@ -234,13 +322,21 @@ def run_pipeline(cfg: RunConfig, *, prepared=None, model: nn.Module | None = Non
     seconds: dict[str, float] = {}
     root = Path(run_dir if run_dir is not None else cfg.run_dir)
     t = time.perf_counter()
-    log = load_everywhere(cfg, prepared)
+    if cfg.data.shards and prepared is None:  # each process streams / reads its own shards, stage by stage
+        cfg = replace(cfg, data=replace(cfg.data, shard_streams=shard_streams(cfg)))  # one cut for every stage
+        with distributed.all_or_none("loading the shards"):
+            log = ShardSource.open(resolve_data_dir(cfg.data.shards))
+        rows, sessions = int(log.meta["num_rows"]), int(log.meta["num_sessions"])
+        where = f" in {len(log.meta['shards'])} shards, {_count(cfg.data.shard_streams, 'stream')}"
+    else:
+        log = load_everywhere(cfg, prepared)
+        rows, sessions, where = log.num_rows, log.num_sessions, ""
     seconds["prepare"] = time.perf_counter() - t
-    say(f"data: {log.num_rows:,} rows, {log.num_sessions:,} sessions, tasks {', '.join(log.spec.tasks)}")
+    say(f"data: {rows:,} rows, {sessions:,} sessions{where}, tasks {', '.join(log.spec.tasks)}")
 
     t = time.perf_counter()
     ew = StrategyConfig(name="ew", options={})
-    pre = fit(replace(cfg, strategy=ew), prepared=log, model=model, run_dir=root, tag="pretrain",
+    pre = fit(replace(cfg, strategy=ew), prepared=_prepared(log), model=model, run_dir=root, tag="pretrain",
               resume=_resumable(resume, root, "pretrain"))
     seconds["pretrain"] = time.perf_counter() - t
     say(f"pretrain (EW): {pre.steps} steps, {seconds['pretrain']:.0f}s")
@@ -285,9 +381,11 @@ def run_pipeline(cfg: RunConfig, *, prepared=None, model: nn.Module | None = Non
     return result
 
 
-def _val_metrics(cfg: RunConfig, model: nn.Module, log: SessionLog) -> dict:
+def _val_metrics(cfg: RunConfig, model: nn.Module, log) -> dict:
     from rmtl.train import evaluate
 
+    if isinstance(log, ShardSource):
+        return shard_stream.evaluate_gathered(model, log.split("val"), cfg.train.eval_batch_size)
     return evaluate(model, log.split("val"), cfg.train.eval_batch_size, predictor=predict_sharded)
 
 

@@ -27,7 +27,7 @@ from rmtl import distributed
 from rmtl.atomic import read_json
 from rmtl.callbacks import Callback, default_callbacks
 from rmtl.config import DataConfig, ModelConfig, RunConfig, StrategyConfig
-from rmtl.data import shard_stream
+from rmtl.data import shard_parts, shard_stream
 from rmtl.data.prepare import as_session_log
 from rmtl.device import resolve_device
 from rmtl.errors import ConfigError, DataError
@@ -69,8 +69,9 @@ def load_data(data: DataConfig, seed: int = 0):
     return prepare(data.source, data_dir, **kwargs)
 
 
-SHARDS_REFUSED = ("data.shards is read by `rmtl train` only; this command needs the whole log "
-                  "(drop data.shards and give data.source / data.data_dir)")
+SHARDS_REFUSED = ("data.shards is streamed by `rmtl train`, `rmtl pipeline`, `rmtl agent` and `rmtl compare`, "
+                  "not loaded whole (drop data.shards and give data.source / data.data_dir, or "
+                  "rmtl.data.shards.load_log the entry)")
 
 
 def check_shards(cfg: RunConfig, *, reads_shards: bool) -> None:
@@ -177,10 +178,13 @@ def fit(cfg: RunConfig, *, prepared=None, model: nn.Module | None = None, strate
     if strategy is None:
         strategy = build_strategy(cfg.strategy, len(task_columns(model, log.spec.num_tasks)))
     if hasattr(strategy, "bind_log"):  # rmtl: each train row's leak-free critic set and session context
-        if stream is not None:
+        if stream is None:
+            strategy.bind_log(log.split("train"), model)
+        elif hasattr(strategy, "bind_parts"):  # this process's streamed rows, bound at the fit's start
+            callbacks = [*callbacks, shard_parts.BindTrainParts(strategy, stream, model)]
+        else:
             raise ConfigError(f"strategy {cfg.strategy.name} needs the whole train split in memory; "
                               "it does not train from data.shards", key="strategy.name")
-        strategy.bind_log(log.split("train"), model)
 
     root = Path(run_dir if run_dir is not None else _resolved(cfg.run_dir))
     out_dir = _mkdir(root / tag) if distributed.is_main() else root / tag  # rank 0 writes the files

@@ -39,7 +39,7 @@ from rmtl.cli import main  # noqa: E402
 from rmtl.envs import build_transitions  # noqa: E402
 from rmtl.errors import DataError  # noqa: E402
 
-FAST = ["train.epochs=1", "train.batch_size=128", "train.device=cpu", "train.progress=false",
+FAST = ["train.epochs=1", "train.batch_size=128", "train.device=cpu", "train.progress=false", "train.bf16=false",
         "train.checkpoint_every=1", "train.num_threads=1", "model.options.dropout=0",
         "agent.steps=40", "agent.batch_size=64", "agent.device=cpu", "agent.log_every=10"]
 CUT_AT = 3  # the "cut" run dies after this many RMTL fine-tune steps (last.pt written at each)

@@ -112,15 +112,20 @@ def test_true_value_is_the_discounted_return_under_common_random_numbers(world):
     sessions = sim.sessions[:6]
     first = true_value(sim, act, sessions, gamma=0.9, repeats=2, seed=5)
     np.testing.assert_array_equal(first, true_value(sim, act, sessions, gamma=0.9, repeats=2, seed=5))
-    # by hand: the same draws, recorded step by step, discounted per episode
+    # by hand: the same draws (both passes in one batched rollout), recorded step by step, discounted per episode
     sim.rng = np.random.default_rng(5)
-    _, _, data = rollout(sim, act, sessions, record=True)
+    _, _, data = rollout(sim, act, np.tile(sessions, 2), record=True)
     step = np.zeros(len(data), np.int64)
     for e in np.unique(data.episode):  # a few episodes: the step index of each of their rows
         rows = np.flatnonzero(data.episode == e)
         step[rows] = np.arange(len(rows))
-    by_hand = np.bincount(data.episode, weights=0.9 ** step * data.reward, minlength=len(sessions))
-    np.testing.assert_allclose(first[:len(sessions)], by_hand, rtol=1e-6, atol=1e-5)  # float32 rewards
+    by_hand = np.bincount(data.episode, weights=0.9 ** step * data.reward, minlength=2 * len(sessions))
+    np.testing.assert_allclose(first, by_hand, rtol=1e-6, atol=1e-5)  # float32 rewards, pass by pass
+    # at most ``batch`` sessions per rollout: one pass per rollout is the passes one after the other
+    sim.rng = np.random.default_rng(5)
+    one_by_one = np.concatenate([rollout(sim, act, sessions, gamma=0.9)[0] for _ in range(2)])
+    np.testing.assert_array_equal(true_value(sim, act, sessions, gamma=0.9, repeats=2, seed=5, batch=len(sessions)),
+                                  one_by_one)
 
 
 # ----------------------------------------------------------------------------- progress

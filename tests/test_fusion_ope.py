@@ -8,7 +8,9 @@ from scipy.stats import norm
 
 from rmtl.errors import DataError
 from rmtl.fusion.data import FusionDataset, constant_policy
-from rmtl.fusion.ope import bootstrap_weights, doubly_robust, episode_grid, slate_ratios, verdicts
+from rmtl.fusion.ope import (bootstrap_counts, bootstrap_weights, doubly_robust, dr_terms, episode_grid, slate_ratios,
+                             verdicts, weight_support, weighted_dr_many)
+from rmtl.fusion.functions import fuse_and_rank
 from rmtl.fusion.slates import SlateSpec, shown, slate_propensity
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -221,3 +223,73 @@ def test_capped_weights_clip_or_switch_and_stay_exact_with_an_exact_critic(chain
     assert abs(weighted_dr(capped(wp, cap, "switch")) - TRUTH) > 0.5
     with pytest.raises(ValueError, match="clip or switch"):
         capped(g, cap, "trim")
+
+
+def test_bootstrap_estimates_are_the_estimate_on_each_materialised_resample():
+    """The resamples' DR values come from matrix products over episode counts; each must equal DR on a
+    dataset that really holds every drawn episode as many times as it was drawn."""
+    data = _chain(episodes=40, seed=3)
+
+    class Biased(_ExactCritic):  # a critic with an error, so the control-variate terms matter
+        def q_values(self, data, policy=None):
+            return super().q_values(data, policy) + np.where(data.first, 1.5, -0.5)
+
+    counts = bootstrap_counts(data, 4, seed=1)
+    many = weighted_dr_many(dr_terms(data, ALWAYS_ITEM0, SPEC, GAMMA, Biased()), counts)
+    ep, _, _ = episode_grid(data)
+    for b, count in enumerate(counts):
+        copies = [np.flatnonzero(ep == e) for e in range(len(count)) for _ in range(int(count[e]))]
+        drawn = data.subset(np.concatenate(copies))
+        drawn.episode = np.repeat(np.arange(len(copies)), [len(c) for c in copies])
+        assert many[b] == pytest.approx(doubly_robust(drawn, ALWAYS_ITEM0, SPEC, GAMMA, critic=Biased()), abs=1e-9)
+    assert np.ptp(many) > 0  # the resamples differ
+
+
+@pytest.mark.parametrize("kind", ["log_sum", "weighted_sum", "product"])
+def test_slate_propensity_counts_the_draws_whose_ranking_shows_the_logged_slate(kind):
+    """Against ranking every draw with rank_candidates, with exact copies of a candidate (a popular video
+    sampled twice: ties broken by candidate order) and padded candidates."""
+    rng = np.random.default_rng(7)
+    n, c, k, draws = 60, 6, 3, 64
+    spec = SlateSpec(window=2, top=2, kind=kind)
+    cand_o = rng.uniform(0.01, 0.99, (n, c, k)).astype(np.float32)
+    cand_o[::2, 4] = cand_o[::2, 1]  # copies: they tie under every weighting
+    cand_o[1::3, 5] = cand_o[1::3, 0]
+    mask = np.ones((n, c), bool)
+    mask[::5, 1] = False  # a padded logged slot
+    default = np.array([0.4, 0.2, -0.3])
+    behaviour = np.clip(default + 0.6 * rng.standard_normal((n, k)), -1, 1).astype(np.float32)
+    logged = shown(cand_o, mask, behaviour, spec)
+    draw = np.clip(default + 0.6 * np.random.default_rng(11).standard_normal((n, draws, k)), -1, 1)
+    hits = sum((np.sort(fuse_and_rank(cand_o, draw[:, d].astype(np.float32), mask, kind=kind, top=2)[1], 1)
+                == logged).all(1) for d in range(draws))  # draw by draw: a handful of draws
+    expected = (1.0 + hits) / (1.0 + draws)
+    for chunk in (n, 7):
+        got = slate_propensity(cand_o, mask, logged, default, 0.6, -1, 1, spec, draws=draws, seed=11, chunk=chunk)
+        np.testing.assert_array_equal(got, expected)
+    assert (hits > 0).mean() > 0.5 and (hits < draws).any()  # neither all misses nor all hits
+
+
+def test_bcq_acts_the_same_in_chunks_as_in_one_pass():
+    import torch
+
+    from rmtl.fusion.bcq import BCQ
+
+    agent = BCQ(5, 3, hidden=16, seed=0)
+    obs = np.random.default_rng(0).standard_normal((300, 5)).astype(np.float32)
+    torch.manual_seed(1)
+    whole = agent.act(obs)
+    agent.ACT_CHUNK = 64  # 300 states: four full chunks and a short one
+    torch.manual_seed(1)
+    np.testing.assert_array_equal(agent.act(obs), whole)
+    assert agent.act(obs[:0]).shape == (0, 3)
+
+
+def test_weight_support_is_one_for_a_covered_policy_and_zero_where_the_log_never_shows_its_slates(chain):
+    full = weight_support(chain, ALWAYS_ITEM0, SPEC, step=2)
+    assert full["coverage"] == pytest.approx(1.0, abs=0.1) and 0.05 < full["effective"] < 1
+    ep, step, _ = episode_grid(chain)
+    first_item = shown(chain.cand_o, chain.cand_mask, chain.action, SPEC)[:, 0]
+    never = np.isin(ep, ep[(step == 0) & (first_item == 1)])  # episodes that began by showing item 1
+    none = weight_support(chain.subset(np.flatnonzero(never)), ALWAYS_ITEM0, SPEC, step=2)
+    assert none["coverage"] == 0.0 and none["effective"] == 0.0

@@ -219,7 +219,7 @@ def test_critic_early_stop_stops_and_keeps_the_best_critics(log):
                       critic_eval_every=5, critic_patience=2, critic_holdout=0.3)
     agent = RMTLAgent(log.spec, cfg, seed=0)
     h = agent.train(log, tr)
-    held = agent._heldout_rows(log)
+    held = agent._heldout_sessions(log.num_sessions)[log.session_of_row()]
     fold = agent.fold_of_rows(log)
     ips = None
     from rmtl.agents.replay import RowReplay
@@ -233,11 +233,11 @@ def test_critic_early_stop_stops_and_keeps_the_best_critics(log):
         assert h["stopped_at"][k] == h["heldout/step"][mine[best]] + 2 * 5
         agent._set = k
         rows = torch.from_numpy(np.flatnonzero(held & (fold != k)))
-        assert agent._heldout_td(buffer, rows, ips) == pytest.approx(tds[best], rel=1e-5)
+        assert agent._heldout_td([buffer], [rows], ips) == pytest.approx(tds[best], rel=1e-5)
     # the held-out sessions were never trained on by the set that judged them
     for k in range(agent.num_sets):
         assert not (agent.trained_rows[k] & held & (fold != k)).any()
     agent._set = 0
     # off by default: the fixed budget, no held-out rows
     plain = RMTLAgent(log.spec, AgentConfig(steps=40, batch_size=32, device="cpu", critic_hidden=[8]), seed=0)
-    assert plain.train(log, tr)["stopped_at"] == [20, 20] and plain._heldout_rows(log) is None
+    assert plain.train(log, tr)["stopped_at"] == [20, 20] and plain._heldout_sessions(log.num_sessions) is None

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_distributed import RecordGradients  # noqa: E402
+from test_shard_pipeline import check_two_process_pipeline, pipeline_from_shards  # noqa: E402
 from test_train import small_cfg  # noqa: E402
 
 from rmtl import checkpoint as ckpt  # noqa: E402
@@ -217,6 +218,7 @@ def _worker(rank: int, world: int, init_file: str, root: str, path: str, one: st
         # ... and 1-process runs of the one-shard entry (cut by the fixture), resumed by 2
         for name in ONE_TO_TWO:
             fit(_one_to_two_cfg(Path(root), one, name), run_dir=Path(root) / f"cut1-{name}", resume=True)
+        out["pipeline"] = pipeline_from_shards(path, Path(root) / "pipeline2")  # tests/test_shard_pipeline.py
         torch.save(out, Path(root) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -231,6 +233,12 @@ def two_ranks(entries, tmp_path_factory):
         fit(_one_to_two_cfg(root, one, name, f"train.max_steps={CUT1}"), run_dir=root / f"cut1-{name}")
     mp.spawn(_worker, args=(2, str(root / "init"), str(root), str(path), str(one)), nprocs=2, join=True)
     return root, [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_two_process_sharded_pipeline_equals_one_process_running_both_streams(entries, two_ranks, tmp_path):
+    """(rmtl pipeline from shards: the run of the spawn above; the checks in test_shard_pipeline.py)"""
+    root, outs = two_ranks
+    check_two_process_pipeline(entries[0], root / "pipeline2", [o["pipeline"] for o in outs], tmp_path / "one")
 
 
 def test_metrics_from_two_ranks_shards_equal_one_process(entries, two_ranks):
@@ -327,15 +335,15 @@ def test_bad_shards_folder_exits_2_and_leaves_nothing(entries, tmp_path, capsys)
         assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("command", [["pipeline"], ["agent", "--backbone", "best.pt"], ["compare", "--seeds", "1"]])
-def test_commands_that_need_the_whole_log_refuse_data_shards(entries, tmp_path, capsys, command):
+def test_loading_a_sharded_entry_whole_is_refused_with_the_commands_that_read_it(entries):
+    """(Every command that starts a run reads data.shards -- tests/test_shard_pipeline.py for
+    pipeline, agent and compare; load_data, which would load the whole log, refuses it.)"""
+    from rmtl.config import DataConfig
+    from rmtl.train import load_data
+
     path, _ = entries
-    code = main([*command, "-c", "quickstart", f"data.shards={path}", "--run-dir", str(tmp_path / "run")])
-    out, err = capsys.readouterr()
-    err = err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "data.shards" in err[0], err
-    assert out == ""
-    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="data.shards .*`rmtl pipeline`.*`rmtl compare`"):
+        load_data(DataConfig(source="kuairand", shards=str(path)))
 
 
 # ----------------------------------------------------------------------------- another process count

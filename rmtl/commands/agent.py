@@ -31,10 +31,17 @@ def run(args: argparse.Namespace) -> int:
     from rmtl import distributed
     from rmtl.commands import started_run
     from rmtl.pipeline import load_backbone, train_agent
-    from rmtl.train import load_everywhere
+    from rmtl.train import load_everywhere, resolve_data_dir
 
-    with started_run(args.config, args.overrides, args.run_dir, need_strategy=False) as cfg:
-        log = load_everywhere(cfg, None)
+    with started_run(args.config, args.overrides, args.run_dir, need_strategy=False, reads_shards=True,
+                     pins_streams=True) as cfg:
+        if cfg.data.shards:  # each process reads the train rows of its own streams (rmtl.pipeline.agent_parts)
+            from rmtl.data.shard_stream import ShardSource
+
+            with distributed.all_or_none("loading the shards"):
+                log = ShardSource.open(resolve_data_dir(cfg.data.shards))
+        else:
+            log = load_everywhere(cfg, None)
         with distributed.all_or_none("loading the backbone"):
             backbone = load_backbone(args.backbone, cfg, log.spec)
         stage = train_agent(cfg, log, backbone, run_dir=cfg.run_dir, out_path=args.out, say=print)
@@ -45,5 +52,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"critics saved to {stage.path}")
     if cfg.agent.actor_update:
         print("the updated actor's weights are in the same file (key 'actor')")
-    print(f"fine-tune with: rmtl train -c {args.config} strategy.name=rmtl strategy.options.checkpoint={Path(stage.path)}")
+    shards = f" data.shards={cfg.data.shards} data.shard_streams={cfg.data.shard_streams}" if cfg.data.shards else ""
+    print(f"fine-tune with: rmtl train -c {args.config}{shards} strategy.name=rmtl "
+          f"strategy.options.checkpoint={Path(stage.path)}")
     return 0

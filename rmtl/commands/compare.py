@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_counts(args.seeds, args.jobs, args.bootstrap)  # bad counts and arms fail before any data is read
     arms = check_arms(args.arms.split(","))
-    with started_run(args.config, args.overrides, args.out, need_strategy=False) as cfg:
+    with started_run(args.config, args.overrides, args.out, need_strategy=False, reads_shards=True,
+                     pins_streams=True) as cfg:
         result = run_compare(cfg, seeds=args.seeds, arms=arms, jobs=args.jobs, out_dir=cfg.run_dir,
                              bootstrap=args.bootstrap)
     print()

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         # the pipeline pretrains with EW and fine-tunes with the critics' weights: its
         # strategy (in the run name and config.yaml) is rmtl
         overrides.append("strategy.name=rmtl")
-    with started_run(config, overrides, args.run_dir) as cfg:
+    with started_run(config, overrides, args.run_dir, reads_shards=True, pins_streams=True) as cfg:
         result = run_pipeline(cfg, run_dir=cfg.run_dir, resume=args.resume)
     if not distributed.is_main():  # under torchrun: rank 0 reports
         return 0

@@ -57,7 +57,8 @@ class BehaviourSection:
         "ctr": 0.3, "long_view": 1.0, "like": 0.5, "follow": 0.5, "comment": 0.5, "forward": 0.5, "hate": -1.0})
     noise: float = bounded(0.3, low=0)  # std of the Gaussian noise per task and request (then clipped to the action box)
     passes: int = bounded(3, low=1)  # logged rollouts over the train sessions
-    heldout_passes: int = bounded(2, low=1)  # logged rollouts over the test sessions (FQE / MTF-GAUC data)
+    heldout_passes: int = bounded(2, low=1)  # logged rollouts over the test sessions (the OPE data; 2 to 100
+    # measured: more does not make DR rank better, docs/fusion.md "How much held-out log the order needs")
     propensity_draws: int = bounded(256, low=1)  # Monte Carlo draws behind each logged slate propensity
 
 

@@ -113,13 +113,23 @@ def weighted_dr(g: dict, count: np.ndarray | None = None) -> float:
     """The weighted per-decision DR estimate from ``dr_terms`` grids; ``count`` [E] weights episodes
     (a bootstrap resample)."""
     n_ep = g["rho"].shape[0]
-    count = np.ones(n_ep) if count is None else count
-    wc = np.cumprod(g["rho"], axis=1) * count[:, None]
-    total = wc.sum(0, keepdims=True)
-    wn = np.divide(wc, total, out=np.zeros_like(wc), where=total > 0)  # self-normalised per step
-    wn_prev = np.concatenate([count[:, None] / count.sum(), wn[:, :-1]], axis=1)
-    terms = wn * g["reward"] - (wn * g["q"] - wn_prev * g["v"])
-    return float((g["disc"] * terms.sum(0)).sum())
+    return float(weighted_dr_many(g, (np.ones(n_ep) if count is None else np.asarray(count, np.float64))[None])[0])
+
+
+def weighted_dr_many(g: dict, counts: np.ndarray) -> np.ndarray:
+    """float64 [B]: the weighted per-decision DR estimate under each row of episode ``counts`` [B, E]
+    (bootstrap resamples), as matrix products: every term is linear in the counts up to the
+    per-step self-normalisation, so B resamples cost three [B, E] x [E, T] products, no loop."""
+    counts = np.asarray(counts, np.float64)
+    w = np.cumprod(g["rho"], axis=1)  # cumulative weights [E, T]
+    w_prev = np.concatenate([np.ones((len(w), 1)), w[:, :-1]], axis=1)
+    total = counts @ w  # self-normaliser per step [B, T]
+    total_prev = np.concatenate([counts.sum(1, keepdims=True), total[:, :-1]], axis=1)
+    direct = counts @ (w * (g["reward"] - g["q"]))  # sum_e c_e W_et (r_et - Q_et)
+    control = counts @ (w_prev * g["v"])  # sum_e c_e W_e,t-1 V_et
+    terms = np.divide(direct, total, out=np.zeros_like(direct), where=total > 0) + \
+        np.divide(control, total_prev, out=np.zeros_like(control), where=total_prev > 0)
+    return terms @ g["disc"]
 
 
 def capped(g: dict, cap: float, mode: str = "clip") -> dict:
@@ -135,12 +145,32 @@ def capped(g: dict, cap: float, mode: str = "clip") -> dict:
     return {**g, "rho": rho}
 
 
+def weight_support(data: FusionDataset, policy: Policy, spec: SlateSpec, step: int = 5) -> dict:
+    """How much of the held-out log the slate weights of ``policy`` can use. "coverage": the mean weight at the
+    sessions' first requests, whose expectation is the behaviour's probability of showing the policy's slate
+    somewhere (1 when the log covers every slate the policy shows; 0.26 = three quarters of them never logged,
+    so importance sampling knows nothing of them and DR leans on its critic). "effective": the Kish effective
+    sample size of the cumulative weights at ``step``, as a share of the sessions: beyond the step where it is a
+    few percent, a handful of sessions (and the critic) carry the estimate, and more log barely helps."""
+    rho = dr_terms(data, policy, spec, 1.0)["rho"]
+    return {"coverage": float(rho[:, 0].mean()), "effective": effective_share(rho, [step])[0], "step": int(step)}
+
+
+def effective_share(rho: np.ndarray, steps) -> list[float]:
+    """Kish effective sample size (sum W)^2 / sum W^2 of the cumulative weights of ``rho`` [E, T] at each of
+    ``steps``, as a share of the E episodes (1: all count alike; 1/E: one episode carries the step)."""
+    w = np.cumprod(rho, axis=1)
+    cols = w[:, np.minimum(np.asarray(steps, np.int64), w.shape[1] - 1)]  # [E, len(steps)]
+    return [float(c.sum() ** 2 / max((c ** 2).sum(), 1e-300) / len(c)) for c in cols.T]
+
+
 def bootstrap_counts(data: FusionDataset, resamples: int, seed: int) -> np.ndarray:
     """float64 [resamples, E]: episode counts of ``resamples`` bootstrap resamples (the same for every
     policy under one seed, so differences between policies are paired)."""
     _, _, n_ep = episode_grid(data)
     draws = np.random.default_rng(seed).integers(0, n_ep, size=(resamples, n_ep))
-    return np.stack([np.bincount(d, minlength=n_ep) for d in draws]).astype(np.float64)  # resamples, not samples
+    flat = (draws + n_ep * np.arange(resamples)[:, None]).ravel()  # resample b's draws land in row b
+    return np.bincount(flat, minlength=resamples * n_ep).reshape(resamples, n_ep).astype(np.float64)
 
 
 def dr_with_bootstrap(data: FusionDataset, policy: Policy, spec: SlateSpec, gamma: float,
@@ -148,7 +178,7 @@ def dr_with_bootstrap(data: FusionDataset, policy: Policy, spec: SlateSpec, gamm
     """(the estimate on the data, its value on each bootstrap resample ``counts`` [B, E]) with the
     critic held fixed (the interval covers the data's sampling noise, not the critic's fit)."""
     g = dr_terms(data, policy, spec, gamma, critic)
-    return weighted_dr(g), np.array([weighted_dr(g, c) for c in counts])
+    return weighted_dr(g), weighted_dr_many(g, counts)
 
 
 def verdicts(estimates: dict[str, np.ndarray], z: float = 2.0) -> dict[tuple[str, str], str]:

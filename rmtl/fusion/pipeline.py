@@ -39,7 +39,7 @@ from omegaconf import OmegaConf
 from rmtl.fusion.bcq import BCQ
 from rmtl.fusion.estimators import ESTIMATORS, critics_for, estimate_all, labels, make_critic
 from rmtl.fusion.fqe import ConservativeFQE, gauc_mean, gauc_resampled, mtf_gauc_groups, user_bootstrap
-from rmtl.fusion.ope import bootstrap_counts
+from rmtl.fusion.ope import bootstrap_counts, weight_support
 from rmtl.fusion.slates import SlateSpec
 from rmtl.fusion.baselines import cem_search, train_td3
 from rmtl.fusion.data import behaviour_policy, collect, constant_policy, simulate
@@ -235,7 +235,7 @@ def run_fusion(cfg: FusionConfig, *, run_dir: str | os.PathLike | None = None, v
             save_policy(act, run_dir / "policies" / f"{name}.pt")
         say(f"policies trained: {', '.join(policies)} (saved in {run_dir / 'policies'})")
 
-        table, alphas, true_returns, boot = {}, {}, {}, {}
+        table, alphas, true_returns, boot, support = {}, {}, {}, {}, {}
         label_index = tasks.index(cfg.eval.label)
         names = list(cfg.ope.estimators)
         kinds = critics_for(names)
@@ -250,6 +250,8 @@ def run_fusion(cfg: FusionConfig, *, run_dir: str | os.PathLike | None = None, v
                     critics[kind] = _fit_critic(cfg, kind, held, act, spec, writer, f"fqe/{name}/{kind}_loss", advance)
                     critics[kind].save(run_dir / "fqe" / f"{name}_{kind}.pt")
                 values, samples = estimate_all(names, held, act, spec, cfg.fqe.gamma, critics, counts)
+                if samples:  # importance-sampling estimators: how much of the log their weights use
+                    support[name] = weight_support(held, act, spec)
                 # MTF-GAUC ranks, it is no value; its interval resamples users so it can enter the tie-aware check
                 gauc_parts = mtf_gauc_groups(held, act, log.labels, eval_sim.reward_w, label_index=label_index,
                                              beta=eval_sim.cfg.beta, kind=eval_sim.cfg.fusion)
@@ -283,7 +285,7 @@ def run_fusion(cfg: FusionConfig, *, run_dir: str | os.PathLike | None = None, v
                                   z=cfg.ope.z)
         report["resolution"] = resolution(true_returns, pairs, sessions=len(test_sessions),
                                           passes=cfg.behaviour.heldout_passes)
-        report["default"], report["z"] = cfg.ope.default, cfg.ope.z
+        report["default"], report["z"], report["weights"] = cfg.ope.default, cfg.ope.z, support
         for col, rho in report["rank_corr"].items():
             writer.add_scalar(f"eval/rank_corr/{col}", rho, 0)
     finally:

@@ -73,18 +73,62 @@ def slate_propensity(cand_o: np.ndarray, cand_mask: np.ndarray, logged: np.ndarr
                      chunk: int = 1024) -> np.ndarray:
     """float64 [N]: P(the behaviour policy shows the ``logged`` slate [N, top] | the request), by Monte
     Carlo over ``draws`` alphas clip(default + N(0, noise^2)) per request ((1 + hits) / (1 + draws): the
-    logged draw itself is one hit). Chunked over requests, vectorised over draws."""
+    logged draw itself is one hit). Chunked over requests; per chunk one batched matrix product scores
+    every candidate under every draw (the fused score is linear in alpha), and a draw is a hit when the
+    weakest logged-slate member still outranks every other candidate."""
     rng = np.random.default_rng(seed)
     n, k = len(logged), len(default_alpha)
     if noise == 0:
         return np.ones(n)
+    logged = np.asarray(logged, np.int64)
+    base = _score_basis(np.asarray(cand_o, np.float32), spec)  # [N, C, K], once per candidate
+    first_copy = _first_copy(base)  # identical candidates get identical scores (their ties are exact)
+    pad = np.where(np.asarray(cand_mask, bool), 0.0, -np.inf).astype(np.float32)  # padded ones rank last
     hits = np.zeros(n)
     for lo in range(0, n, chunk):  # memory bound: chunk x draws x candidates
         hi = min(lo + chunk, n)
         alpha = np.clip(default_alpha + noise * rng.standard_normal((hi - lo, draws, k)), low, high)
-        o = np.broadcast_to(cand_o[lo:hi, None], (hi - lo, draws, *cand_o.shape[1:]))
-        m = np.broadcast_to(cand_mask[lo:hi, None], (hi - lo, draws, cand_mask.shape[1]))
-        _, idx = fuse_and_rank(o, alpha[:, :, None, :].astype(np.float32), m, beta=spec.beta, kind=spec.kind,
-                               top=spec.top)
-        hits[lo:hi] = same_slate(np.sort(idx, -1), logged[lo:hi, None]).sum(1)
+        scores = np.matmul(alpha.astype(np.float32), base[lo:hi].transpose(0, 2, 1))  # [n, draws, C]
+        if spec.kind == "product":
+            scores = np.exp(scores)
+        scores = np.take_along_axis(scores, first_copy[lo:hi, None, :], 2) + pad[lo:hi, None, :]
+        hits[lo:hi] = _shows(scores, logged[lo:hi]).sum(1)
     return (1.0 + hits) / (1.0 + draws)
+
+
+def _score_basis(cand_o: np.ndarray, spec: SlateSpec) -> np.ndarray:
+    """float32 [N, C, K]: the per-task terms the fused score is linear in (log(o + beta), or o)."""
+    if spec.kind in ("log_sum", "product"):
+        return np.log(cand_o + np.asarray(spec.beta, np.float32))
+    if spec.kind == "weighted_sum":
+        return cand_o
+    raise ValueError(f"unknown fusion '{spec.kind}'")
+
+
+def _first_copy(base: np.ndarray) -> np.ndarray:
+    """int64 [N, C]: for each candidate the first candidate of its request with the same score terms
+    (itself when unique): a popular video can be sampled twice, and the copies must tie exactly."""
+    same = (base[:, :, None, :] == base[:, None, :, :]).all(-1)  # [N, C, C]
+    return same.argmax(2)
+
+
+def _shows(scores: np.ndarray, logged: np.ndarray) -> np.ndarray:
+    """bool [n, D]: the ``logged`` slate [n, top] is exactly the top of ``scores`` [n, D, C] as
+    rank_candidates orders them (descending, ties by candidate index): its weakest member outranks
+    the strongest candidate outside it. Ties (exact copies) are settled by index, for those draws only."""
+    at = np.broadcast_to(logged[:, None, :], (*scores.shape[:2], logged.shape[1]))
+    inside = np.take_along_axis(scores, at, 2)
+    weakest = inside.min(2)
+    outside = scores.copy()
+    np.put_along_axis(outside, at, -np.inf, 2)
+    strongest = outside.max(2)
+    hit = weakest > strongest
+    r, d = np.nonzero(weakest == strongest)
+    if len(r):  # a tie: the slate member must come first in candidate order
+        index = np.arange(scores.shape[2])
+        weakest_at = np.where(inside[r, d] == weakest[r, d, None], logged[r], -1).max(1)
+        is_out = np.ones((len(r), scores.shape[2]), bool)
+        np.put_along_axis(is_out, logged[r], False, 1)
+        strongest_at = np.where(is_out & (scores[r, d] == strongest[r, d, None]), index, scores.shape[2]).min(1)
+        hit[r, d] = weakest_at < strongest_at
+    return hit

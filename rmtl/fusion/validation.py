@@ -22,14 +22,21 @@ from rmtl.tables import text_table
 Policy = Callable[[np.ndarray], np.ndarray]
 
 
+TRUTH_BATCH = 32768  # sessions per batched truth rollout (memory: ~1 kB of simulator state each)
+
+
 def true_value(sim: FusionSimulator, act: Policy, sessions: np.ndarray, *, gamma: float, repeats: int = 1,
-               seed: int = 0) -> np.ndarray:
+               seed: int = 0, batch: int = TRUTH_BATCH) -> np.ndarray:
     """Discounted returns sum_t gamma^t r_t of ``act`` from ``sessions``, ``repeats`` passes
-    ([repeats * len(sessions)], in a fixed order); the simulator's random stream is reset to
+    ([repeats * len(sessions)], pass by pass); the simulator's random stream is reset to
     ``seed`` first, so every policy meets the same draws (common random numbers: differences
-    between policies are paired, and far less noisy than each value)."""
+    between policies are paired, and far less noisy than each value). The passes run as few
+    batched rollouts of the sessions repeated (``batch`` sessions at most), not one per pass."""
     sim.rng = np.random.default_rng(seed)
-    return np.concatenate([rollout(sim, act, sessions, gamma=gamma)[0] for _ in range(int(repeats))])
+    sessions = np.asarray(sessions, np.int64)
+    per = max(1, int(batch) // len(sessions))  # passes per rollout
+    return np.concatenate([rollout(sim, act, np.tile(sessions, min(per, int(repeats) - done)), gamma=gamma)[0]
+                           for done in range(0, int(repeats), per)])
 
 
 def distinguishable_pairs(returns: dict[str, np.ndarray], z: float = 2.0) -> list[tuple[str, str]]:
@@ -182,6 +189,12 @@ def format_report(table: dict, report: dict, estimators: dict[str, str], truth: 
                      f"right, all of them in {p['all_pairs']:.0%} of the samples (Spearman {p['spearman']:+.2f}) with "
                      f"common random numbers" + (f"; {i['pairs']:.0%}, all in {i['all_pairs']:.0%} (Spearman "
                                                  f"{i['spearman']:+.2f}) without" if i else ""))
+    weights = report.get("weights") or {}
+    if weights:
+        step = next(iter(weights.values()))["step"]
+        lines.append("slate weights on the held-out log (coverage: mean first-request weight, 1 = every slate the policy "
+                     f"shows is logged; effective share of the sessions at step {step}): "
+                     + ", ".join(f"{p} {w['coverage']:.2f} / {w['effective']:.1%}" for p, w in weights.items()))
     first = cols[0] if cols else None
     ta = report.get("tie_aware", {}).get(first)
     if ta is not None:

@@ -73,11 +73,43 @@ class RMTLStrategy(Strategy):
         self.tasks = list(agent.spec.tasks)
         self._gen = torch.Generator().manual_seed(int(seed))
         self._row_fold = self._row_context = self._class_weights = None
+        self._row_index = None  # sorted global train rows of the bound table (None: rows index it directly)
+
+    def bind_parts(self, parts, num_sessions: int, model: nn.Module | None = None, counted: bool = True) -> None:
+        """The train rows this process streams (rmtl.data.shard_parts.TrainPart of each of its
+        streams, whole sessions): each row's critic set and session context, looked up by the
+        global train row a streamed batch carries. What ``bind_log`` gives, for these rows only
+        (``num_sessions``: all train sessions, which the agent's folds must cover). For
+        ``transform="label"`` the class means are summed over every process's parts
+        (``counted``: False for a process whose streams another process already counts)."""
+        from rmtl import distributed
+
+        agent = self.agent
+        rows = np.concatenate([p.rows for p in parts])
+        order = np.argsort(rows, kind="stable")
+        fold = np.concatenate([agent.fold_of_sessions(p.sessions[p.log.session_of_row()], num_sessions)
+                               for p in parts])
+        self._row_index = torch.from_numpy(rows[order])
+        self._row_fold = torch.from_numpy(fold[order])
+        ctxs = [agent.context_of(p.log) for p in parts]
+        self._row_context = None if ctxs[0] is None else torch.from_numpy(np.concatenate(ctxs)[order])
+        self._class_weights = None
+        if self.transform == "label":
+            k = self.num_tasks
+            sums, counts = torch.zeros(2, k, dtype=torch.float64), torch.zeros(2, k, dtype=torch.float64)
+            for p in parts if counted else []:
+                s, c = self._label_sums(p.log, model, p.rows)
+                sums, counts = sums + s, counts + c
+            total = distributed.sum_over_ranks([*sums.flatten().tolist(), *counts.flatten().tolist()])
+            sums, counts = (torch.tensor(total[:2 * k], dtype=torch.float64).view(2, k),
+                            torch.tensor(total[2 * k:], dtype=torch.float64).view(2, k))
+            self._class_weights = (sums / counts.clamp_min(1)).float()
 
     def bind_log(self, train_log, model: nn.Module | None = None) -> None:
         """The train split the model is fine-tuned on: each row's critic set (its session's
         fold) and session context; for ``transform="label"`` also the class-mean weights."""
         agent = self.agent
+        self._row_index = None
         self._row_fold = torch.from_numpy(agent.fold_of_rows(train_log))
         ctx = agent.context_of(train_log)
         self._row_context = None if ctx is None else torch.from_numpy(ctx)
@@ -88,21 +120,27 @@ class RMTLStrategy(Strategy):
     def _label_means(self, log, model: nn.Module | None, batch_size: int = 8192) -> torch.Tensor:
         """[2, K]: mean weight of negatives (row 0) and positives (row 1) over the train split,
         at the predictions of ``model`` as it is when bound (0.5 without a model)."""
+        sums, counts = self._label_sums(log, model, np.arange(log.num_rows), batch_size)
+        return (sums / counts.clamp_min(1)).float()
+
+    def _label_sums(self, log, model: nn.Module | None, rows: np.ndarray, batch_size: int = 8192):
+        """(weight sums, row counts) [2, K] float64 per label class over ``log``'s rows, whose
+        keys in the bound table are ``rows``."""
         from rmtl.predict import predict
 
         probs = predict(model, log) if model is not None else np.full(log.labels.shape, 0.5, np.float32)
         sums, counts = torch.zeros(2, self.num_tasks, dtype=torch.float64), torch.zeros(2, self.num_tasks, dtype=torch.float64)
         for lo in range(0, log.num_rows, batch_size):
-            rows = torch.arange(lo, min(lo + batch_size, log.num_rows))
             w = self._critic_weights(torch.from_numpy(log.sparse[lo:lo + batch_size]),
                                      torch.from_numpy(log.dense[lo:lo + batch_size]),
-                                     torch.from_numpy(probs[lo:lo + batch_size]), rows).double()
+                                     torch.from_numpy(probs[lo:lo + batch_size]),
+                                     torch.from_numpy(rows[lo:lo + batch_size])).double()
             y = torch.from_numpy(log.labels[lo:lo + batch_size]).double()
             sums[1] += (w * y).sum(0)
             sums[0] += (w * (1 - y)).sum(0)
             counts[1] += y.sum(0)
             counts[0] += (1 - y).sum(0)
-        return (sums / counts.clamp_min(1)).float()
+        return sums, counts
 
     def _check_features(self, model: nn.Module) -> None:
         """The critics index the same vocabularies as the model: a log prepared differently would not fit."""
@@ -126,6 +164,8 @@ class RMTLStrategy(Strategy):
         fold = context = None
         if rows is not None and self._row_fold is not None:
             rows = rows.cpu().long()
+            if self._row_index is not None:  # streamed rows: their places in the bound table
+                rows = torch.searchsorted(self._row_index, rows)
             fold = self._row_fold.index_select(0, rows)
             context = None if self._row_context is None else self._row_context.index_select(0, rows)
         return agent.loss_weights(sparse, dense, probs, lam=self.lam, twin=self.twin, fold=fold, context=context)
