@@ -459,6 +459,7 @@ def test_side_columns_factorised_block_by_block_equal_one_factorize():
     the merged codes and uniques are pd.factorize's of the whole column (first-appearance
     order, missing -> -1), for text and numbers, values recurring across blocks."""
     from rmtl.data.kuairand import _BlockCodes
+    from rmtl.data.side_shards import GlobalCodes
 
     rng = np.random.default_rng(2)
     text = np.array(["b", "a", None, "c", "d", "e"], dtype=object)[rng.integers(0, 6, 3000)]
@@ -468,12 +469,18 @@ def test_side_columns_factorised_block_by_block_equal_one_factorize():
         want_codes, want_uniques = pd.factorize(column, use_na_sentinel=True)
         for cuts in ([], [1, 2, 3], sorted(rng.choice(np.arange(1, 3000), 40, replace=False))):
             coded = _BlockCodes()
+            growing = GlobalCodes()  # the user side file's split: codes against one growing table
+            streamed = []
             for block in np.split(column, cuts):
                 coded.add(block)
+                streamed.append(growing.add(block))
             codes, uniques = coded.result()
             np.testing.assert_array_equal(codes, want_codes)
             assert list(uniques) == list(pd.Index(want_uniques))
             assert codes.dtype == np.int32
+            np.testing.assert_array_equal(np.concatenate(streamed), want_codes)
+            assert list(growing.result()) == list(pd.Index(want_uniques))
+            assert growing.result().dtype == pd.Index(want_uniques).dtype
 
 
 def test_take_or_fills_ids_without_a_side_row():
@@ -485,3 +492,116 @@ def test_take_or_fills_ids_without_a_side_row():
     np.testing.assert_array_equal(take_or(np.zeros(0, np.int32), np.array([-1, -1]), -1), [-1, -1])  # no side rows
     got = take_or(np.array([1.5]), np.array([0, -1]), np.nan, dtype=np.float64)
     assert got[0] == 1.5 and np.isnan(got[1])
+
+
+# ------------------------------------------------- per-user state stays with its shard
+
+
+@pytest.mark.parametrize("bucket", [1, 7])
+def test_user_tables_ranked_bucket_by_bucket_and_never_held_whole(synth, tmp_path, monkeypatch, bucket):
+    """The user field's tables (first pos, train counts, first rows, the user side file) stay
+    beside each shard: the vocabulary order and the user codes are ranked one key range of
+    RANK_BUCKET rows at a time (so at most RANK_BUCKET users at once in the main process),
+    the vocabularies written VOCAB_WRITE_ROWS values at a time, and a worker loads only its
+    shard's users' side rows. With buckets of 1 and 7 rows the entry equals the in-memory
+    prepare's (rare users included: min_count 3)."""
+    monkeypatch.setattr(shards_mod, "RANK_BUCKET", bucket)
+    monkeypatch.setattr(shards_mod, "VOCAB_WRITE_ROWS", 5)
+    held, side_rows = [], []
+    real_slices, real_load = shards_mod._bucket_slices, shards_mod.side_shards.load
+
+    def slices(*args):
+        for spans, cols in real_slices(*args):
+            held.append(len(next(iter(cols.values()))))
+            yield spans, cols
+
+    def load(out, s, info, users=None):
+        side = real_load(out, s, info, users)
+        side_rows.append((s, len(side["index"]), users))
+        return side
+
+    def whole_user_file(*args, **kwargs):
+        raise AssertionError("the user side file was loaded whole")
+
+    monkeypatch.setattr(shards_mod, "_bucket_slices", slices)
+    monkeypatch.setattr(shards_mod.side_shards, "load", load)
+    opts = {"min_count": 3}
+    ref = prepare("kuairand", synth, cache_dir=tmp_path / "mem", **opts)
+    monkeypatch.setattr(shards_mod.kr, "load_sides", whole_user_file)
+    sp = prepare_sharded(synth, shards=4, cache_dir=tmp_path / "s", workers=1, **opts)
+    assert_same(ref, sp)
+    users = ref.summary["users"]
+    assert max(held) <= bucket < users and sum(held) > users  # both rankings, bucket by bucket
+    first_load = {}
+    for s, rows, given in side_rows:  # each shard's own users only (passes 2, 3 and 4)
+        assert given is not None and rows <= len(given) and (shard_of(given, 4) == s).all()
+        first_load.setdefault(s, rows)
+    logged = pd.concat([pd.read_csv(f, usecols=["user_id"]) for f in synth.glob("log_standard*.csv")])["user_id"].nunique()
+    assert sum(first_load.values()) == logged  # pass 2: every user of the log, in its shard
+
+
+def test_duplicated_user_id_is_the_one_readers_error(synth, tmp_path):
+    """A user id listed twice in user_features: the sharded prepare (whose shards each check
+    their own users) fails with the in-memory reader's line, naming the count and the
+    smallest id over the whole file; a duplicate of a user absent from the log is no error
+    in either (both cut the file to the log's users first)."""
+    folder = tmp_path / "dup"
+    folder.mkdir()
+    for p in synth.iterdir():
+        if p.name != "user_features_1k.csv":
+            (folder / p.name).symlink_to(p)
+    users = pd.read_csv(synth / "user_features_1k.csv")
+    absent = users.iloc[[0]].assign(user_id=10**9)
+    pd.concat([users, absent, absent]).to_csv(folder / "user_features_1k.csv", index=False)
+    opts = {"reader_options": {"video_features": []}}
+    assert_same(prepare("kuairand", folder, use_cache=False, **opts),
+                prepare_sharded(folder, shards=3, cache_dir=tmp_path / "ok", workers=1, **opts))
+    logged = np.unique(pd.read_csv(synth / "log_standard_4_08_to_4_21_1k.csv", usecols=["user_id"])["user_id"])
+    twice = users[users["user_id"].isin(logged[[3, 8, 20]])]
+    pd.concat([users, twice, absent, absent]).to_csv(folder / "user_features_1k.csv", index=False)
+    with pytest.raises(DataError) as want:
+        prepare("kuairand", folder, use_cache=False, **opts)
+    with pytest.raises(DataError) as got:
+        prepare_sharded(folder, shards=3, cache_dir=tmp_path / "bad", workers=2, **opts)
+    assert str(got.value) == str(want.value) and "3 duplicated id(s)" in str(got.value)
+    assert not any((tmp_path / "bad").iterdir())
+
+
+def test_streamed_csv_read_stays_a_few_blocks_ahead(tmp_path, monkeypatch):
+    """pyarrow's streaming CSV reader reads its source ahead without limit (a 118 MB user file
+    was read whole before its 4th block was parsed): a streamed read (block_bytes given)
+    keeps at most READ_AHEAD_BLOCKS blocks ahead of the batches taken, and reads every row."""
+    import builtins
+    import time
+
+    from rmtl.data import kuairand as kr
+
+    path = tmp_path / "user_features_1k.csv"
+    pd.DataFrame({"user_id": np.arange(20_000), "register_days": np.arange(20_000) % 97}).to_csv(path, index=False)
+    reads = []
+
+    class Counted:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def read(self, size=-1):
+            data = self.fh.read(size)
+            reads.append(len(data))
+            return data
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    def counted_open(file, mode="r", *args, **kwargs):
+        fh = builtins.open(file, mode, *args, **kwargs)
+        return Counted(fh) if mode == "rb" else fh
+
+    monkeypatch.setattr(kr, "open", counted_open, raising=False)
+    ahead, ids = [], []
+    for data, _ in kr.iter_csv(path, ["user_id", "register_days"], "KuaiRand user_features", block_bytes=4096):
+        time.sleep(0.01 if ids else 0.3)  # time for an unthrottled reader to run far ahead
+        ahead.append(len(reads) - len(ids))
+        ids.append(data["user_id"])
+    np.testing.assert_array_equal(np.concatenate(ids), np.arange(20_000))
+    assert len(ids) > 5 * kr.READ_AHEAD_BLOCKS
+    assert max(ahead) <= kr.READ_AHEAD_BLOCKS + 1, ahead[:5]

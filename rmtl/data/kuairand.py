@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gzip
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -485,6 +486,41 @@ def _os_reason(err: BaseException) -> str:
 
 
 BLOCK_BYTES = 1 << 25  # streamed in ~32 MB blocks: peak memory stays near the kept rows
+# pyarrow's streaming CSV reader reads its source ahead on an I/O thread without limit (a
+# 118 MB file was read whole before the 4th 4 MB block was consumed): a streamed read
+# (block_bytes given) lets it run at most this many blocks ahead of the batches taken.
+READ_AHEAD_BLOCKS = 4
+
+
+class ReadAhead:
+    """A file object for pyarrow's CSV reader whose reads wait until the consumer has taken
+    the batches parsed so far, ``ahead`` blocks at most (arrow needs the block after a
+    batch's to finish its last row, so ``ahead`` >= 3). ``taken()`` after each batch;
+    ``close()`` also frees a reader thread left waiting."""
+
+    def __init__(self, raw, ahead: int = READ_AHEAD_BLOCKS):
+        self.raw = raw
+        self.tokens = threading.Semaphore(ahead)
+        self.closed = False
+
+    def read(self, size: int = -1) -> bytes:
+        self.tokens.acquire()
+        return b"" if self.closed else self.raw.read(size)
+
+    def taken(self) -> None:
+        self.tokens.release()
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.tokens.release(1 << 16)
+            self.raw.close()
+
+    def __getattr__(self, name):  # e.g. ByteRange.quoted
+        return getattr(self.raw, name)
 # Compact dtypes of the log columns once validated (a 27K-size log is 300 M rows).
 LOG_DTYPES = {"user_id": np.int64, "video_id": np.int64, "time_ms": np.int64,
               "tab": np.int16, "duration_ms": np.float32, **{c: np.int8 for c in LABEL_COLUMNS}}
@@ -526,14 +562,14 @@ def iter_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep=
     types = {c: (TEXT_TYPE if c in STRING_COLUMNS else pa.int64() if c in EXACT_INT_COLUMNS else pa.float64())
              for c in columns}
     n_read = 0
-    # Given a path, arrow reads a plain file ahead far beyond the block being parsed (about a
-    # GB held on a 1 GB log); through a Python file object it reads block by block. The
-    # streaming pass (block_bytes given) needs memory bounded by the block; .gz keeps the path
-    # (arrow picks the codec from the name).
+    # Arrow reads its source ahead of the batches taken, without limit (about a GB held on a
+    # 1 GB log). The streaming passes (block_bytes given) need memory bounded by the block:
+    # a file object throttled to READ_AHEAD_BLOCKS; .gz keeps the path (arrow picks the
+    # codec from the name).
     if byte_range is not None:
-        source = byte_range
+        source = ReadAhead(byte_range)
     else:
-        source = open(path, "rb") if block_bytes and path.suffix != ".gz" else path
+        source = ReadAhead(open(path, "rb")) if block_bytes and path.suffix != ".gz" else path
     try:
         reader = pacsv.open_csv(
             source,
@@ -549,14 +585,16 @@ def iter_csv(path: Path, columns: Iterable[str], what: str, *, check=None, keep=
                 mask = keep(data)
                 data = {c: v[mask] for c, v in data.items()}
             yield {c: (v.astype(dtypes[c]) if dtypes and c in dtypes else v) for c, v in data.items()}, batch.num_rows
+            if source is not path:
+                source.taken()
     except pa.ArrowInvalid as err:
         raise _csv_error(err, path, header, what) from None
     except (OSError, EOFError) as err:  # a truncated or fake .gz, a file that vanished
         raise DataError(f"cannot read the file after row {n_read} ({_os_reason(err)}); expected a complete "
                         f"{what} CSV", path=path) from None
     finally:
-        if source is not path and source is not byte_range:
-            source.close()
+        if source is not path:
+            source.close()  # (a byte range: the caller's, closed again by it)
     if n_read == 0 and byte_range is None:
         raise DataError("empty file: a header but no rows", path=path)
 
@@ -673,7 +711,8 @@ def _read_side(paths: list[Path], key: str, columns: list[str], needed: np.ndarr
     coded = {c: _BlockCodes() for c in sparse}
     chunks: dict[str, list[np.ndarray]] = {c: [] for c in [key, *columns] if c not in coded}
     for p in paths:
-        for data, _ in iter_csv(p, [key, *columns], what, keep=keep,
+        # block_bytes: read through ReadAhead, a few blocks ahead (the 27K video file is GBs)
+        for data, _ in iter_csv(p, [key, *columns], what, keep=keep, block_bytes=BLOCK_BYTES,
                                 check=lambda d, path, row: _require_values(d, [key], path, row)):
             for c in sparse:
                 coded[c].add(_first_tag(data[c]) if c == "tag" else data[c])

@@ -7,13 +7,14 @@
 
 The same SessionLog as ``prepare("kuairand", dir)`` builds in memory, written as shards
 (docs/shards.md), while memory stays bounded by one CSV block plus one shard per worker and
-one bucket of sessions in the main process:
+one bucket of sessions / of users in the main process (nothing there is held per user):
 
 1. **Partition** (one streamed pass over the raw log, ``kuairand.iter_log``; with several
    workers each plain-text file is cut into byte ranges at line starts, ``csv_ranges``,
    parsed in parallel): every validated block is cut by ``splitmix64(user_id) % shards``
    and appended to that shard's raw part file, with ``pos``, the row's index in the one
-   reader's row order.
+   reader's row order. The user side file is cut the same way (``side_shards``); the video
+   side file is held whole (videos cross shards).
 2. **Sessions per shard**: a user's events all live in one shard, so duplicate removal, the
    reader's per-row frame (``kuairand.events_frame``), the session cut and the short-session
    drop are the in-memory ones applied to the shard. Each kept session leaves its key on
@@ -27,7 +28,9 @@ one bucket of sessions in the main process:
    the builder's factorize sees them) and its train count, folded by min / sum across
    shards -- the vocabulary index order is that first appearance, exactly; dense mean /
    std from per-shard (count, mean, M2) merged by Chan's formula (float tolerance); the
-   user / item codes from each one's first row in the final log order.
+   user / item codes from each one's first row in the final log order. The user field's
+   tables stay beside their shard; its vocabulary and the user codes are ranked one key
+   range of RANK_BUCKET rows at a time.
 4. **Encode** each shard and write it in log order.
 
 Everything lands in a temporary folder beside the entry, renamed into place at the end.
@@ -48,7 +51,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rmtl.data import cache, csv_ranges
+from rmtl.data import cache, csv_ranges, side_shards
 from rmtl.data import kuairand as kr
 from rmtl.data.build import (FIRST_VALUE_INDEX, MISSING_INDEX, RARE_INDEX, _kept_warnings, _split_bounds,
                              check_split_order)
@@ -84,6 +87,15 @@ FOLD_ROWS = 1 << 20  # fold the per-shard partial tables once this many rows pil
 # row), not every session of the log. Bucket edges come from a sample of SAMPLE_SESSIONS.
 SESSION_BUCKET = 1 << 22
 SAMPLE_SESSIONS = 1 << 20
+# The user field's per-user tables (first pos, train count, first row; the vocabulary index
+# and user code made from them) stay beside each user's shard on disk; the vocabulary's
+# order and the user codes are ranked one key range of RANK_BUCKET rows at a time (a range
+# of rows holds at most that many users' first rows), so the main process never holds
+# every user. The vocabularies are written VOCAB_WRITE_ROWS values at a time.
+USER_FIELD = "user_id"
+RANK_BUCKET = 1 << 22
+VOCAB_WRITE_ROWS = 1 << 20
+USER_VOCAB_FILE = "user-vocab.arrow"
 # The passes' own files (raw parts, mid) are read once or twice and deleted: Arrow IPC files,
 # uncompressed (about 5x faster to write and 20x faster to read than plain Parquet).
 DAY_REF = 19_000  # days since 1970 subtracted before the date-correlation sums (fewer lost digits)
@@ -242,7 +254,18 @@ def _build(data_path: Path, out: Path, shards: int | str, options: dict, block_b
     clock = time.perf_counter()
     ctx = _CTX
     ctx.clear()
-    ctx.update(plan=plan, sides=kr.load_sides(plan, part.pop("users"), part.pop("videos")), raw_dir=raw_dir,
+    # the user side file cut by shard (a worker loads its shard's users); the video side
+    # file (videos cross shards) held whole, cut to the videos seen
+    videos = part.pop("videos")
+    side_dir = out / "side"
+    side_dir.mkdir()
+    user_side = (side_shards.split(plan.files["user"], plan.user_cols, lambda ids: shard_of(ids, shards),
+                                   side_dir, block_bytes or STREAM_BLOCK_BYTES) if plan.user_cols else None)
+    video_side = (kr.load_side(plan.files["video"], "video_id", plan.video_cols, np.unique(videos))
+                  if plan.video_cols else None)
+    del videos
+    _trim()
+    ctx.update(plan=plan, video_side=video_side, user_side=user_side, side_dir=side_dir, raw_dir=raw_dir,
                parts=part.pop("parts"),
                mid_dir=mid_dir, out=out, session_gap=options["session_gap"], keep_duplicates=keep_duplicates,
                order_kind=order_kind, min_events=1 if plan.sessions == "gap_keep_single" else 2)
@@ -251,9 +274,11 @@ def _build(data_path: Path, out: Path, shards: int | str, options: dict, block_b
     first_pos: dict[str, _Fold] = {}
     counts, acc = [], _Acc()  # sessions kept per shard (their keys are in mid/)
     spec_fields = None
+    duplicated = []  # (count, smallest) of user ids listed twice in the user side file, per shard
     for got in _map(_pass_sessions, range(shards), workers):
-        if got is None:
+        if got is None or got[0] == "duplicated":
             counts.append(0)
+            duplicated += [got[1]] if got is not None else []
             continue
         fields, n_sessions, firsts, shard_acc = got
         spec_fields = spec_fields or fields
@@ -261,6 +286,7 @@ def _build(data_path: Path, out: Path, shards: int | str, options: dict, block_b
         acc.merge(shard_acc)
         for name, (values, pos) in firsts.items():
             first_pos.setdefault(name, _Fold("min")).add(values, pos)
+    side_shards.duplicate_error(duplicated, plan.files["user"])
     if spec_fields is None:
         raise DataError(f"no log row belongs to the {len(plan.selected)} selected user(s); expected at least one",
                         path=plan.files["log"][0].parent, column="user_id")
@@ -282,13 +308,13 @@ def _build(data_path: Path, out: Path, shards: int | str, options: dict, block_b
     _trim()
     present = [s for s in range(shards) if counts[s]]
 
-    # 3. merged statistics over the train rows
-    counts = {name: _Fold("sum") for name in sparse}
+    # 3. merged statistics over the train rows (the user field's tables stay per shard, on disk)
+    counts = {name: _Fold("sum") for name in sparse if name != USER_FIELD}
     moments = {name: [0, 0.0, 0.0, 0] for name in dense}  # n, mean, M2, missing
-    firsts_user, firsts_item = _Fold("min"), _Fold("min")
+    firsts_item = _Fold("min")
     split_acc = {name: {"rows": 0, "users": 0, "pos": np.zeros(len(tasks))} for name in SPLITS}
     for got in _map(_pass_statistics, present, workers):
-        for name in sparse:
+        for name in counts:
             counts[name].add(*got["counts"][name])
         for name in dense:
             if got["inf"][name]:
@@ -296,13 +322,18 @@ def _build(data_path: Path, out: Path, shards: int | str, options: dict, block_b
                                 path=where, column=name)
             moments[name][3] += got["missing"][name]  # the builder counts missing over all kept rows
             _merge_moments(moments[name], *got["moments"][name])
-        firsts_user.add(*got["user"])
         firsts_item.add(*got["item"])
         for name in SPLITS:
             for k in ("rows", "users", "pos"):
                 split_acc[name][k] = split_acc[name][k] + got["splits"][name][k]
     vocab_luts, vocab, cards, vocab_sizes = {}, {}, [], {}
     for name in sparse:
+        if name == USER_FIELD:  # ranked bucket by bucket over the shards' user tables
+            frequent, rare = _user_vocabulary(mid_dir, present, part["rows"], options["min_count"])
+            vocab[name] = None  # written from mid/ (USER_VOCAB_FILE)
+            cards.append(FIRST_VALUE_INDEX + frequent)
+            vocab_sizes[name] = {"frequent": frequent, "rare": rare}
+            continue
         values, first = first_pos[name].result()
         lut, series, frequent, rare = _vocabulary(name, values, first, counts[name], options["min_count"],
                                                   side_fields.get(name))
@@ -315,12 +346,12 @@ def _build(data_path: Path, out: Path, shards: int | str, options: dict, block_b
     for name, (n, mean, m2, missing) in moments.items():
         std = float(np.sqrt(m2 / n)) if n else 1.0
         dense_stats[name] = {"mean": float(mean) if n else 0.0, "std": std if std > 0 else 1.0, "missing": int(missing)}
-    user_code = _codes_by_first(*firsts_user.result())
+    n_users = _user_codes(mid_dir, present, n_rows)
     item_code = _codes_by_first(*firsts_item.result())
-    del firsts_user, firsts_item
-    encoders = {name: _encoder(vocab_luts[name], cards[j]) for j, name in enumerate(sparse)}
-    encoders.update(user=_encoder(user_code), item=_encoder(item_code))
-    ctx.update(encoders=encoders, dense_stats=dense_stats)
+    del firsts_item
+    encoders = {name: _encoder(vocab_luts[name], cards[j]) for j, name in enumerate(sparse) if name != USER_FIELD}
+    encoders.update(item=_encoder(item_code))
+    ctx.update(encoders=encoders, dense_stats=dense_stats, user_card=cards[sparse.index(USER_FIELD)])
     del vocab_luts
     _trim()
     progress(f"statistics  {len(sparse)} vocabularies, {len(dense)} dense columns  {time.perf_counter() - clock:.1f}s{_peak_note()}")
@@ -329,10 +360,11 @@ def _build(data_path: Path, out: Path, shards: int | str, options: dict, block_b
     # 4. encode and write each shard in log order
     shard_meta = [{"file": SHARD_NAME.format(s), "shard": s, **info}
                   for s, info in zip(present, _map(_pass_encode, present, workers))]
+    vocab_dtypes = _write_vocabularies(vocab, mid_dir, out / cache.VOCAB_FILE)
     shutil.rmtree(raw_dir)
     shutil.rmtree(mid_dir)
+    shutil.rmtree(side_dir)
     progress(f"encode      {len(shard_meta)} shard files  {time.perf_counter() - clock:.1f}s{_peak_note()}")
-    pq.write_table(cache._vocab_table(vocab), out / cache.VOCAB_FILE, compression="lz4")
     ctx.clear()
 
     spec = FeatureSpec(
@@ -349,7 +381,7 @@ def _build(data_path: Path, out: Path, shards: int | str, options: dict, block_b
             "session_gap": None if plan.sessions == "user_day" else options["session_gap"],
         },
     )
-    summary = _summary(plan, part, acc, spec, n_rows, n_sessions, splits, split_acc, len(user_code[0]),
+    summary = _summary(plan, part, acc, spec, n_rows, n_sessions, splits, split_acc, n_users,
                        len(item_code[0]), 1 if plan.sessions == "gap_keep_single" else 2)
     return {
         "format": cache.FORMAT_VERSION,
@@ -361,7 +393,7 @@ def _build(data_path: Path, out: Path, shards: int | str, options: dict, block_b
         "num_sessions": n_sessions,
         "shards": shard_meta,
         "summary": summary,
-        "vocab_dtypes": {k: cache._value_dtype(v.index) for k, v in vocab.items()},
+        "vocab_dtypes": vocab_dtypes,
     }
 
 
@@ -435,7 +467,7 @@ def _partition(plan, raw_dir: Path, shards: int, block_bytes, workers: int) -> d
     by_file: dict[int, list] = {}
     for t, got in enumerate(_map(_partition_task, range(len(tasks)), workers)):
         by_file.setdefault(tasks[t][0], []).append((t, got))
-    users, videos = _Fold("set"), _Fold("set")
+    videos = _Fold("set")
     parts, pos, n_read, n_random = [], 0, 0, 0
     for i, path in enumerate(plan.files["log"]):
         done = by_file[i]
@@ -450,11 +482,9 @@ def _partition(plan, raw_dir: Path, shards: int, block_bytes, workers: int) -> d
             pos += got["rows"]
             n_read += got["read"]
             n_random += got["rows"] if path.name.startswith("log_random") else 0
-            users.add(got["users"], None)
             videos.add(got["videos"], None)
     _CTX.clear()
-    return {"rows": pos, "read": n_read, "random": n_random, "users": users.result()[0], "videos": videos.result()[0],
-            "parts": parts}
+    return {"rows": pos, "read": n_read, "random": n_random, "videos": videos.result()[0], "parts": parts}
 
 
 def _part_name(s: int, t: int) -> str:
@@ -485,7 +515,7 @@ def _partition_task(t: int, ranged: bool = True) -> dict | None:
     plan, raw_dir, shards = ctx["plan"], ctx["raw_dir"], ctx["shards"]
     columns = ["pos", *plan.log_columns]
     writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
-    users, videos = _Fold("set"), _Fold("set")
+    videos = _Fold("set")
     pos = n_read = 0
     pending: list[dict] = []
 
@@ -513,8 +543,7 @@ def _partition_task(t: int, ranged: bool = True) -> dict | None:
             data["pos"] = np.arange(pos, pos + m, dtype=np.int64)
             pos += m
             pending.append(data)
-            for fold, col in ((users, "user_id"), (videos, "video_id")):
-                fold.add(pd.unique(data[col]), None)
+            videos.add(pd.unique(data["video_id"]), None)
             if sum(len(d["pos"]) for d in pending) >= PARTITION_ROWS:
                 flush()
         if source is not None and source.quoted:
@@ -530,7 +559,7 @@ def _partition_task(t: int, ranged: bool = True) -> dict | None:
             w.close()
         if source is not None:
             source.close()
-    return {"rows": pos, "read": n_read, "users": users.result()[0], "videos": videos.result()[0]}
+    return {"rows": pos, "read": n_read, "videos": videos.result()[0]}
 
 
 class _Acc:
@@ -580,6 +609,9 @@ def _pass_sessions(s: int):
     del table
     for p, _ in files:
         p.unlink()
+    sides = _sides(s, pd.unique(log["user_id"]))  # the side rows of this shard's users (load_sides' cut)
+    if sides["user"] is not None and not sides["user"]["index"].is_unique:
+        return "duplicated", side_shards.duplicates(sides["user"]["index"])
     acc = _Acc()
     if not ctx["keep_duplicates"]:
         first = ~kr.duplicate_rows(log)
@@ -587,7 +619,7 @@ def _pass_sessions(s: int):
             acc.duplicates += int((~first).sum())
             log = {c: v[first] for c, v in log.items()}
             pos = pos[first]
-    frame, sparse, dense, notes = kr.events_frame(log, plan, ctx["sides"])
+    frame, sparse, dense, notes = kr.events_frame(log, plan, sides)
     n = len(pos)
     acc.impressions += n
     acc.notes = dict(notes)
@@ -620,7 +652,7 @@ def _pass_sessions(s: int):
     # a side feature's value first appears with the first row of one of its users / videos:
     # per entity, not per row (26 user columns over a user's ~40 rows each)
     for which, key in (("user", "user_id"), ("video", "video_id")):
-        side = ctx["sides"][which]
+        side = sides[which]
         if side is None:
             continue
         ids, first = firsts[key]
@@ -631,6 +663,10 @@ def _pass_sessions(s: int):
                 firsts[c] = _first_by(codes[codes != -1], first[codes != -1])
     side_fields = {name: frame[name].categories for name in sparse if isinstance(frame[name], pd.Categorical)}
     fields = (sparse, dense, tasks, side_fields)
+    ids, first = firsts.pop(USER_FIELD)  # this shard's users only: written beside it, sorted by first pos
+    by_pos = np.argsort(first, kind="stable")
+    for name, values in (("pos", first[by_pos]), ("id", ids[by_pos])):
+        values.astype(np.int64).tofile(_user_file(ctx["mid_dir"], s, name))
     del frame
     if not keep.any():
         return fields, 0, firsts, acc
@@ -659,13 +695,22 @@ def _pass_sessions(s: int):
     return fields, len(local), firsts, acc
 
 
+def _sides(s: int, users: np.ndarray | None = None) -> dict:
+    """The side tables shard ``s``'s rows join: its own users' (those of ``users`` only,
+    if given), every video's."""
+    ctx = _CTX
+    user = side_shards.load(ctx["side_dir"], s, ctx["user_side"], users) if ctx["user_side"] is not None else None
+    return {"user": user, "video": ctx["video_side"]}
+
+
 def _read_mid(s: int):
     """A shard's kept rows: (sess, row, global session, frame rebuilt by events_frame)."""
     ctx = _CTX
     table = _read_temp(ctx["mid_dir"] / _mid_name(s))
     mid = {name: table.column(name).to_numpy() for name in table.column_names}
     del table
-    frame, _, _, _ = kr.events_frame({c: mid[c] for c in ctx["plan"].log_columns}, ctx["plan"], ctx["sides"])
+    frame, _, _, _ = kr.events_frame({c: mid[c] for c in ctx["plan"].log_columns}, ctx["plan"],
+                                 _sides(s, pd.unique(mid["user_id"])))
     rank, first = (np.fromfile(_key_file(ctx["mid_dir"], s, k), dtype=np.int64) for k in ("rank", "first"))
     row, srank = _global_rows(mid["sess"], rank, first)
     return mid, frame, row, srank
@@ -678,14 +723,14 @@ def _pass_statistics(s: int) -> dict:
     sparse, dense, tasks, _ = ctx["fields"]
     mid, frame, row, srank = _read_mid(s)
     train = srank < ctx["splits"]["train"][1]
-    out = {"counts": {name: _count(_value_ids(frame[name])[train]) for name in sparse},
+    out = {"counts": {name: _count(_value_ids(frame[name])[train]) for name in sparse if name != USER_FIELD},
            "inf": {}, "missing": {}, "moments": {}, "splits": {}}
     for name in dense:
         x = np.asarray(frame[name], dtype=np.float64)
         out["inf"][name] = int(np.isinf(x).sum())
         out["missing"][name] = int(np.isnan(x).sum())
         out["moments"][name] = _moments(x[train])
-    out["user"] = _first_by(mid["user_id"], row)
+    _user_statistics(s, mid["user_id"], train, row)
     out["item"] = _first_by(mid["video_id"], row)
     for name, (a, b) in ctx["splits"].items():
         inside = (srank >= a) & (srank < b)
@@ -701,7 +746,7 @@ def _pass_encode(s: int) -> dict:
     mid, frame, row, srank = _read_mid(s)
     # time order: the shard's session order is already the global one, rows need no move
     order = slice(None) if (row[1:] > row[:-1]).all() else np.argsort(row, kind="stable")
-    enc = ctx["encoders"]
+    enc = {**ctx["encoders"], **_user_encoders(s)}
     cols = {"row": row[order], "session": srank[order], "user": _encode(enc["user"], mid["user_id"][order]),
             "item": _encode(enc["item"], mid["video_id"][order]), "time": mid["time_ms"][order]}
     for name in sparse:
@@ -843,6 +888,138 @@ def _global_rows(sess: np.ndarray, rank: np.ndarray, first: np.ndarray):
     starts = np.flatnonzero(np.r_[True, sess[1:] != sess[:-1]]) if len(sess) else np.zeros(0, np.int64)
     offset = np.arange(len(sess)) - np.repeat(starts, np.diff(np.r_[starts, len(sess)]))
     return first[sess] + offset, srank
+
+
+def _user_file(mid_dir: Path, s: int, name: str) -> Path:
+    """A shard's per-user int64 array: ``pos``, ``id`` (pass 2, by first pos), ``count``
+    (pass 3, train rows), ``index`` (the vocabulary's), aligned; ``row``, ``rowid`` (pass 3,
+    by first row in the final log), ``code`` (the user code), aligned."""
+    return mid_dir / f"users-{s:05d}.{name}"
+
+
+def _read_user(mid_dir: Path, s: int, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    path = _user_file(mid_dir, s, name)
+    if not path.is_file():
+        return np.zeros(0, np.int64)
+    return np.fromfile(path, dtype=np.int64, count=-1 if stop is None else stop - start, offset=start * 8)
+
+
+def _user_statistics(s: int, user: np.ndarray, train: np.ndarray, row: np.ndarray) -> None:
+    """Pass 3's per-user tables of shard ``s`` (its rows' ``user`` ids, global ``row``s):
+    train rows per user, aligned with pass 2's list, and each user's first row. Sorts, not
+    tables over the id range: a worker's memory is its shard's."""
+    mid_dir = _CTX["mid_dir"]
+    ids = _read_user(mid_dir, s, "id")
+    by_id = np.argsort(ids, kind="stable")
+    u, c = np.unique(user[train], return_counts=True)
+    count = np.zeros(len(ids), dtype=np.int64)
+    count[by_id[np.searchsorted(ids[by_id], u)]] = c
+    count.tofile(_user_file(mid_dir, s, "count"))
+    order = np.argsort(row, kind="stable")
+    uniq, first = np.unique(user[order], return_index=True)  # first occurrence in row order
+    first_row = row[order][first]
+    by_row = np.argsort(first_row, kind="stable")
+    first_row[by_row].astype(np.int64).tofile(_user_file(mid_dir, s, "row"))
+    uniq[by_row].astype(np.int64).tofile(_user_file(mid_dir, s, "rowid"))
+
+
+def _bucket_slices(mid_dir: Path, present: list[int], key: str, columns: list[str], end: int):
+    """The shards' per-user tables (each sorted by ``key``, distinct keys in 0..end) one key
+    range of RANK_BUCKET at a time, in key order: yields the (shard, start, stop) spans and
+    the columns of those spans concatenated -- at most RANK_BUCKET users."""
+    edges = np.arange(RANK_BUCKET, max(end, 1), RANK_BUCKET, dtype=np.int64)
+    cuts = {}
+    for s in present:
+        keys = _read_user(mid_dir, s, key)
+        cuts[s] = np.r_[0, np.searchsorted(keys, edges), len(keys)]
+    for b in range(len(edges) + 1):
+        spans = [(s, int(cuts[s][b]), int(cuts[s][b + 1])) for s in present if cuts[s][b + 1] > cuts[s][b]]
+        if spans:
+            yield spans, {c: np.concatenate([_read_user(mid_dir, s, c, a, z) for s, a, z in spans]) for c in columns}
+
+
+def _append_user(mid_dir: Path, spans, name: str, values: np.ndarray) -> None:
+    """``values`` (one bucket's, in its spans' order) appended to each shard's ``name`` file."""
+    at = 0
+    for s, a, z in spans:
+        with open(_user_file(mid_dir, s, name), "ab") as fh:
+            values[at: at + z - a].astype(np.int64).tofile(fh)
+        at += z - a
+
+
+def _user_vocabulary(mid_dir: Path, present: list[int], end_pos: int, min_count: int) -> tuple[int, int]:
+    """The user field's vocabulary, as _vocabulary makes it over every user at once: users
+    seen in train, numbered 2.. by first pos (those with >= min_count train rows; 1 for the
+    rarer), ranked bucket by bucket. Each shard gets its users' ``index``; the kept users'
+    (value, index) rows go to USER_VOCAB_FILE in vocabulary order. Returns (frequent, rare)."""
+    frequent = rare = 0
+    schema = pa.schema([("value", pa.int64()), ("index", pa.int64())])
+    with pa.ipc.new_file(mid_dir / USER_VOCAB_FILE, schema) as writer:
+        for spans, cols in _bucket_slices(mid_dir, present, "pos", ["pos", "id", "count"], end_pos):
+            order = np.argsort(cols["pos"], kind="stable")
+            count = cols["count"][order]
+            kept, often = count > 0, count >= min_count
+            index = np.zeros(len(order), dtype=np.int64)
+            index[kept & ~often] = RARE_INDEX
+            index[often] = FIRST_VALUE_INDEX + frequent + np.arange(int(often.sum()))
+            frequent += int(often.sum())
+            rare += int((kept & ~often).sum())
+            writer.write_table(pa.table({"value": cols["id"][order][kept], "index": index[kept]}, schema=schema))
+            back = np.empty_like(index)
+            back[order] = index
+            _append_user(mid_dir, spans, "index", back)
+    return frequent, rare
+
+
+def _user_codes(mid_dir: Path, present: list[int], n_rows: int) -> int:
+    """Each user's code (numbered by its first row in the final log, as the builder's
+    factorize), ranked bucket by bucket into each shard's ``code``; returns the user count."""
+    base = 0
+    for spans, cols in _bucket_slices(mid_dir, present, "row", ["row"], n_rows):
+        order = np.argsort(cols["row"], kind="stable")
+        code = np.empty(len(order), dtype=np.int64)
+        code[order] = base + np.arange(len(order))
+        base += len(order)
+        _append_user(mid_dir, spans, "code", code)
+    return base
+
+
+def _user_encoders(s: int) -> dict:
+    """Shard ``s``'s encoders of the user field and the user code: its own users only."""
+    ctx = _CTX
+    mid_dir = ctx["mid_dir"]
+    ids, index = _read_user(mid_dir, s, "id"), _read_user(mid_dir, s, "index")
+    by_id = np.argsort(ids, kind="stable")
+    dtype = cache._narrow(np.zeros(1, np.int64), ctx["user_card"]).dtype
+    rid, code = _read_user(mid_dir, s, "rowid"), _read_user(mid_dir, s, "code")
+    by_rid = np.argsort(rid, kind="stable")
+    return {USER_FIELD: (ids[by_id], index[by_id].astype(dtype)), "user": (rid[by_rid], code[by_rid])}
+
+
+def _write_vocabularies(vocab: dict, mid_dir: Path, path: Path) -> dict:
+    """vocab.parquet (cache._vocab_table's columns) written VOCAB_WRITE_ROWS values at a time,
+    field by field; the user field's (None in ``vocab``) from USER_VOCAB_FILE. Returns the
+    fields' value dtypes (meta.json's ``vocab_dtypes``)."""
+    dtypes = {}
+    with pq.ParquetWriter(path, cache._vocab_table({}).schema, compression="lz4") as writer:
+        for name, series in vocab.items():
+            for part in (_user_vocab_parts(mid_dir) if series is None else
+                         (series.iloc[a: a + VOCAB_WRITE_ROWS] for a in range(0, len(series), VOCAB_WRITE_ROWS))):
+                dtypes.setdefault(name, cache._value_dtype(part.index))
+                writer.write_table(cache._vocab_table({name: part}))
+            dtypes.setdefault(name, cache._value_dtype(series.index) if series is not None else "int64")
+    return dtypes
+
+
+def _user_vocab_parts(mid_dir: Path):
+    """The user field's vocabulary as Series (value -> index) of up to VOCAB_WRITE_ROWS values."""
+    with pa.OSFile(str(mid_dir / USER_VOCAB_FILE)) as fh:
+        reader = pa.ipc.open_file(fh)
+        for i in range(reader.num_record_batches):
+            batch = reader.get_batch(i)
+            values, index = batch.column("value").to_numpy(), batch.column("index").to_numpy()
+            for a in range(0, len(values), VOCAB_WRITE_ROWS):
+                yield pd.Series(index[a: a + VOCAB_WRITE_ROWS], index=pd.Index(values[a: a + VOCAB_WRITE_ROWS]))
 
 
 def _small_ids(values: np.ndarray) -> bool:
