@@ -540,6 +540,30 @@ def test_user_tables_ranked_bucket_by_bucket_and_never_held_whole(synth, tmp_pat
     assert sum(first_load.values()) == logged  # pass 2: every user of the log, in its shard
 
 
+@pytest.mark.parametrize("block", [None, 4096])
+def test_video_side_file_read_in_the_prepares_block_size(synth, tmp_path, monkeypatch, block):
+    """The video side file (held in the main process, cut to the log's videos) is streamed in
+    the sharded prepare's block size (``block_bytes``, default STREAM_BLOCK_BYTES), not in
+    kuairand.BLOCK_BYTES blocks read ahead (the main process's peak, docs/shards.md); in
+    small blocks the entry still equals the in-memory prepare's."""
+    ref = prepare("kuairand", synth, cache_dir=tmp_path / "mem")
+    reads = []
+    real_iter = shards_mod.kr.iter_csv
+
+    def iter_csv(path, *args, **kwargs):
+        for got in real_iter(path, *args, **kwargs):
+            if Path(path).name.startswith("video_features"):
+                reads.append(kwargs.get("block_bytes"))
+            yield got
+
+    monkeypatch.setattr(shards_mod.kr, "iter_csv", iter_csv)
+    sp = prepare_sharded(synth, shards=3, cache_dir=tmp_path / "s", workers=1, block_bytes=block)
+    assert_same(ref, sp)
+    assert reads and set(reads) == {block or shards_mod.STREAM_BLOCK_BYTES}
+    if block:  # several blocks of the video file, each cut to the log's videos
+        assert len(reads) > 1
+
+
 def test_duplicated_user_id_is_the_one_readers_error(synth, tmp_path):
     """A user id listed twice in user_features: the sharded prepare (whose shards each check
     their own users) fails with the in-memory reader's line, naming the count and the

@@ -700,7 +700,8 @@ def _user_filter(users: np.ndarray | None):
     return None if users is None else (lambda data: np.isin(data["user_id"], users))
 
 
-def _read_side(paths: list[Path], key: str, columns: list[str], needed: np.ndarray | None = None) -> dict:
+def _read_side(paths: list[Path], key: str, columns: list[str], needed: np.ndarray | None = None,
+               block_bytes: int | None = None) -> dict:
     """A user or video side file (parts concatenated), one row per unique key; only the
     rows of ``needed`` ids are kept (the 27K video file lists 32 M videos). Read block by
     block: each sparse column kept as per-block codes (``_BlockCodes``, 4 B per row), so the
@@ -712,7 +713,7 @@ def _read_side(paths: list[Path], key: str, columns: list[str], needed: np.ndarr
     chunks: dict[str, list[np.ndarray]] = {c: [] for c in [key, *columns] if c not in coded}
     for p in paths:
         # block_bytes: read through ReadAhead, a few blocks ahead (the 27K video file is GBs)
-        for data, _ in iter_csv(p, [key, *columns], what, keep=keep, block_bytes=BLOCK_BYTES,
+        for data, _ in iter_csv(p, [key, *columns], what, keep=keep, block_bytes=block_bytes or BLOCK_BYTES,
                                 check=lambda d, path, row: _require_values(d, [key], path, row)):
             for c in sparse:
                 coded[c].add(_first_tag(data[c]) if c == "tag" else data[c])
@@ -777,10 +778,12 @@ def _select_users(chosen, user_files: list[Path]) -> np.ndarray | None:
         raise ConfigError(f"expected a number of users or a list of integer user ids, got {chosen!r}", key="users") from None
 
 
-def load_side(paths: list[Path], key: str, columns: list[str], needed: np.ndarray | None = None) -> dict:
+def load_side(paths: list[Path], key: str, columns: list[str], needed: np.ndarray | None = None,
+              block_bytes: int | None = None) -> dict:
     """A side file read once: its ids (a pd.Index for the lookup), every sparse column
-    factorised (codes, uniques; ``tag`` cut to its first tag), dense columns as read."""
-    table = _read_side(paths, key, columns, needed=needed)
+    factorised (codes, uniques; ``tag`` cut to its first tag), dense columns as read.
+    ``block_bytes``: CSV block size of the read (default BLOCK_BYTES)."""
+    table = _read_side(paths, key, columns, needed=needed, block_bytes=block_bytes)
     side = {"key": key, "paths": paths, "columns": columns, "index": pd.Index(table[key])}
     for c in columns:
         side[c] = table.pop(c).result() if c in USER_SPARSE or c in VIDEO_SPARSE else table.pop(c)

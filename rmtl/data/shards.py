@@ -94,7 +94,7 @@ SAMPLE_SESSIONS = 1 << 20
 # every user. The vocabularies are written VOCAB_WRITE_ROWS values at a time.
 USER_FIELD = "user_id"
 RANK_BUCKET = 1 << 22
-VOCAB_WRITE_ROWS = 1 << 20
+VOCAB_WRITE_ROWS = 1 << 18  # ~180 B per value while converted to text: ~47 MB a write
 USER_VOCAB_FILE = "user-vocab.arrow"
 # The passes' own files (raw parts, mid) are read once or twice and deleted: Arrow IPC files,
 # uncompressed (about 5x faster to write and 20x faster to read than plain Parquet).
@@ -261,7 +261,10 @@ def _build(data_path: Path, out: Path, shards: int | str, options: dict, block_b
     side_dir.mkdir()
     user_side = (side_shards.split(plan.files["user"], plan.user_cols, lambda ids: shard_of(ids, shards),
                                    side_dir, block_bytes or STREAM_BLOCK_BYTES) if plan.user_cols else None)
-    video_side = (kr.load_side(plan.files["video"], "video_id", plan.video_cols, np.unique(videos))
+    # in the partition pass's block size: with kuairand.BLOCK_BYTES (32 MB) blocks read
+    # ahead, this read was the main process's peak (docs/shards.md, "Memory")
+    video_side = (kr.load_side(plan.files["video"], "video_id", plan.video_cols, videos,
+                               block_bytes=block_bytes or STREAM_BLOCK_BYTES)
                   if plan.video_cols else None)
     del videos
     _trim()
