@@ -35,8 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rmtl.cli import main  # noqa: E402
 from rmtl.config import load_config  # noqa: E402
-from rmtl.data.shards import load_log, prepare_sharded, rank_files, read_meta  # noqa: E402
-from rmtl.data.synth_kuairand import write_kuairand  # noqa: E402
+from rmtl.data.shards import load_log, rank_files, read_meta  # noqa: E402
 from rmtl.pipeline import run_pipeline  # noqa: E402
 
 TINY = ["model.options.embed_dim=8", "model.options.num_experts=2", "model.options.expert_dims=[16]",
@@ -47,15 +46,6 @@ TINY = ["model.options.embed_dim=8", "model.options.num_experts=2", "model.optio
 TWO = ["agent.actor_update=true", "agent.ew_control=false"]  # the 2-process case: the TD3+BC actor too
 ATOL = 2e-5
 METRIC_ATOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def entries(tmp_path_factory):
-    root = tmp_path_factory.mktemp("krp")
-    write_kuairand(root / "raw", users=150, items=400, seed=5)
-    four = prepare_sharded(root / "raw", shards=4, cache_dir=root / "c4", workers=1)
-    one = prepare_sharded(root / "raw", shards=1, cache_dir=root / "c1", workers=1)
-    return four.path, one.path
 
 
 def _weights(run: Path, tag: str) -> dict:
@@ -77,8 +67,8 @@ def _table(run: Path) -> dict:
             for m, v in ms.items()}
 
 
-def test_one_shard_pipeline_equals_the_in_memory_pipeline_bit_for_bit(entries, tmp_path):
-    _, one = entries
+def test_one_shard_pipeline_equals_the_in_memory_pipeline_bit_for_bit(shard_entries, tmp_path):
+    _, one = shard_entries
     sharded = run_pipeline(load_config("quickstart", [*TINY, f"data.shards={one}"]), run_dir=tmp_path / "s",
                            say=lambda s: None)
     memory = run_pipeline(load_config("quickstart", TINY), prepared=load_log(one), run_dir=tmp_path / "m",
@@ -151,11 +141,11 @@ def check_two_process_pipeline(entry: Path, two: Path, ranks: list[dict], one: P
     assert json.loads((died / "pipeline.json").read_text())["processes"] == 1
 
 
-def test_the_agent_command_trains_the_pipeline_critics_from_shards(entries, tmp_path, capsys):
+def test_the_agent_command_trains_the_pipeline_critics_from_shards(shard_entries, tmp_path, capsys):
     """`rmtl agent --backbone <pretrain/best.pt> data.shards=...` trains the critics the
     pipeline trained from the same backbone and streams (bit for bit), and prints a
     fine-tune command that keeps the shards; that command runs."""
-    four, _ = entries
+    four, _ = shard_entries
     cfg = load_config("quickstart", [*TINY, f"data.shards={four}", "data.shard_streams=2"])
     run_pipeline(cfg, run_dir=tmp_path / "p", say=lambda s: None)
     code = main(["agent", "-c", "quickstart", "--backbone", str(tmp_path / "p" / "pretrain" / "best.pt"), *TINY,
@@ -172,8 +162,8 @@ def test_the_agent_command_trains_the_pipeline_critics_from_shards(entries, tmp_
 
 
 @pytest.mark.parametrize("command", [["pipeline"], ["agent", "--backbone", "best.pt"]])
-def test_a_bad_shards_folder_gives_one_line_and_exit_2_in_pipeline_and_agent(entries, tmp_path, capsys, command):
-    four, _ = entries
+def test_a_bad_shards_folder_gives_one_line_and_exit_2_in_pipeline_and_agent(shard_entries, tmp_path, capsys, command):
+    four, _ = shard_entries
     (tmp_path / "empty").mkdir()
     for bad in (tmp_path / "empty", tmp_path / "missing", four.parent):
         code = main([*command, "-c", "quickstart", f"data.shards={bad}", "--run-dir", str(tmp_path / "run")])
@@ -184,7 +174,7 @@ def test_a_bad_shards_folder_gives_one_line_and_exit_2_in_pipeline_and_agent(ent
         assert not (tmp_path / "run").exists()
 
 
-def test_stream_parts_hold_whole_sessions_and_bind_the_in_memory_weights(entries):
+def test_stream_parts_hold_whole_sessions_and_bind_the_in_memory_weights(shard_entries):
     """Each stream's train part holds whole sessions: its rows, session indices, transitions
     and session context are the in-memory train split's at its rows; the rmtl strategy bound
     to the parts gives every row the weight bind_log gives it (same critic set, context)."""
@@ -196,7 +186,7 @@ def test_stream_parts_hold_whole_sessions_and_bind_the_in_memory_weights(entries
     from rmtl.envs.context import session_context
     from rmtl.weighting.rmtl_critic import RMTLStrategy
 
-    four, _ = entries
+    four, _ = shard_entries
     source = ShardSource.open(four)
     full = load_log(four).split("train")
     names = ["position", "elapsed", "gap", "history", "last"]
@@ -231,7 +221,7 @@ def test_stream_parts_hold_whole_sessions_and_bind_the_in_memory_weights(entries
         streamed.bind_parts(parts, full.num_sessions + 1)
 
 
-def test_a_stream_without_transitions_for_a_critic_set_is_one_clear_error(entries):
+def test_a_stream_without_transitions_for_a_critic_set_is_one_clear_error(shard_entries):
     """A stream too small to train a critic set fails before the first update (so, under
     torchrun, before any collective another process would wait in), naming the stream."""
     from dataclasses import replace
@@ -241,7 +231,7 @@ def test_a_stream_without_transitions_for_a_critic_set_is_one_clear_error(entrie
     from rmtl.envs import build_transitions
     from rmtl.errors import DataError
 
-    four, _ = entries
+    four, _ = shard_entries
     full = load_log(four).split("train")
     first = replace(full, splits={"train": (0, 1), "rest": (1, full.num_sessions)}).split("train")  # one session
     agent = RMTLAgent(full.spec, AgentConfig(device="cpu", critic_hidden=[8], steps=4, batch_size=8), seed=0)
@@ -251,11 +241,11 @@ def test_a_stream_without_transitions_for_a_critic_set_is_one_clear_error(entrie
     assert agent.steps_done == 0
 
 
-def test_compare_reads_shards(entries, tmp_path, capsys):
+def test_compare_reads_shards(shard_entries, tmp_path, capsys):
     """`rmtl compare data.shards=...`: every arm fine-tunes from the streamed shards; lam0
     (w = 1) is EW (up to float order: its loss is another sum of the same terms); the label arm's class means are summed over the streams; the
     bootstrap reads the gathered test rows."""
-    _, one = entries
+    _, one = shard_entries
     code = main(["compare", "-c", "quickstart", *TINY, "agent.ew_control=false", f"data.shards={one}", "--seeds", "1",
                  "--jobs", "1", "--arms", "lam0,label", "--bootstrap", "10", "--run-dir", str(tmp_path / "c")])
     capsys.readouterr()
@@ -273,7 +263,7 @@ def test_compare_reads_shards(entries, tmp_path, capsys):
     assert "shard_streams: 1" in (tmp_path / "c" / "config.yaml").read_text()
 
 
-def test_label_class_means_from_stream_parts_equal_the_whole_split(entries):
+def test_label_class_means_from_stream_parts_equal_the_whole_split(shard_entries):
     from rmtl.agents.config import AgentConfig
     from rmtl.agents.rmtl_agent import RMTLAgent, session_folds
     from rmtl.backbones import build
@@ -281,7 +271,7 @@ def test_label_class_means_from_stream_parts_equal_the_whole_split(entries):
     from rmtl.data.shard_stream import ShardSource
     from rmtl.weighting.rmtl_critic import RMTLStrategy
 
-    four, _ = entries
+    four, _ = shard_entries
     source = ShardSource.open(four)
     full = load_log(four).split("train")
     torch.manual_seed(0)

@@ -31,8 +31,7 @@ from rmtl.cli import main  # noqa: E402
 from rmtl.config import save_config  # noqa: E402
 from rmtl.data.batches import BatchIterator  # noqa: E402
 from rmtl.data.shard_stream import ShardSource, evaluate_gathered, gather_predictions  # noqa: E402
-from rmtl.data.shards import load_log, prepare_sharded, rank_files  # noqa: E402
-from rmtl.data.synth_kuairand import write_kuairand  # noqa: E402
+from rmtl.data.shards import load_log, rank_files  # noqa: E402
 from rmtl.errors import ConfigError  # noqa: E402
 from rmtl.predict import evaluate, predict  # noqa: E402
 from rmtl.train import fit  # noqa: E402
@@ -46,22 +45,13 @@ COMMON = ["model.options.dropout=0", "train.batch_size=64", "train.epochs=2", "t
 METRIC_ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def entries(tmp_path_factory):
-    root = tmp_path_factory.mktemp("krs")
-    write_kuairand(root / "raw", users=150, items=400, seed=5)
-    four = prepare_sharded(root / "raw", shards=4, cache_dir=root / "c4", workers=1)
-    one = prepare_sharded(root / "raw", shards=1, cache_dir=root / "c1", workers=1)
-    return four.path, one.path
-
-
 def _epoch_rows(stream) -> np.ndarray:
     """Every train row one epoch of the stream reads (before the step cap), global ids."""
     return np.concatenate([b["row"] for b in stream._buffers()])
 
 
-def test_each_rank_streams_its_own_train_rows_once_per_epoch(entries):
-    path, _ = entries
+def test_each_rank_streams_its_own_train_rows_once_per_epoch(shard_entries):
+    path, _ = shard_entries
     full = load_log(path)
     train_rows = np.arange(full.split("train").num_rows)  # train comes first: global ids 0..n-1
     seen = []
@@ -99,10 +89,10 @@ def test_each_rank_streams_its_own_train_rows_once_per_epoch(entries):
     np.testing.assert_array_equal(np.sort(np.concatenate(seen)), train_rows)
 
 
-def test_one_shard_stream_equals_the_in_memory_batches_and_training(entries, tmp_path):
+def test_one_shard_stream_equals_the_in_memory_batches_and_training(shard_entries, tmp_path):
     """One shard of one row group, buffer > train rows: the same permutation of the same
     rows as BatchIterator, so fitting from the shards ends at the in-memory fit's weights."""
-    _, one = entries
+    _, one = shard_entries
     log = load_log(one)
     stream = ShardSource.open(one).train_stream(64, seed=0, buffer_rows=1 << 20)
     ref = BatchIterator(log.split("train"), 64, seed=0)
@@ -152,9 +142,9 @@ def _grad_run(root: Path, name: str, extra=(), prepared=None, callbacks=()) -> l
     return torch.stack(recorder.steps)
 
 
-def test_resume_from_shards_is_bit_exact(entries, tmp_path):
+def test_resume_from_shards_is_bit_exact(shard_entries, tmp_path):
     """Cut at step 40 of a 62-step epoch, resumed past the epoch end: the straight run's weights."""
-    path, _ = entries
+    path, _ = shard_entries
     base = ["model.options.dropout=0.1", "train.batch_size=64", "train.patience=null", f"data.shards={path}"]
     fit(small_cfg(tmp_path, *base, "train.max_steps=40"), run_dir=tmp_path / "cut")
     resumed = fit(small_cfg(tmp_path, *base, "train.max_steps=90"), run_dir=tmp_path / "cut", resume=True)
@@ -225,8 +215,8 @@ def _worker(rank: int, world: int, init_file: str, root: str, path: str, one: st
 
 
 @pytest.fixture(scope="module")
-def two_ranks(entries, tmp_path_factory):
-    path, one = entries
+def two_ranks(shard_entries, tmp_path_factory):
+    path, one = shard_entries
     root = tmp_path_factory.mktemp("ddp_shards")
     save_config(small_cfg(root, *COMMON), root / "cli.yaml")  # the "ddp" run's config, for `rmtl train -c`
     for name in ONE_TO_TWO:  # one process, cut after CUT1 steps; the 2-process spawn resumes them
@@ -235,14 +225,14 @@ def two_ranks(entries, tmp_path_factory):
     return root, [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def test_two_process_sharded_pipeline_equals_one_process_running_both_streams(entries, two_ranks, tmp_path):
+def test_two_process_sharded_pipeline_equals_one_process_running_both_streams(shard_entries, two_ranks, tmp_path):
     """(rmtl pipeline from shards: the run of the spawn above; the checks in test_shard_pipeline.py)"""
     root, outs = two_ranks
-    check_two_process_pipeline(entries[0], root / "pipeline2", [o["pipeline"] for o in outs], tmp_path / "one")
+    check_two_process_pipeline(shard_entries[0], root / "pipeline2", [o["pipeline"] for o in outs], tmp_path / "one")
 
 
-def test_metrics_from_two_ranks_shards_equal_one_process(entries, two_ranks):
-    path, _ = entries
+def test_metrics_from_two_ranks_shards_equal_one_process(shard_entries, two_ranks):
+    path, _ = shard_entries
     _, outs = two_ranks
     full = load_log(path)
     torch.manual_seed(0)
@@ -261,8 +251,8 @@ def test_metrics_from_two_ranks_shards_equal_one_process(entries, two_ranks):
                     assert got == pytest.approx(value, abs=METRIC_ATOL), (split, task, name)
 
 
-def test_two_process_shard_training_runs_equal_steps_and_writes_one_set(entries, two_ranks):
-    path, _ = entries
+def test_two_process_shard_training_runs_equal_steps_and_writes_one_set(shard_entries, two_ranks):
+    path, _ = shard_entries
     root, outs = two_ranks
     counts = np.array([ShardSource.open(path, r, 2).rows("train") for r in range(2)])
     assert counts[0] != counts[1]  # the rule matters here: unequal ranks
@@ -308,10 +298,10 @@ class UseUnionBatches(Callback):
 
 
 @pytest.mark.parametrize("name", list(GRAD_CASES))
-def test_two_rank_shard_gradients_equal_one_process_on_the_union_batch(entries, two_ranks, tmp_path, name):
+def test_two_rank_shard_gradients_equal_one_process_on_the_union_batch(shard_entries, two_ranks, tmp_path, name):
     """Each step's reduced gradient = one process's on the two local batches together, the
     last step included (there the smaller rank has fewer rows: its share is smaller)."""
-    path, _ = entries
+    path, _ = shard_entries
     _, outs = two_ranks
     stream = ShardSource.open(path, 1, 2).train_stream(64)
     assert stream.step_rows(len(stream) - 1).tolist()[0] != stream.step_rows(len(stream) - 1).tolist()[1]
@@ -321,8 +311,8 @@ def test_two_rank_shard_gradients_equal_one_process_on_the_union_batch(entries, 
         torch.testing.assert_close(out["grads"][name], single, rtol=1e-4, atol=1e-6)
 
 
-def test_bad_shards_folder_exits_2_and_leaves_nothing(entries, tmp_path, capsys):
-    path, _ = entries
+def test_bad_shards_folder_exits_2_and_leaves_nothing(shard_entries, tmp_path, capsys):
+    path, _ = shard_entries
     (tmp_path / "empty").mkdir()
     for bad in (tmp_path / "empty", tmp_path / "missing", path.parent):
         code = main(["train", "-c", "quickstart", "--shards", str(bad), f"run_dir={tmp_path / 'run'}",
@@ -335,24 +325,24 @@ def test_bad_shards_folder_exits_2_and_leaves_nothing(entries, tmp_path, capsys)
         assert not (tmp_path / "run").exists()
 
 
-def test_loading_a_sharded_entry_whole_is_refused_with_the_commands_that_read_it(entries):
+def test_loading_a_sharded_entry_whole_is_refused_with_the_commands_that_read_it(shard_entries):
     """(Every command that starts a run reads data.shards -- tests/test_shard_pipeline.py for
     pipeline, agent and compare; load_data, which would load the whole log, refuses it.)"""
     from rmtl.config import DataConfig
     from rmtl.train import load_data
 
-    path, _ = entries
+    path, _ = shard_entries
     with pytest.raises(ConfigError, match="data.shards .*`rmtl pipeline`.*`rmtl compare`"):
         load_data(DataConfig(source="kuairand", shards=str(path)))
 
 
 # ----------------------------------------------------------------------------- another process count
 
-def test_the_global_batches_do_not_depend_on_the_process_count(entries):
+def test_the_global_batches_do_not_depend_on_the_process_count(shard_entries):
     """Streams fixed, processes varied: at every step the ranks' rows, concatenated in rank
     order, are the global batch of one process running all streams; each rank reads only
     its streams' shards."""
-    four, one = entries
+    four, one = shard_entries
     for path, streams in ((four, 2), (four, 4), (one, 1)):
         ref = ShardSource.open(path, 0, 1).train_stream(64, seed=4, buffer_rows=300, streams=streams)
         for world in (1, 2, 3, 4):
@@ -392,9 +382,9 @@ def _max_diff(a: dict, b: dict) -> float:
 RESUME_ATOL = 1e-5  # float32 sums in another order (one mean vs share-weighted halves); measured <= 6e-7
 
 
-def test_a_two_process_shard_run_resumed_by_one_process_ends_at_the_uninterrupted_weights(entries, two_ranks,
+def test_a_two_process_shard_run_resumed_by_one_process_ends_at_the_uninterrupted_weights(shard_entries, two_ranks,
                                                                                            tmp_path):
-    path, _ = entries
+    path, _ = shard_entries
     root, outs = two_ranks
     cut = ckpt.load_user_file(root / "cut2" / "train" / "last.pt", "test")
     assert cut["loop"]["step"] == CUT and cut["callbacks"]["shard_streams"] == {"streams": 2}
@@ -415,12 +405,12 @@ def test_a_two_process_shard_run_resumed_by_one_process_ends_at_the_uninterrupte
 
 @pytest.mark.parametrize("name", list(ONE_TO_TWO))
 def test_a_one_process_shard_run_resumed_by_two_processes_ends_at_the_uninterrupted_weights(
-        entries, two_ranks, tmp_path, name):
+        shard_entries, two_ranks, tmp_path, name):
     """One stream shared by 2 processes (each reads the one shard, takes its half of every
     batch); every epoch's last batch has one row, so one process has none in that step (its
     share 0 must add exactly nothing: UW's own parameters get NaN gradients from a mean
     over no rows, which fails this test unless they are zeroed, not multiplied by 0)."""
-    _, one = entries
+    _, one = shard_entries
     root, _ = two_ranks
     n, batch = ShardSource.open(one).rows("train"), _one_to_two_batch(one)
     assert n % batch == 1
@@ -432,11 +422,11 @@ def test_a_one_process_shard_run_resumed_by_two_processes_ends_at_the_uninterrup
     assert _max_diff(a["model"], b["model"]) < RESUME_ATOL
 
 
-def test_a_dwa_shard_run_resumed_mid_epoch_by_one_process_keeps_the_epoch_losses(entries, two_ranks, tmp_path):
+def test_a_dwa_shard_run_resumed_mid_epoch_by_one_process_keeps_the_epoch_losses(shard_entries, two_ranks, tmp_path):
     """last.pt holds the epoch's per-task loss sums over ALL processes (summed every step),
     so DWA's next weights are the uninterrupted run's; with rank 0's own partial sums (the
     earlier code) the resumed run's epoch-2 weights differ (checked: this test fails)."""
-    path, _ = entries
+    path, _ = shard_entries
     root, _ = two_ranks
     shutil.copytree(root / "dwa-cut", tmp_path / "dwa-cut")
     cut = ckpt.load_user_file(tmp_path / "dwa-cut" / "train" / "last.pt", "test")
@@ -451,10 +441,10 @@ def test_a_dwa_shard_run_resumed_mid_epoch_by_one_process_keeps_the_epoch_losses
     assert _max_diff(a["model"], b["model"]) < RESUME_ATOL
 
 
-def test_one_process_with_two_streams_is_the_two_process_run(entries, two_ranks, tmp_path):
+def test_one_process_with_two_streams_is_the_two_process_run(shard_entries, two_ranks, tmp_path):
     """data.shard_streams fixes the global batches up front: one process running both
     streams trains the 2-process run (up to float summation order)."""
-    path, _ = entries
+    path, _ = shard_entries
     root, outs = two_ranks
     one = fit(small_cfg(tmp_path, *COMMON, f"data.shards={path}", "data.shard_streams=2"), run_dir=tmp_path / "s2")
     assert one.steps == outs[0]["steps"]
@@ -464,8 +454,8 @@ def test_one_process_with_two_streams_is_the_two_process_run(entries, two_ranks,
     assert _max_diff(a["model"], b["model"]) < 1e-4  # every one of 118 steps summed in another order: 6.1e-6 measured
 
 
-def test_a_resume_that_asks_for_other_streams_is_refused(entries, two_ranks, tmp_path):
-    path, _ = entries
+def test_a_resume_that_asks_for_other_streams_is_refused(shard_entries, two_ranks, tmp_path):
+    path, _ = shard_entries
     root, _ = two_ranks
     shutil.copytree(root / "cut2", tmp_path / "cut2")
     with pytest.raises(ConfigError, match="data.shard_streams 4 differs from the 2 streams"):
