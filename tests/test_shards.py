@@ -542,10 +542,10 @@ def test_user_tables_ranked_bucket_by_bucket_and_never_held_whole(synth, tmp_pat
 
 @pytest.mark.parametrize("block", [None, 4096])
 def test_video_side_file_read_in_the_prepares_block_size(synth, tmp_path, monkeypatch, block):
-    """The video side file (held in the main process, cut to the log's videos) is streamed in
-    the sharded prepare's block size (``block_bytes``, default STREAM_BLOCK_BYTES), not in
-    kuairand.BLOCK_BYTES blocks read ahead (the main process's peak, docs/shards.md); in
-    small blocks the entry still equals the in-memory prepare's."""
+    """The video side file (cut to the log's videos, spilled in buckets) is streamed in the
+    sharded prepare's block size (``block_bytes``, default STREAM_BLOCK_BYTES), not in
+    kuairand.BLOCK_BYTES blocks read ahead (the main process's peak before, docs/shards.md);
+    in small blocks the entry still equals the in-memory prepare's."""
     ref = prepare("kuairand", synth, cache_dir=tmp_path / "mem")
     reads = []
     real_iter = shards_mod.kr.iter_csv
@@ -562,6 +562,76 @@ def test_video_side_file_read_in_the_prepares_block_size(synth, tmp_path, monkey
     assert reads and set(reads) == {block or shards_mod.STREAM_BLOCK_BYTES}
     if block:  # several blocks of the video file, each cut to the log's videos
         assert len(reads) > 1
+
+
+VIDEO_OPTS = {"reader_options": {"video_features": ["author_id", "tag", "music_id", "upload_dt", "video_duration"]},
+              "min_count": 2}
+
+
+@pytest.mark.parametrize("bucket", [1, 7])
+def test_video_side_table_spilled_in_buckets_and_never_held_whole(synth, tmp_path, monkeypatch, bucket):
+    """The video side file is never loaded whole: it is spilled in buckets of at most
+    VIDEO_BUCKET of the videos seen, read back one bucket at a time, and each shard keeps
+    only its own videos' rows. With buckets of 1 and 7 videos (sparse, text and dense video
+    columns) the entry equals the in-memory prepare's."""
+    ref = prepare("kuairand", synth, cache_dir=tmp_path / "mem", **VIDEO_OPTS)
+    monkeypatch.setattr(shards_mod, "VIDEO_BUCKET", bucket)
+    read, kept = [], []
+    real_read, real_load = shards_mod.video_buckets._read, shards_mod.video_buckets.load
+
+    def read_bucket(out, b):
+        data = real_read(out, b)
+        read.append((out.name, len(data["video_id"])))
+        return data
+
+    def load(out, info, videos, own=None):
+        side = real_load(out, info, videos, own)
+        kept.append((len(side["index"]), set(side["index"]) <= set(videos)))
+        return side
+
+    def whole_video_file(*args, **kwargs):
+        raise AssertionError("the video side file was loaded whole")
+
+    monkeypatch.setattr(shards_mod.video_buckets, "_read", read_bucket)
+    monkeypatch.setattr(shards_mod.video_buckets, "load", load)
+    monkeypatch.setattr(shards_mod.kr, "load_side", whole_video_file)
+    sp = prepare_sharded(synth, shards=3, cache_dir=tmp_path / "s", workers=1, **VIDEO_OPTS)
+    assert_same(ref, sp)
+    buckets = [rows for where, rows in read if where == "side"]
+    logged = pd.concat([pd.read_csv(f, usecols=["video_id"]) for f in synth.glob("log_*.csv")])["video_id"]
+    listed = pd.read_csv(next(synth.glob("video_features_basic*.csv")), usecols=["video_id"])["video_id"]
+    with_side = len(set(logged) & set(listed))
+    # every shard's pass 2 reads every bucket once, one at a time; passes 3, 4 their own rows
+    assert max(buckets) <= bucket and sum(buckets) == 3 * with_side
+    assert all(subset for _, subset in kept) and max(rows for rows, _ in kept) < with_side  # own videos only
+
+
+def test_duplicated_video_id_is_the_one_readers_error(synth, tmp_path):
+    """A video id listed twice in video_features_basic: the sharded prepare (which checks the
+    buckets one at a time) fails with the in-memory reader's line; a duplicate of a video
+    absent from the log is no error in either."""
+    name = next(p.name for p in synth.glob("video_features_basic*.csv"))
+    videos = pd.read_csv(synth / name)
+    logged = np.unique(pd.concat([pd.read_csv(f, usecols=["video_id"]) for f in synth.glob("log_*.csv")])["video_id"])
+    for case, extra in (("absent", videos.iloc[[0, 0]].assign(video_id=10**9)),
+                        ("seen", videos[videos["video_id"].isin(logged)].iloc[[5, 2]])):
+        folder = tmp_path / case
+        folder.mkdir()
+        for p in synth.iterdir():
+            if p.name != name:
+                (folder / p.name).symlink_to(p)
+        pd.concat([videos, extra]).to_csv(folder / name, index=False)
+        if case == "absent":
+            assert_same(prepare("kuairand", folder, use_cache=False),
+                        prepare_sharded(folder, shards=3, cache_dir=tmp_path / "ok", workers=1))
+            continue
+        with pytest.raises(DataError) as mem:
+            prepare("kuairand", folder, use_cache=False)
+        with pytest.raises(DataError) as sharded:
+            prepare_sharded(folder, shards=3, cache_dir=tmp_path / "bad", workers=1)
+        smallest = extra["video_id"].min()
+        assert str(sharded.value) == str(mem.value) and f"2 duplicated id(s) (e.g. {smallest})" in str(mem.value)
+        assert not any((tmp_path / "bad").iterdir())  # nothing half-written
 
 
 def test_duplicated_user_id_is_the_one_readers_error(synth, tmp_path):

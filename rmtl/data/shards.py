@@ -51,7 +51,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rmtl.data import cache, csv_ranges, side_shards
+from rmtl.data import cache, csv_ranges, side_shards, video_buckets
 from rmtl.data import kuairand as kr
 from rmtl.data.build import (FIRST_VALUE_INDEX, MISSING_INDEX, RARE_INDEX, _kept_warnings, _split_bounds,
                              check_split_order)
@@ -96,6 +96,9 @@ USER_FIELD = "user_id"
 RANK_BUCKET = 1 << 22
 VOCAB_WRITE_ROWS = 1 << 18  # ~180 B per value while converted to text: ~47 MB a write
 USER_VOCAB_FILE = "user-vocab.arrow"
+# The video side file is spilled in buckets of at most VIDEO_BUCKET of the video ids seen
+# (rmtl/data/video_buckets.py): a worker holds one bucket at a time, the main process none.
+VIDEO_BUCKET = 1 << 20
 # The passes' own files (raw parts, mid) are read once or twice and deleted: Arrow IPC files,
 # uncompressed (about 5x faster to write and 20x faster to read than plain Parquet).
 DAY_REF = 19_000  # days since 1970 subtracted before the date-correlation sums (fewer lost digits)
@@ -261,10 +264,10 @@ def _build(data_path: Path, out: Path, shards: int | str, options: dict, block_b
     side_dir.mkdir()
     user_side = (side_shards.split(plan.files["user"], plan.user_cols, lambda ids: shard_of(ids, shards),
                                    side_dir, block_bytes or STREAM_BLOCK_BYTES) if plan.user_cols else None)
-    # in the partition pass's block size: with kuairand.BLOCK_BYTES (32 MB) blocks read
-    # ahead, this read was the main process's peak (docs/shards.md, "Memory")
-    video_side = (kr.load_side(plan.files["video"], "video_id", plan.video_cols, videos,
-                               block_bytes=block_bytes or STREAM_BLOCK_BYTES)
+    # the video side file (videos cross shards) spilled in buckets of VIDEO_BUCKET video ids,
+    # cut to the videos seen; a worker keeps its shard's videos' rows
+    video_side = (video_buckets.split(plan.files["video"], plan.video_cols, videos, side_dir,
+                                      block_bytes or STREAM_BLOCK_BYTES, VIDEO_BUCKET)
                   if plan.video_cols else None)
     del videos
     _trim()
@@ -612,7 +615,7 @@ def _pass_sessions(s: int):
     del table
     for p, _ in files:
         p.unlink()
-    sides = _sides(s, pd.unique(log["user_id"]))  # the side rows of this shard's users (load_sides' cut)
+    sides = _sides(s, pd.unique(log["user_id"]), pd.unique(log["video_id"]))  # this shard's users / videos only
     if sides["user"] is not None and not sides["user"]["index"].is_unique:
         return "duplicated", side_shards.duplicates(sides["user"]["index"])
     acc = _Acc()
@@ -698,12 +701,18 @@ def _pass_sessions(s: int):
     return fields, len(local), firsts, acc
 
 
-def _sides(s: int, users: np.ndarray | None = None) -> dict:
+def _sides(s: int, users: np.ndarray | None = None, videos: np.ndarray | None = None) -> dict:
     """The side tables shard ``s``'s rows join: its own users' (those of ``users`` only,
-    if given), every video's."""
+    if given) and its own videos' (pass 2 gathers them from the video buckets and keeps
+    them beside the shard for passes 3 and 4)."""
     ctx = _CTX
     user = side_shards.load(ctx["side_dir"], s, ctx["user_side"], users) if ctx["user_side"] is not None else None
-    return {"user": user, "video": ctx["video_side"]}
+    video = None
+    if ctx["video_side"] is not None:  # passes 3, 4 reread what pass 2 kept (a superset of their videos)
+        own = ctx["mid_dir"] / f"video-side-{s:05d}"
+        own.mkdir(exist_ok=True)
+        video = video_buckets.load(ctx["side_dir"], ctx["video_side"], videos, own)
+    return {"user": user, "video": video}
 
 
 def _read_mid(s: int):
@@ -713,7 +722,7 @@ def _read_mid(s: int):
     mid = {name: table.column(name).to_numpy() for name in table.column_names}
     del table
     frame, _, _, _ = kr.events_frame({c: mid[c] for c in ctx["plan"].log_columns}, ctx["plan"],
-                                 _sides(s, pd.unique(mid["user_id"])))
+                                 _sides(s, pd.unique(mid["user_id"]), pd.unique(mid["video_id"])))
     rank, first = (np.fromfile(_key_file(ctx["mid_dir"], s, k), dtype=np.int64) for k in ("rank", "first"))
     row, srank = _global_rows(mid["sess"], rank, first)
     return mid, frame, row, srank
