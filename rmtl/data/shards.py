@@ -14,7 +14,7 @@ one bucket of sessions / of users in the main process (nothing there is held per
    parsed in parallel): every validated block is cut by ``splitmix64(user_id) % shards``
    and appended to that shard's raw part file, with ``pos``, the row's index in the one
    reader's row order. The user side file is cut the same way (``side_shards``); the video
-   side file is held whole (videos cross shards).
+   side file (videos cross shards) is spilled in buckets of video ids (``video_buckets``).
 2. **Sessions per shard**: a user's events all live in one shard, so duplicate removal, the
    reader's per-row frame (``kuairand.events_frame``), the session cut and the short-session
    drop are the in-memory ones applied to the shard. Each kept session leaves its key on
