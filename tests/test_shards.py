@@ -606,6 +606,56 @@ def test_video_side_table_spilled_in_buckets_and_never_held_whole(synth, tmp_pat
     assert all(subset for _, subset in kept) and max(rows for rows, _ in kept) < with_side  # own videos only
 
 
+@pytest.mark.parametrize("rank_bucket, video_bucket", [(1, 1), (7, 50)])
+def test_video_tables_merged_and_ranked_bucket_by_bucket_and_never_held_whole(synth, tmp_path, monkeypatch,
+                                                                                  rank_bucket, video_bucket):
+    """The video field's tables (first pos, train counts, first rows) never reach the main
+    process whole: each shard writes its videos' partial tables cut by the VIDEO_BUCKET
+    buckets of video ids, a bucket's are merged over the shards alone (at most VIDEO_BUCKET
+    videos), and the vocabulary order and item codes are ranked RANK_BUCKET rows at a time,
+    the user field's code path. With tiny buckets the entry equals the in-memory prepare's
+    (rare videos included: min_count 2, video side columns)."""
+    ref = prepare("kuairand", synth, cache_dir=tmp_path / "mem", **VIDEO_OPTS)
+    monkeypatch.setattr(shards_mod, "RANK_BUCKET", rank_bucket)
+    monkeypatch.setattr(shards_mod, "VIDEO_BUCKET", video_bucket)
+    held, merged, returned = [], [], []
+    real_slices, real_merge = shards_mod._bucket_slices, shards_mod._merge_videos
+    real_sessions, real_statistics = shards_mod._pass_sessions, shards_mod._pass_statistics
+
+    def slices(*args):
+        for spans, cols in real_slices(*args):
+            if args[-1] == "videos":
+                held.append(len(next(iter(cols.values()))))
+            yield spans, cols
+
+    def merge(b):
+        rows = real_merge(b)
+        mid = shards_mod._CTX["mid_dir"]
+        merged.append(max(len(shards_mod._read_user(mid, b, k, kind="videos")) for k in ("id", "rowid")))
+        return rows
+
+    def sessions(s):  # what a worker hands the main process: no per-video table
+        got = real_sessions(s)
+        returned.append("video_id" in got[2] if isinstance(got, tuple) and len(got) == 4 else False)
+        return got
+
+    def statistics(s):
+        got = real_statistics(s)
+        returned.append("item" in got or "video_id" in got["counts"])
+        return got
+
+    monkeypatch.setattr(shards_mod, "_bucket_slices", slices)
+    monkeypatch.setattr(shards_mod, "_merge_videos", merge)
+    monkeypatch.setattr(shards_mod, "_pass_sessions", sessions)
+    monkeypatch.setattr(shards_mod, "_pass_statistics", statistics)
+    sp = prepare_sharded(synth, shards=3, cache_dir=tmp_path / "s", workers=1, **VIDEO_OPTS)
+    assert_same(ref, sp)
+    videos = ref.summary["items"]
+    assert returned and not any(returned)
+    assert max(merged) <= video_bucket < videos and len(merged) > 1  # merged one video bucket at a time
+    assert max(held) <= rank_bucket < videos and sum(held) > videos  # vocabulary and item codes, by key range
+
+
 def test_duplicated_video_id_is_the_one_readers_error(synth, tmp_path):
     """A video id listed twice in video_features_basic: the sharded prepare (which checks the
     buckets one at a time) fails with the in-memory reader's line; a duplicate of a video

@@ -96,6 +96,13 @@ USER_FIELD = "user_id"
 RANK_BUCKET = 1 << 22
 VOCAB_WRITE_ROWS = 1 << 18  # ~180 B per value while converted to text: ~47 MB a write
 USER_VOCAB_FILE = "user-vocab.arrow"
+# The video field's tables (first pos, train count, first row) are the same, but a video's
+# rows cross shards: each shard writes its videos' partial tables cut by the VIDEO_BUCKET
+# buckets of video ids, merged one bucket at a time (a worker each), then ranked as the
+# user field's, RANK_BUCKET rows at a time. The main process holds no per-video table.
+VIDEO_FIELD = "video_id"
+VOCAB_FILES = {"users": USER_VOCAB_FILE, "videos": "video-vocab.arrow"}
+FIELD_KIND = {USER_FIELD: "users", VIDEO_FIELD: "videos"}
 # The video side file is spilled in buckets of at most VIDEO_BUCKET of the video ids seen
 # (rmtl/data/video_buckets.py): a worker holds one bucket at a time, the main process none.
 VIDEO_BUCKET = 1 << 20
@@ -269,10 +276,11 @@ def _build(data_path: Path, out: Path, shards: int | str, options: dict, block_b
     video_side = (video_buckets.split(plan.files["video"], plan.video_cols, videos, side_dir,
                                       block_bytes or STREAM_BLOCK_BYTES, VIDEO_BUCKET)
                   if plan.video_cols else None)
+    video_edges = videos[VIDEO_BUCKET::VIDEO_BUCKET]  # video bucket b: ids in [edges[b-1], edges[b])
     del videos
     _trim()
-    ctx.update(plan=plan, video_side=video_side, user_side=user_side, side_dir=side_dir, raw_dir=raw_dir,
-               parts=part.pop("parts"),
+    ctx.update(plan=plan, video_side=video_side, video_edges=video_edges, user_side=user_side, side_dir=side_dir,
+               raw_dir=raw_dir, parts=part.pop("parts"), shards=shards,
                mid_dir=mid_dir, out=out, session_gap=options["session_gap"], keep_duplicates=keep_duplicates,
                order_kind=order_kind, min_events=1 if plan.sessions == "gap_keep_single" else 2)
 
@@ -315,9 +323,8 @@ def _build(data_path: Path, out: Path, shards: int | str, options: dict, block_b
     present = [s for s in range(shards) if counts[s]]
 
     # 3. merged statistics over the train rows (the user field's tables stay per shard, on disk)
-    counts = {name: _Fold("sum") for name in sparse if name != USER_FIELD}
+    counts = {name: _Fold("sum") for name in sparse if name not in FIELD_KIND}
     moments = {name: [0, 0.0, 0.0, 0] for name in dense}  # n, mean, M2, missing
-    firsts_item = _Fold("min")
     split_acc = {name: {"rows": 0, "users": 0, "pos": np.zeros(len(tasks))} for name in SPLITS}
     for got in _map(_pass_statistics, present, workers):
         for name in counts:
@@ -328,15 +335,19 @@ def _build(data_path: Path, out: Path, shards: int | str, options: dict, block_b
                                 path=where, column=name)
             moments[name][3] += got["missing"][name]  # the builder counts missing over all kept rows
             _merge_moments(moments[name], *got["moments"][name])
-        firsts_item.add(*got["item"])
         for name in SPLITS:
             for k in ("rows", "users", "pos"):
                 split_acc[name][k] = split_acc[name][k] + got["splits"][name][k]
+    # the video tables merged over the shards one video bucket at a time, by the workers
+    video_parts = [b for b, rows in zip(range(len(video_edges) + 1),
+                                        _map(_merge_videos, list(range(len(video_edges) + 1)), workers)) if rows]
+    parts_of = {"users": present, "videos": video_parts}
     vocab_luts, vocab, cards, vocab_sizes = {}, {}, [], {}
     for name in sparse:
-        if name == USER_FIELD:  # ranked bucket by bucket over the shards' user tables
-            frequent, rare = _user_vocabulary(mid_dir, present, part["rows"], options["min_count"])
-            vocab[name] = None  # written from mid/ (USER_VOCAB_FILE)
+        if name in FIELD_KIND:  # ranked bucket by bucket over the parts' tables
+            frequent, rare = _user_vocabulary(mid_dir, parts_of[FIELD_KIND[name]], part["rows"], options["min_count"],
+                                              FIELD_KIND[name])
+            vocab[name] = None  # written from mid/ (VOCAB_FILES)
             cards.append(FIRST_VALUE_INDEX + frequent)
             vocab_sizes[name] = {"frequent": frequent, "rare": rare}
             continue
@@ -353,11 +364,10 @@ def _build(data_path: Path, out: Path, shards: int | str, options: dict, block_b
         std = float(np.sqrt(m2 / n)) if n else 1.0
         dense_stats[name] = {"mean": float(mean) if n else 0.0, "std": std if std > 0 else 1.0, "missing": int(missing)}
     n_users = _user_codes(mid_dir, present, n_rows)
-    item_code = _codes_by_first(*firsts_item.result())
-    del firsts_item
-    encoders = {name: _encoder(vocab_luts[name], cards[j]) for j, name in enumerate(sparse) if name != USER_FIELD}
-    encoders.update(item=_encoder(item_code))
-    ctx.update(encoders=encoders, dense_stats=dense_stats, user_card=cards[sparse.index(USER_FIELD)])
+    n_items = _user_codes(mid_dir, video_parts, n_rows, "videos")
+    encoders = {name: _encoder(vocab_luts[name], cards[j]) for j, name in enumerate(sparse) if name not in FIELD_KIND}
+    ctx.update(encoders=encoders, dense_stats=dense_stats, video_parts=video_parts,
+               cards={name: cards[sparse.index(name)] for name in FIELD_KIND if name in sparse})
     del vocab_luts
     _trim()
     progress(f"statistics  {len(sparse)} vocabularies, {len(dense)} dense columns  {time.perf_counter() - clock:.1f}s{_peak_note()}")
@@ -388,7 +398,7 @@ def _build(data_path: Path, out: Path, shards: int | str, options: dict, block_b
         },
     )
     summary = _summary(plan, part, acc, spec, n_rows, n_sessions, splits, split_acc, n_users,
-                       len(item_code[0]), 1 if plan.sessions == "gap_keep_single" else 2)
+                       n_items, 1 if plan.sessions == "gap_keep_single" else 2)
     return {
         "format": cache.FORMAT_VERSION,
         "shard_format": SHARD_FORMAT,
@@ -673,6 +683,8 @@ def _pass_sessions(s: int):
     by_pos = np.argsort(first, kind="stable")
     for name, values in (("pos", first[by_pos]), ("id", ids[by_pos])):
         values.astype(np.int64).tofile(_user_file(ctx["mid_dir"], s, name))
+    if VIDEO_FIELD in firsts:  # this shard's videos' first pos, cut by video bucket (merged in pass 3)
+        _write_video_part(s, "first", *firsts.pop(VIDEO_FIELD))
     del frame
     if not keep.any():
         return fields, 0, firsts, acc
@@ -735,7 +747,7 @@ def _pass_statistics(s: int) -> dict:
     sparse, dense, tasks, _ = ctx["fields"]
     mid, frame, row, srank = _read_mid(s)
     train = srank < ctx["splits"]["train"][1]
-    out = {"counts": {name: _count(_value_ids(frame[name])[train]) for name in sparse if name != USER_FIELD},
+    out = {"counts": {name: _count(_value_ids(frame[name])[train]) for name in sparse if name not in FIELD_KIND},
            "inf": {}, "missing": {}, "moments": {}, "splits": {}}
     for name in dense:
         x = np.asarray(frame[name], dtype=np.float64)
@@ -743,7 +755,8 @@ def _pass_statistics(s: int) -> dict:
         out["missing"][name] = int(np.isnan(x).sum())
         out["moments"][name] = _moments(x[train])
     _user_statistics(s, mid["user_id"], train, row)
-    out["item"] = _first_by(mid["video_id"], row)
+    _video_statistics(s, _count(_value_ids(frame[VIDEO_FIELD])[train]) if VIDEO_FIELD in sparse else None,
+                      _first_by(mid["video_id"], row))
     for name, (a, b) in ctx["splits"].items():
         inside = (srank >= a) & (srank < b)
         out["splits"][name] = {"rows": int(inside.sum()), "users": len(pd.unique(mid["user_id"][inside])),
@@ -758,7 +771,7 @@ def _pass_encode(s: int) -> dict:
     mid, frame, row, srank = _read_mid(s)
     # time order: the shard's session order is already the global one, rows need no move
     order = slice(None) if (row[1:] > row[:-1]).all() else np.argsort(row, kind="stable")
-    enc = {**ctx["encoders"], **_user_encoders(s)}
+    enc = {**ctx["encoders"], **_user_encoders(s), **_video_encoders(pd.unique(mid["video_id"]))}
     cols = {"row": row[order], "session": srank[order], "user": _encode(enc["user"], mid["user_id"][order]),
             "item": _encode(enc["item"], mid["video_id"][order]), "time": mid["time_ms"][order]}
     for name in sparse:
@@ -902,15 +915,17 @@ def _global_rows(sess: np.ndarray, rank: np.ndarray, first: np.ndarray):
     return first[sess] + offset, srank
 
 
-def _user_file(mid_dir: Path, s: int, name: str) -> Path:
-    """A shard's per-user int64 array: ``pos``, ``id`` (pass 2, by first pos), ``count``
-    (pass 3, train rows), ``index`` (the vocabulary's), aligned; ``row``, ``rowid`` (pass 3,
-    by first row in the final log), ``code`` (the user code), aligned."""
-    return mid_dir / f"users-{s:05d}.{name}"
+def _user_file(mid_dir: Path, s: int, name: str, kind: str = "users") -> Path:
+    """A part's per-entity int64 array -- ``users``: shard ``s``'s users; ``videos``: video
+    bucket ``s``'s videos (merged over the shards): ``pos``, ``id`` (by first pos),
+    ``count`` (train rows), ``index`` (the vocabulary's), aligned; ``row``, ``rowid`` (by
+    first row in the final log), ``code`` (the user / item code), aligned."""
+    return mid_dir / f"{kind}-{s:05d}.{name}"
 
 
-def _read_user(mid_dir: Path, s: int, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-    path = _user_file(mid_dir, s, name)
+def _read_user(mid_dir: Path, s: int, name: str, start: int = 0, stop: int | None = None,
+               kind: str = "users") -> np.ndarray:
+    path = _user_file(mid_dir, s, name, kind)
     if not path.is_file():
         return np.zeros(0, np.int64)
     return np.fromfile(path, dtype=np.int64, count=-1 if stop is None else stop - start, offset=start * 8)
@@ -935,39 +950,42 @@ def _user_statistics(s: int, user: np.ndarray, train: np.ndarray, row: np.ndarra
     uniq[by_row].astype(np.int64).tofile(_user_file(mid_dir, s, "rowid"))
 
 
-def _bucket_slices(mid_dir: Path, present: list[int], key: str, columns: list[str], end: int):
-    """The shards' per-user tables (each sorted by ``key``, distinct keys in 0..end) one key
-    range of RANK_BUCKET at a time, in key order: yields the (shard, start, stop) spans and
-    the columns of those spans concatenated -- at most RANK_BUCKET users."""
+def _bucket_slices(mid_dir: Path, present: list[int], key: str, columns: list[str], end: int, kind: str = "users"):
+    """The parts' per-entity tables (each sorted by ``key``, distinct keys in 0..end) one key
+    range of RANK_BUCKET at a time, in key order: yields the (part, start, stop) spans and
+    the columns of those spans concatenated -- at most RANK_BUCKET users / videos."""
     edges = np.arange(RANK_BUCKET, max(end, 1), RANK_BUCKET, dtype=np.int64)
     cuts = {}
     for s in present:
-        keys = _read_user(mid_dir, s, key)
+        keys = _read_user(mid_dir, s, key, kind=kind)
         cuts[s] = np.r_[0, np.searchsorted(keys, edges), len(keys)]
     for b in range(len(edges) + 1):
         spans = [(s, int(cuts[s][b]), int(cuts[s][b + 1])) for s in present if cuts[s][b + 1] > cuts[s][b]]
         if spans:
-            yield spans, {c: np.concatenate([_read_user(mid_dir, s, c, a, z) for s, a, z in spans]) for c in columns}
+            yield spans, {c: np.concatenate([_read_user(mid_dir, s, c, a, z, kind) for s, a, z in spans])
+                          for c in columns}
 
 
-def _append_user(mid_dir: Path, spans, name: str, values: np.ndarray) -> None:
-    """``values`` (one bucket's, in its spans' order) appended to each shard's ``name`` file."""
+def _append_user(mid_dir: Path, spans, name: str, values: np.ndarray, kind: str = "users") -> None:
+    """``values`` (one bucket's, in its spans' order) appended to each part's ``name`` file."""
     at = 0
     for s, a, z in spans:
-        with open(_user_file(mid_dir, s, name), "ab") as fh:
+        with open(_user_file(mid_dir, s, name, kind), "ab") as fh:
             values[at: at + z - a].astype(np.int64).tofile(fh)
         at += z - a
 
 
-def _user_vocabulary(mid_dir: Path, present: list[int], end_pos: int, min_count: int) -> tuple[int, int]:
-    """The user field's vocabulary, as _vocabulary makes it over every user at once: users
-    seen in train, numbered 2.. by first pos (those with >= min_count train rows; 1 for the
-    rarer), ranked bucket by bucket. Each shard gets its users' ``index``; the kept users'
-    (value, index) rows go to USER_VOCAB_FILE in vocabulary order. Returns (frequent, rare)."""
+def _user_vocabulary(mid_dir: Path, present: list[int], end_pos: int, min_count: int,
+                     kind: str = "users") -> tuple[int, int]:
+    """The user (``kind`` videos: video) field's vocabulary, as _vocabulary makes it over
+    every value at once: values seen in train, numbered 2.. by first pos (those with >=
+    min_count train rows; 1 for the rarer), ranked bucket by bucket. Each part gets its
+    values' ``index``; the kept values' (value, index) rows go to VOCAB_FILES[kind] in
+    vocabulary order. Returns (frequent, rare)."""
     frequent = rare = 0
     schema = pa.schema([("value", pa.int64()), ("index", pa.int64())])
-    with pa.ipc.new_file(mid_dir / USER_VOCAB_FILE, schema) as writer:
-        for spans, cols in _bucket_slices(mid_dir, present, "pos", ["pos", "id", "count"], end_pos):
+    with pa.ipc.new_file(mid_dir / VOCAB_FILES[kind], schema) as writer:
+        for spans, cols in _bucket_slices(mid_dir, present, "pos", ["pos", "id", "count"], end_pos, kind):
             order = np.argsort(cols["pos"], kind="stable")
             count = cols["count"][order]
             kept, often = count > 0, count >= min_count
@@ -979,20 +997,20 @@ def _user_vocabulary(mid_dir: Path, present: list[int], end_pos: int, min_count:
             writer.write_table(pa.table({"value": cols["id"][order][kept], "index": index[kept]}, schema=schema))
             back = np.empty_like(index)
             back[order] = index
-            _append_user(mid_dir, spans, "index", back)
+            _append_user(mid_dir, spans, "index", back, kind)
     return frequent, rare
 
 
-def _user_codes(mid_dir: Path, present: list[int], n_rows: int) -> int:
-    """Each user's code (numbered by its first row in the final log, as the builder's
-    factorize), ranked bucket by bucket into each shard's ``code``; returns the user count."""
+def _user_codes(mid_dir: Path, present: list[int], n_rows: int, kind: str = "users") -> int:
+    """Each user's (video's) code (numbered by its first row in the final log, as the
+    builder's factorize), ranked bucket by bucket into each part's ``code``; returns the count."""
     base = 0
-    for spans, cols in _bucket_slices(mid_dir, present, "row", ["row"], n_rows):
+    for spans, cols in _bucket_slices(mid_dir, present, "row", ["row"], n_rows, kind):
         order = np.argsort(cols["row"], kind="stable")
         code = np.empty(len(order), dtype=np.int64)
         code[order] = base + np.arange(len(order))
         base += len(order)
-        _append_user(mid_dir, spans, "code", code)
+        _append_user(mid_dir, spans, "code", code, kind)
     return base
 
 
@@ -1002,10 +1020,93 @@ def _user_encoders(s: int) -> dict:
     mid_dir = ctx["mid_dir"]
     ids, index = _read_user(mid_dir, s, "id"), _read_user(mid_dir, s, "index")
     by_id = np.argsort(ids, kind="stable")
-    dtype = cache._narrow(np.zeros(1, np.int64), ctx["user_card"]).dtype
+    dtype = cache._narrow(np.zeros(1, np.int64), ctx["cards"][USER_FIELD]).dtype
     rid, code = _read_user(mid_dir, s, "rowid"), _read_user(mid_dir, s, "code")
     by_rid = np.argsort(rid, kind="stable")
     return {USER_FIELD: (ids[by_id], index[by_id].astype(dtype)), "user": (rid[by_rid], code[by_rid])}
+
+
+def _video_part_file(s: int, b: int, table: str, name: str) -> Path:
+    """Shard ``s``'s partial table of the videos of video bucket ``b``: ``first`` (pass 2:
+    ids, first pos), ``count`` (pass 3: ids, train rows), ``row`` (pass 3: ids, first row)."""
+    return _CTX["mid_dir"] / f"vpart-{s:05d}-{b:05d}.{table}.{name}"
+
+
+def _write_video_part(s: int, table: str, ids: np.ndarray, values: np.ndarray) -> None:
+    """(sorted ids, their values) cut by video bucket, one file pair per bucket present."""
+    ids = ids.astype(np.int64)
+    bounds = np.searchsorted(ids, _CTX["video_edges"])  # ids sorted: bucket b = ids[bounds[b-1]:bounds[b]]
+    bounds = np.r_[0, bounds, len(ids)]
+    for b in np.flatnonzero(np.diff(bounds)):
+        a, z = bounds[b], bounds[b + 1]
+        ids[a:z].tofile(_video_part_file(s, b, table, "id"))
+        values[a:z].astype(np.int64).tofile(_video_part_file(s, b, table, "value"))
+
+
+def _video_statistics(s: int, counts, first_rows) -> None:
+    """Pass 3's per-video tables of shard ``s``, cut by video bucket: train rows, first rows."""
+    if counts is not None:
+        _write_video_part(s, "count", *counts)
+    _write_video_part(s, "row", *first_rows)
+
+
+def _merge_videos(b: int) -> int:
+    """Video bucket ``b``'s tables merged over the shards (min first pos, summed train rows,
+    min first row), written as the user field's (_user_file, kind ``videos``): at most
+    VIDEO_BUCKET videos. Returns the videos with a first row (0: nothing to rank)."""
+    mid_dir = _CTX["mid_dir"]
+    folds = {"first": _Fold("min"), "count": _Fold("sum"), "row": _Fold("min")}
+    for s in range(_CTX["shards"]):
+        for table, fold in folds.items():
+            path = _video_part_file(s, b, table, "id")
+            if path.is_file():
+                fold.add(np.fromfile(path, dtype=np.int64),
+                         np.fromfile(_video_part_file(s, b, table, "value"), dtype=np.int64))
+                path.unlink()
+                _video_part_file(s, b, table, "value").unlink()
+    ids, first = folds["first"].result()
+    if len(ids):
+        cv, cc = folds["count"].result()
+        count = np.zeros(len(ids), dtype=np.int64)
+        count[np.searchsorted(ids, cv)] = cc
+        by_pos = np.argsort(first, kind="stable")
+        for name, values in (("pos", first[by_pos]), ("id", ids[by_pos]), ("count", count[by_pos])):
+            values.astype(np.int64).tofile(_user_file(mid_dir, b, name, "videos"))
+    rid, row = folds["row"].result()
+    by_row = np.argsort(row, kind="stable")
+    for name, values in (("row", row[by_row]), ("rowid", rid[by_row])):
+        values.astype(np.int64).tofile(_user_file(mid_dir, b, name, "videos"))
+    return len(rid) + len(ids)
+
+
+def _video_encoders(videos: np.ndarray) -> dict:
+    """The encoders of the video field and the item code over ``videos`` (a shard's) only,
+    read from their video buckets one at a time."""
+    ctx = _CTX
+    mid_dir = ctx["mid_dir"]
+    videos = np.sort(videos.astype(np.int64))
+    buckets = set(np.unique(np.searchsorted(ctx["video_edges"], videos, side="right")).tolist())
+    found = {"id": [], "index": [], "rowid": [], "code": []}
+    for b in ctx["video_parts"]:
+        if b not in buckets:
+            continue
+        for key, value in (("id", "index"), ("rowid", "code")):
+            if key == "id" and VIDEO_FIELD not in ctx["cards"]:
+                continue
+            ids = _read_user(mid_dir, b, key, kind="videos")
+            mine = np.isin(ids, videos)
+            found[key].append(ids[mine])
+            found[value].append(_read_user(mid_dir, b, value, kind="videos")[mine])
+    out = {}
+    for key, value, name, bound in (("id", "index", VIDEO_FIELD, ctx["cards"].get(VIDEO_FIELD)),
+                                    ("rowid", "code", "item", None)):
+        if key == "id" and VIDEO_FIELD not in ctx["cards"]:
+            continue
+        ids = np.concatenate(found[key]) if found[key] else np.zeros(0, np.int64)
+        values = np.concatenate(found[value]) if found[value] else np.zeros(0, np.int64)
+        order = np.argsort(ids, kind="stable")
+        out[name] = _encoder((ids[order], values[order]), bound)
+    return out
 
 
 def _write_vocabularies(vocab: dict, mid_dir: Path, path: Path) -> dict:
@@ -1015,7 +1116,7 @@ def _write_vocabularies(vocab: dict, mid_dir: Path, path: Path) -> dict:
     dtypes = {}
     with pq.ParquetWriter(path, cache._vocab_table({}).schema, compression="lz4") as writer:
         for name, series in vocab.items():
-            for part in (_user_vocab_parts(mid_dir) if series is None else
+            for part in (_user_vocab_parts(mid_dir / VOCAB_FILES[FIELD_KIND[name]]) if series is None else
                          (series.iloc[a: a + VOCAB_WRITE_ROWS] for a in range(0, len(series), VOCAB_WRITE_ROWS))):
                 dtypes.setdefault(name, cache._value_dtype(part.index))
                 writer.write_table(cache._vocab_table({name: part}))
@@ -1023,9 +1124,9 @@ def _write_vocabularies(vocab: dict, mid_dir: Path, path: Path) -> dict:
     return dtypes
 
 
-def _user_vocab_parts(mid_dir: Path):
-    """The user field's vocabulary as Series (value -> index) of up to VOCAB_WRITE_ROWS values."""
-    with pa.OSFile(str(mid_dir / USER_VOCAB_FILE)) as fh:
+def _user_vocab_parts(path: Path):
+    """The user (video) field's vocabulary as Series (value -> index) of up to VOCAB_WRITE_ROWS values."""
+    with pa.OSFile(str(path)) as fh:
         reader = pa.ipc.open_file(fh)
         for i in range(reader.num_record_batches):
             batch = reader.get_batch(i)
@@ -1147,13 +1248,6 @@ def _vocabulary(name, values, first, counts: _Fold, min_count: int, categories):
         raw = pd.Index(ids)
     series = pd.Series(idx_first[kept], index=raw, name=name)
     return index, series, int(frequent.sum()), int((kept & ~frequent).sum())
-
-
-def _codes_by_first(values: np.ndarray, first: np.ndarray):
-    """(sorted values, code) with codes numbered by first row: the builder's factorize of the log."""
-    code = np.empty(len(values), dtype=np.int64)
-    code[np.argsort(first, kind="stable")] = np.arange(len(values), dtype=np.int64)
-    return values, code
 
 
 SMALL_IDS = 1 << 22  # ids below this are looked up / counted through a dense array, not a sort
