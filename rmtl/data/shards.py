@@ -29,8 +29,9 @@ one bucket of sessions / of users in the main process (nothing there is held per
    shards -- the vocabulary index order is that first appearance, exactly; dense mean /
    std from per-shard (count, mean, M2) merged by Chan's formula (float tolerance); the
    user / item codes from each one's first row in the final log order. The user field's
-   tables stay beside their shard; its vocabulary and the user codes are ranked one key
-   range of RANK_BUCKET rows at a time.
+   tables stay beside their shard; the video field's are cut by VIDEO_BUCKET buckets of
+   video ids and merged one bucket at a time; both fields' vocabularies and codes are
+   ranked one key range of RANK_BUCKET rows at a time (one code path).
 4. **Encode** each shard and write it in log order.
 
 Everything lands in a temporary folder beside the entry, renamed into place at the end.
