@@ -72,17 +72,24 @@ def split(paths: list[Path], columns: list[str], shard_of, out: Path, block_byte
                 for c in columns:
                     cols[c] = coded[c].add(data[c]) if c in coded else data[c]
                 shard = shard_of(ids)
-                order = np.argsort(shard, kind="stable")  # file order inside a shard
-                table = pa.table({c: v[order] for c, v in cols.items()})
-                bounds = np.searchsorted(shard[order], np.arange(int(shard.max(initial=0)) + 2))
-                for s in np.flatnonzero(np.diff(bounds)):
-                    if s not in writers:
-                        writers[s] = pa.ipc.new_file(_file(out, s), table.schema)
-                    writers[s].write_table(table.slice(bounds[s], bounds[s + 1] - bounds[s]))
+                append_by_group(writers, cols, shard, int(shard.max(initial=0)) + 1, lambda s: _file(out, s))
     finally:
         for w in writers.values():
             w.close()
     return {"columns": list(columns), "paths": list(paths), "categories": {c: coded[c].result() for c in sparse}}
+
+
+def append_by_group(writers: dict, cols: dict, group: np.ndarray, groups: int, path_of) -> None:
+    """Append the rows of ``cols`` (numpy or Arrow arrays) to one Arrow IPC file per value of
+    ``group`` (0 .. ``groups`` - 1), keeping file order inside a group; ``writers`` maps a
+    group to its open writer and gains the groups seen for the first time (``path_of(g)``)."""
+    order = np.argsort(group, kind="stable")
+    table = pa.table({c: v.take(order) if isinstance(v, pa.Array) else v[order] for c, v in cols.items()})
+    bounds = np.searchsorted(group[order], np.arange(groups + 1))
+    for g in np.flatnonzero(np.diff(bounds)).tolist():
+        if g not in writers:
+            writers[g] = pa.ipc.new_file(path_of(g), table.schema)
+        writers[g].write_table(table.slice(bounds[g], bounds[g + 1] - bounds[g]))
 
 
 def duplicates(ids) -> tuple[int, int | None]:

@@ -26,6 +26,7 @@ import pandas as pd
 import pyarrow as pa
 
 from rmtl.data import kuairand as kr
+from rmtl.data.side_shards import append_by_group
 from rmtl.errors import DataError
 
 KEY = "video_id"
@@ -65,13 +66,7 @@ def split(paths: list[Path], columns: list[str], seen: np.ndarray, out: Path, bl
                         cols[c] = data[c]
                 block += 1
                 bucket = np.searchsorted(edges, ids, side="right")
-                order = np.argsort(bucket, kind="stable")  # file order inside a bucket
-                table = pa.table({c: v.take(order) if isinstance(v, pa.Array) else v[order] for c, v in cols.items()})
-                bounds = np.searchsorted(bucket[order], np.arange(len(edges) + 2))
-                for b in np.flatnonzero(np.diff(bounds)):
-                    if b not in writers:
-                        writers[b] = pa.ipc.new_file(_file(out, b), table.schema)
-                    writers[b].write_table(table.slice(bounds[b], bounds[b + 1] - bounds[b]))
+                append_by_group(writers, cols, bucket, len(edges) + 1, lambda b: _file(out, b))
     finally:
         for w in writers.values():
             w.close()
