@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from spawned import exit_now  # noqa: E402
 from test_train import UserBackbone, small_cfg, tiny_log  # noqa: E402
 
 from rmtl import checkpoint as ckpt  # noqa: E402
@@ -89,6 +90,7 @@ def _worker(rank: int, world: int, init_file: str, root: str) -> None:
             torch.save(out, Path(root) / "ddp.pt")
     finally:
         dist.destroy_process_group()
+    exit_now()
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from spawned import exit_now  # noqa: E402
 from test_train import tiny_log  # noqa: E402
 
 from rmtl import checkpoint as ckpt  # noqa: E402
@@ -124,6 +125,7 @@ def _worker(rank: int, world: int, port: int, root: str, config: str) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    exit_now()
 
 
 def _free_port() -> int:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from spawned import exit_now  # noqa: E402
 from test_distributed import RecordGradients  # noqa: E402
 from test_shard_pipeline import check_two_process_pipeline, pipeline_from_shards  # noqa: E402
 from test_train import small_cfg  # noqa: E402
@@ -212,6 +213,7 @@ def _worker(rank: int, world: int, init_file: str, root: str, path: str, one: st
         torch.save(out, Path(root) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    exit_now()
 
 
 @pytest.fixture(scope="module")
