@@ -93,13 +93,6 @@ def stream_seed(seed: int, stream: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(stream)]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def part_slice(n: int, index: int, count: int) -> slice:
-    """Part ``index`` of ``count`` near-equal contiguous parts of ``n`` rows (how processes
-    split a minibatch they share; distributed.my_slice's rule)."""
-    bounds = np.linspace(0, int(n), int(count) + 1).astype(np.int64)
-    return slice(int(bounds[index]), int(bounds[index + 1]))
-
-
 @dataclass
 class ReplayPart:
     """The transitions of one stream of the train split: whole sessions (in memory: all of
@@ -339,8 +332,7 @@ class RMTLAgent:
         if self.num_sets > 1 and (self.session_fold is None or len(self.session_fold) != num_sessions):
             self.session_fold = session_folds(num_sessions, self.num_sets, self.seed)
         session_of_row = [p.sessions[p.log.session_of_row()] for p in parts]
-        row_fold = [self.session_fold[s] if self.num_sets > 1 else np.full(len(s), -1, np.int64)
-                    for s in session_of_row]
+        row_fold = [self.fold_of_sessions(s, num_sessions) for s in session_of_row]
         tasks = self.spec.tasks
         history: dict[str, list[float]] = {"step": [], "set": [], "td_loss": [], **{f"td_loss/{t}": [] for t in tasks}}
         if self.actor is not None:
@@ -350,7 +342,7 @@ class RMTLAgent:
         self.trained_rows = []
         distributed.check_global_batch(cfg.batch_size, "agent.batch_size", max(streams, distributed.world_size()))
         per_stream = cfg.batch_size // streams  # each stream's rows of a global minibatch
-        mine = part_slice(per_stream, *sharing) if sharing is not None else slice(0, per_stream)
+        mine = distributed.part_slice(per_stream, *sharing) if sharing is not None else slice(0, per_stream)
         share = len(parts) * (mine.stop - mine.start) / (per_stream * streams)
         held_sessions = self._heldout_sessions(num_sessions)  # bool [sessions] or None (fixed steps)
         history["stopped_at"] = []  # per set: updates taken (< steps when early stopping stopped it)
@@ -503,7 +495,7 @@ class RMTLAgent:
         total, n = 0.0, 0
         for replay, held in zip(replays, rows):
             if sharing is not None:
-                held = held[part_slice(len(held), *sharing)]  # each sharer its part; the sums are added up below
+                held = held[distributed.part_slice(len(held), *sharing)]  # each sharer its part; the sums are added up below
             for start in range(0, len(held), chunk):
                 b = replay.batch(held[start:start + chunk])
                 if self.actor_target is None:

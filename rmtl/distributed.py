@@ -173,13 +173,19 @@ def check_global_batch(batch_size: int, key: str, world: int | None = None) -> N
                           "every process needs rows of every global batch", key=key)
 
 
+def part_slice(n: int, index: int, count: int) -> slice:
+    """Part ``index`` of ``count`` near-equal contiguous parts of ``n`` rows, in order: the one
+    rule by which processes split rows they share (a global batch, a shared stream's batch)."""
+    bounds = np.linspace(0, int(n), int(count) + 1).astype(np.int64)
+    return slice(int(bounds[index]), int(bounds[index + 1]))
+
+
 def my_slice(n: int) -> slice:
-    """This rank's contiguous share of ``n`` global rows (rank r of N: the r-th of N near-equal
-    parts, in order): how a global batch is split, by the trainer and by the agent alike."""
+    """This rank's contiguous share of ``n`` global rows (rank r of N: ``part_slice(n, r, N)``):
+    how a global batch is split, by the trainer and by the agent alike."""
     if not active():
         return slice(0, int(n))
-    bounds = np.linspace(0, int(n), world_size() + 1).astype(np.int64)
-    return slice(int(bounds[rank()]), int(bounds[rank() + 1]))
+    return part_slice(n, rank(), world_size())
 
 
 class ShardedBatchIterator(BatchIterator):

@@ -521,6 +521,8 @@ class ReadAhead:
 
     def __getattr__(self, name):  # e.g. ByteRange.quoted
         return getattr(self.raw, name)
+
+
 # Compact dtypes of the log columns once validated (a 27K-size log is 300 M rows).
 LOG_DTYPES = {"user_id": np.int64, "video_id": np.int64, "time_ms": np.int64,
               "tab": np.int16, "duration_ms": np.float32, **{c: np.int8 for c in LABEL_COLUMNS}}

@@ -267,9 +267,7 @@ class ShardStream:
             parts = [next(g) for g in gens]
             cols = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
             if self.part is not None:  # this rank's contiguous part of a shared stream's batch
-                index, sharers = self.part
-                bounds = np.linspace(0, len(cols["row"]), sharers + 1).astype(np.int64)
-                cols = _take(cols, slice(int(bounds[index]), int(bounds[index + 1])))
+                cols = _take(cols, distributed.part_slice(len(cols["row"]), *self.part))
             distributed.set_share(float(len(cols["row"])) / float(self.step_rows(step).sum()))
             yield self._batch(cols)
 
